@@ -1,0 +1,49 @@
+"""Kernels: each file holds a Triton kernel and the plain PyTorch reference beside it.
+
+`get_ops(backend)` returns the set the model uses: "torch" (the references; the CPU path) or
+"triton". The model and attention layers call only through a `KernelOps`, so switching backend
+never touches model code.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mini_infer.kernels.activation import silu_and_mul_ref
+from mini_infer.kernels.kv_cache import store_kv_cache_ref
+from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
+from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
+from mini_infer.kernels.rotary import rotary_ref
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    name: str
+    rms_norm: Callable
+    fused_add_rms_norm: Callable
+    rotary: Callable
+    silu_and_mul: Callable
+    store_kv_cache: Callable
+    prefill_attention: Callable
+    decode_attention: Callable
+
+
+TORCH_OPS = KernelOps(
+    name="torch",
+    rms_norm=rms_norm_ref,
+    fused_add_rms_norm=fused_add_rms_norm_ref,
+    rotary=rotary_ref,
+    silu_and_mul=silu_and_mul_ref,
+    store_kv_cache=store_kv_cache_ref,
+    prefill_attention=prefill_attention_ref,
+    decode_attention=decode_attention_ref,
+)
+
+
+def get_ops(backend: str) -> KernelOps:
+    if backend == "torch":
+        return TORCH_OPS
+    if backend == "triton":
+        from mini_infer.kernels.triton_ops import TRITON_OPS
+
+        return TRITON_OPS
+    raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {backend!r}")
