@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, latency and serving, measured against the roofline and peers."""
