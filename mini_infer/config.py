@@ -1,0 +1,111 @@
+"""EngineConfig: every engine setting in one validated dataclass, with vLLM's names."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _check_choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine. `LLM(model, **kwargs)` forwards its kwargs here."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    cpu_kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    kernel_backend: str = "auto"
+    static_batching: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty path or hub id, got {self.model!r}")
+        _check_choice("dtype", self.dtype, ("auto", *_DTYPES))
+        _check_choice("device", self.device, ("auto", "cuda", "cpu"))
+        _check_choice("load_format", self.load_format, ("auto", "dummy"))
+        _check_choice("kernel_backend", self.kernel_backend, ("auto", "torch", "triton"))
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        _check_positive("max_model_len", self.max_model_len, allow_none=True)
+        _check_positive("max_num_seqs", self.max_num_seqs)
+        _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _check_positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
+        if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size % 16:
+            raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not self.cpu_kv_cache_gib > 0:
+            raise ValueError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU")
+
+    @property
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def resolved_kernel_backend(self) -> str:
+        if self.kernel_backend == "auto":
+            return "triton" if self.resolved_device.type == "cuda" else "torch"
+        return self.kernel_backend
+
+    def resolve_dtype(self, model_dtype: torch.dtype | None) -> torch.dtype:
+        """'auto' takes the checkpoint's dtype, except float32 on CPU is kept and bf16/fp16 run on GPU."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.resolved_device.type == "cpu":
+            return torch.float32
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds one flag per EngineConfig field (`--max-model-len` for max_model_len)."""
+    group = parser.add_argument_group("engine")
+    for f in fields(EngineConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(default: {default})")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
+            group.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+    return parser

@@ -1,0 +1,51 @@
+"""Paged attention layer: stores this step's K/V in the cache, then attends through block tables.
+
+The decode part of the batch (one query per sequence) and the prefill part (chunks over a cached
+prefix) go to different kernels of the chosen KernelOps backend.
+"""
+
+import torch
+from torch import nn
+
+from mini_infer.forward_context import get_attn_metadata
+from mini_infer.kernels import KernelOps
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ops: KernelOps) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.ops = ops
+        # Views into the engine's KV pool, bound by the model runner.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = get_attn_metadata()
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        self.ops.store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if nd == q.shape[0]:
+            out = self.ops.decode_attention(
+                q, self.k_cache, self.v_cache, meta.decode_seq_lens, meta.decode_block_tables, self.scale
+            )
+        elif nd == 0:
+            out = self.ops.prefill_attention(
+                q, self.k_cache, self.v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
+                meta.prefill_block_tables, self.scale,
+            )
+        else:
+            out = torch.cat((
+                self.ops.decode_attention(
+                    q[:nd], self.k_cache, self.v_cache, meta.decode_seq_lens, meta.decode_block_tables,
+                    self.scale,
+                ),
+                self.ops.prefill_attention(
+                    q[nd:], self.k_cache, self.v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
+                    meta.prefill_block_tables, self.scale,
+                ),
+            ))
+        return out.view(-1, self.num_heads * self.head_dim)

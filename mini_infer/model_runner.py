@@ -1,0 +1,203 @@
+"""ModelRunner: owns the model and the KV pool; turns a scheduled batch into one forward pass.
+
+The batch is flat, with no padding: the ids of every scheduled token, their positions, the cache
+slot each one writes, and per sequence its block table and key count. Only the rows that
+sample get logits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from mini_infer.config import EngineConfig
+from mini_infer.forward_context import AttentionMetadata, forward_context
+from mini_infer.sampler import SamplerOutput, build_sampling_batch, sample
+from mini_infer.sampling_params import SamplingParams
+from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: EngineConfig, hf_config: PretrainedConfig,
+                 dtype: torch.dtype, device: torch.device, max_model_len: int) -> None:
+        self.model, self.config, self.hf_config = model, config, hf_config
+        self.dtype, self.device = dtype, device
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.vocab_size = hf_config.vocab_size
+        self.attn_layers = model.attention_layers()
+        first = self.attn_layers[0]
+        self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
+        self.generators: dict[int, torch.Generator] = {}
+        self.kv_cache = torch.empty(0)
+
+    # -- KV pool ------------------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across all layers, keys and values."""
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * len(self.attn_layers) * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def _allocate(self, num_blocks: int) -> torch.Tensor:
+        shape = (2, len(self.attn_layers), num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _bind(self, kv_cache: torch.Tensor) -> None:
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
+
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks fit: forced, or from free GPU memory after a profiling pass, or
+        (CPU) from `cpu_kv_cache_gib`. Never more than max_num_seqs full-length sequences need."""
+        if self.config.num_gpu_blocks_override is not None:
+            return self.config.num_gpu_blocks_override
+        per_seq = (self.max_model_len + self.block_size - 1) // self.block_size
+        enough = self.config.max_num_seqs * per_seq
+        if self.device.type == "cuda":
+            budget = self._profile_free_gpu_memory()
+        else:
+            budget = int(self.config.cpu_kv_cache_gib * 2**30)
+        num_blocks = min(budget // self.block_bytes, enough)
+        if num_blocks < per_seq:
+            raise ValueError(
+                f"the KV pool fits {max(num_blocks, 0)} blocks of {self.block_size} tokens, fewer than one "
+                f"sequence of max_model_len={self.max_model_len} needs ({per_seq}); lower max_model_len or "
+                "raise gpu_memory_utilization / cpu_kv_cache_gib"
+            )
+        return int(num_blocks)
+
+    def _profile_free_gpu_memory(self) -> int:
+        """Runs the largest batch the scheduler can form on a throwaway cache and returns the
+        bytes left for the KV pool under gpu_memory_utilization."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
+        num_seqs = min(self.config.max_num_seqs, num_tokens)
+        lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        blocks = sum((n + self.block_size - 1) // self.block_size for n in lens)
+        scratch = self._allocate(blocks)
+        self._bind(scratch)
+        self._profile_forward(lens)
+        del scratch
+        torch.cuda.synchronize()
+        peak_extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - peak_extra
+        logger.info("profiling: %.2f GiB in use, activation peak %.2f GiB, %.2f GiB left for the KV pool",
+                    (total - free) / 2**30, peak_extra / 2**30, budget / 2**30)
+        return max(budget, 0)
+
+    def _profile_forward(self, lens: list[int]) -> None:
+        bs, next_block, tokens, positions, slots, block_tables = self.block_size, 0, [], [], [], []
+        for n in lens:
+            nb = (n + bs - 1) // bs
+            table = list(range(next_block, next_block + nb))
+            next_block += nb
+            tokens += [0] * n
+            positions += list(range(n))
+            slots += [table[p // bs] * bs + p % bs for p in range(n)]
+            block_tables.append(table)
+        meta = self._attention_metadata([], list(zip(lens, lens)), block_tables, slots)
+        ids = torch.tensor(tokens, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        last = torch.tensor(np.cumsum(lens) - 1, device=self.device)
+        with torch.inference_mode(), forward_context(meta):
+            logits = self.model.compute_logits(self.model(ids, pos)[last])
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * len(lens)
+        batch = build_sampling_batch(params, [[0]] * len(lens), [[]] * len(lens), [None] * len(lens),
+                                     self.vocab_size, self.device)
+        sample(logits.float(), batch)
+
+    def init_kv_cache(self) -> int:
+        num_blocks = self.determine_num_blocks()
+        self.kv_cache = self._allocate(num_blocks)
+        self._bind(self.kv_cache)
+        return num_blocks
+
+    # -- one step -----------------------------------------------------------------------------
+    def _attention_metadata(self, decodes: list[tuple[int, int]], prefills: list[tuple[int, int]],
+                            block_tables: list[list[int]], slots: list[int] | np.ndarray) -> AttentionMetadata:
+        """decodes/prefills: (query tokens, keys) per sequence in batch order; block_tables alike."""
+        def tensor(data, dtype=torch.int32) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(data), dtype=dtype).to(self.device, non_blocking=True)
+
+        width = max((len(t) for t in block_tables), default=1) or 1
+        tables = np.zeros((len(block_tables), width), dtype=np.int32)
+        for i, t in enumerate(block_tables):
+            tables[i, : len(t)] = t
+        nd = len(decodes)
+        cu = np.zeros(len(prefills) + 1, dtype=np.int32)
+        cu[1:] = np.cumsum([q for q, _ in prefills])
+        return AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            num_decode_tokens=nd,
+            decode_seq_lens=tensor([k for _, k in decodes]),
+            decode_block_tables=tensor(tables[:nd]),
+            prefill_cu_seqlens_q=tensor(cu),
+            prefill_seq_lens=tensor([k for _, k in prefills]),
+            prefill_block_tables=tensor(tables[nd:]),
+            num_prefill_tokens=int(cu[-1]),
+        )
+
+    def prepare_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                              torch.Tensor]:
+        bs = self.block_size
+        ids, positions, slots, tables, sample_rows = [], [], [], [], []
+        offset = 0
+        for s in out.seqs:
+            seq, start, n = s.seq, s.start, s.num_new_tokens
+            pos = np.arange(start, start + n)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            ids.append(np.asarray(seq.token_ids[start : start + n]))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            tables.append(seq.block_table)
+            offset += n
+            if s.samples:
+                sample_rows.append(offset - 1)
+        spans = lambda group: [(s.num_new_tokens, s.start + s.num_new_tokens) for s in group]  # noqa: E731
+        meta = self._attention_metadata(spans(out.decodes), spans(out.prefills), tables, np.concatenate(slots))
+        to_dev = lambda a: torch.from_numpy(np.concatenate(a)).to(self.device, non_blocking=True)  # noqa: E731
+        rows = torch.tensor(sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        return to_dev(ids), to_dev(positions), meta, rows
+
+    def _generator(self, s: ScheduledSeq) -> torch.Generator | None:
+        seed = s.seq.params.seed
+        if seed is None:
+            return None
+        gen = self.generators.get(s.seq.seq_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(seed + s.seq.index)
+            self.generators[s.seq.seq_id] = gen
+        return gen
+
+    def release(self, seq_id: int) -> None:
+        self.generators.pop(seq_id, None)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> SamplerOutput:
+        """Runs one step; returns the sampled token (and logprobs) of each sequence that samples."""
+        ids, positions, meta, rows = self.prepare_inputs(out)
+        with forward_context(meta):
+            hidden = self.model(ids, positions)
+        sampling = [s for s in out.seqs if s.samples]
+        if not sampling:
+            return SamplerOutput([], None)
+        logits = self.model.compute_logits(hidden[rows])
+        batch = build_sampling_batch(
+            [s.seq.params for s in sampling],
+            [s.seq.prompt_token_ids for s in sampling],
+            [s.seq.output_token_ids for s in sampling],
+            [self._generator(s) for s in sampling],
+            self.vocab_size,
+            self.device,
+        )
+        return sample(logits, batch)

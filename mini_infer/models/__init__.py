@@ -1,0 +1,31 @@
+"""Model registry: config.json's `architectures` picks the class."""
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from mini_infer.kernels import KernelOps
+from mini_infer.models.llama import LlamaForCausalLM, MistralForCausalLM
+from mini_infer.models.qwen2 import Qwen2ForCausalLM
+from mini_infer.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def get_model_class(config: PretrainedConfig) -> type[nn.Module]:
+    architectures = getattr(config, "architectures", None) or []
+    for arch in architectures:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(
+        f"model architecture {architectures or '(none given)'} is not supported; "
+        f"supported architectures: {sorted(MODEL_REGISTRY)}"
+    )
+
+
+def build_model(config: PretrainedConfig, ops: KernelOps) -> nn.Module:
+    return get_model_class(config)(config, ops)

@@ -1,0 +1,144 @@
+"""Continuous batching with chunked prefill, a token budget, priorities and preemption.
+
+Each step spends at most `max_num_batched_tokens` tokens: running sequences first (a decode
+costs one token, an unfinished prefill continues its chunks), then waiting sequences in
+priority order. When the KV pool runs dry, the lowest-priority, most recently arrived running
+sequence is preempted: its blocks are freed and it is recomputed later (its prefix is likely
+still cached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mini_infer.block_manager import BlockManager
+from mini_infer.config import EngineConfig
+from mini_infer.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens of this sequence that run this step
+
+    @property
+    def start(self) -> int:
+        return self.seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence, so its last logits are sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """Decodes (one new token each) first, then prefill chunks."""
+
+    decodes: list[ScheduledSeq]
+    prefills: list[ScheduledSeq]
+
+    @property
+    def seqs(self) -> list[ScheduledSeq]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.decodes) + sum(s.num_new_tokens for s in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        scheduled: list[ScheduledSeq] = []
+
+        # 1. running sequences, highest priority first; preempt from the other end when out of blocks
+        self.running.sort(key=Sequence.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = seq.num_tokens - seq.num_computed_tokens
+            if num_new > budget and not chunked:
+                i += 1
+                continue
+            num_new = min(num_new, budget)
+            while not self.block_manager.allocate(seq, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
+                i += 1
+
+        # 2. waiting sequences, in priority order, while there is budget, room and blocks
+        self.waiting.sort(key=Sequence.sort_key)
+        admit = not (self.config.static_batching and self.running)
+        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.block_manager.match_prefix(seq)
+            num_new = seq.num_tokens - seq.num_computed_tokens
+            if num_new > budget and not chunked:
+                break
+            num_new = min(num_new, budget)
+            if not self.block_manager.allocate(seq, num_new):
+                break
+            if not seq.prefix_looked_up:  # count the prompt once, at its first admission
+                seq.prefix_looked_up = True
+                seq.num_cached_tokens = seq.num_computed_tokens
+                self.block_manager.record_lookup(seq)
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        # a waiting sequence that could not be admitted must not pin cached blocks meanwhile
+        for seq in self.waiting:
+            if seq.block_table:
+                self.block_manager.free(seq)
+
+        for s in scheduled:
+            self.block_manager.cache_full_blocks(s.seq, s.seq.num_computed_tokens + s.num_new_tokens)
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        return SchedulerOutput(decodes, prefills)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop the KV, requeue; the tokens so far are kept."""
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.insert(0, seq)
+        self.num_preemptions += 1
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """Marks this step's tokens as computed (their KV is now in the cache)."""
+        for s in out.seqs:
+            s.seq.num_computed_tokens += s.num_new_tokens
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished or aborted sequence and frees its blocks at once."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
