@@ -1,0 +1,222 @@
+"""Triton kernels against their PyTorch references.
+
+On a machine without CUDA the kernels run under Triton's CPU interpreter, which must be switched on
+before anything imports triton: this module sets TRITON_INTERPRET=1 for itself, and a conftest that
+imports mini_infer earlier must set it too. With CUDA the kernels are compiled and run on the GPU.
+Shapes stay small: the interpreter runs every program of the grid in Python.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from mini_infer.kernels import get_ops  # noqa: E402
+from mini_infer.kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
+from mini_infer.kernels.decode_attention import DecodeConfig, decode_attention_triton  # noqa: E402
+from mini_infer.kernels.kv_cache import store_kv_cache_ref, store_kv_cache_triton  # noqa: E402
+from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref  # noqa: E402
+from mini_infer.kernels.prefill_attention import PrefillConfig, prefill_attention_triton  # noqa: E402
+from mini_infer.kernels.rmsnorm import (  # noqa: E402
+    _rms_norm_kernel,
+    fused_add_rms_norm_ref,
+    fused_add_rms_norm_triton,
+    rms_norm_ref,
+    rms_norm_triton,
+)
+from mini_infer.kernels.rotary import rotary_ref, rotary_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+if DEVICE == "cpu" and type(_rms_norm_kernel).__name__ != "InterpretedFunction":
+    pytest.fail(
+        "triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the CPU: "
+        "set os.environ.setdefault('TRITON_INTERPRET', '1') in tests/conftest.py before importing mini_infer",
+        pytrace=False,
+    )
+
+# Tolerances per dtype: float32 paths match to rounding; bfloat16 ones within a unit or two in the
+# last place of the output (attention also rounds P to bfloat16 before P @ V, as the GPU does).
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+# The interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even: one unit in the
+# last place of slack on the CPU for results that are otherwise bit-exact.
+ONE_ULP = {
+    torch.float32: dict(atol=0, rtol=0),
+    torch.bfloat16: dict(atol=0, rtol=0 if DEVICE == "cuda" else 2**-7),
+}
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def test_triton_ops_table():
+    ops = get_ops("triton")
+    assert ops.name == "triton"
+    assert ops.decode_attention is decode_attention_triton
+    assert ops.prefill_attention is prefill_attention_triton
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 96)])
+def test_rms_norm(shape, dtype):
+    x = _randn(*shape, dtype=dtype)
+    weight = _randn(shape[-1], dtype=dtype)
+    out = rms_norm_triton(x, weight, 1e-5)
+    torch.testing.assert_close(out, rms_norm_ref(x, weight, 1e-5), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 96)])
+def test_fused_add_rms_norm(shape, dtype):
+    x, residual = _randn(*shape, dtype=dtype), _randn(*shape, dtype=dtype)
+    weight = _randn(shape[-1], dtype=dtype)
+    residual_ref = residual.clone()
+    out = fused_add_rms_norm_triton(x, residual, weight, 1e-6)
+    out_ref = fused_add_rms_norm_ref(x, residual_ref, weight, 1e-6)
+    torch.testing.assert_close(residual, residual_ref, **ONE_ULP[dtype])
+    torch.testing.assert_close(out, out_ref, **TOLERANCE[dtype])
+
+
+def _cos_sin_cache(max_pos: int, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos, device=DEVICE).float(), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_q_heads,num_k_heads,head_dim", [(4, 1, 64), (8, 8, 128), (6, 2, 64)])
+def test_rotary_on_fused_qkv_views(num_q_heads, num_k_heads, head_dim, dtype):
+    tokens = 7
+    qkv = _randn(tokens, (num_q_heads + 2 * num_k_heads) * head_dim, dtype=dtype)
+    positions = torch.randint(0, 100, (tokens,), device=DEVICE)
+    cache = _cos_sin_cache(128, head_dim)
+    qkv_ref = qkv.clone()
+
+    def views(buf):
+        q, k, v = buf.split([num_q_heads * head_dim, num_k_heads * head_dim, num_k_heads * head_dim], dim=-1)
+        return q.view(tokens, num_q_heads, head_dim), k.view(tokens, num_k_heads, head_dim), v
+
+    q, k, v = views(qkv)
+    q_ref, k_ref, v_ref = views(qkv_ref)
+    assert not q.is_contiguous()
+    rotary_triton(positions, q, k, cache)
+    rotary_ref(positions, q_ref, k_ref, cache)
+    torch.testing.assert_close(q, q_ref, **TOLERANCE[dtype])
+    torch.testing.assert_close(k, k_ref, **TOLERANCE[dtype])
+    torch.testing.assert_close(v, v_ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,intermediate", [(7, 96), (3, 2048)])
+def test_silu_and_mul(tokens, intermediate, dtype):
+    x = _randn(tokens, 2 * intermediate, dtype=dtype)
+    torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_store_kv_cache_skips_minus_one(block_size, dtype):
+    tokens, num_heads, head_dim, num_blocks = 9, 2, 64, 4
+    kv = _randn(tokens, 2 * num_heads * head_dim, dtype=dtype)  # k and v as views of one buffer
+    k, v = (t.view(tokens, num_heads, head_dim) for t in kv.chunk(2, dim=-1))
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    slots[[1, 5]] = -1
+    k_cache = _randn(num_blocks, block_size, num_heads, head_dim, dtype=dtype)
+    v_cache = _randn(num_blocks, block_size, num_heads, head_dim, dtype=dtype)
+    k_cache_ref, v_cache_ref = k_cache.clone(), v_cache.clone()
+    store_kv_cache_triton(k, v, k_cache, v_cache, slots)
+    store_kv_cache_ref(k, v, k_cache_ref, v_cache_ref, slots)
+    torch.testing.assert_close(k_cache, k_cache_ref, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, v_cache_ref, atol=0, rtol=0)
+
+
+def _paged_kv(seq_lens, block_size, num_kv_heads, head_dim, dtype):
+    """Random caches and block tables that scatter each sequence over shuffled blocks."""
+    blocks_per_seq = [(s + block_size - 1) // block_size for s in seq_lens]
+    max_blocks = max(1, *blocks_per_seq) + 1  # one spare column: unused entries stay 0
+    num_blocks = sum(blocks_per_seq) + 2
+    k_cache = _randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+    v_cache = _randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+    order = torch.randperm(num_blocks - 1, device=DEVICE) + 1  # block 0 is never handed out
+    block_tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32, device=DEVICE)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        block_tables[i, :n] = order[used : used + n].int()
+        used += n
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return k_cache, v_cache, block_tables, seq_lens_t
+
+
+# (block_size, q heads, kv heads, head_dim, dtype): GQA ratios 1, 4 and 8, both head dims and dtypes.
+ATTENTION_CASES = [
+    (16, 4, 4, 64, torch.float32),
+    (32, 8, 2, 128, torch.bfloat16),
+    (16, 8, 1, 64, torch.bfloat16),
+    (32, 16, 2, 128, torch.float32),
+]
+
+
+@pytest.mark.parametrize("block_size,num_q_heads,num_kv_heads,head_dim,dtype", ATTENTION_CASES)
+@pytest.mark.parametrize(
+    "config",
+    [DecodeConfig(), DecodeConfig(block_n=16, num_splits=3)],
+    ids=["one-split", "three-splits"],
+)
+def test_decode_attention(block_size, num_q_heads, num_kv_heads, head_dim, dtype, config):
+    seq_lens = [37, 0, 1, 100]  # row 1 is CUDA-graph padding and must come out as zeros
+    k_cache, v_cache, block_tables, seq_lens_t = _paged_kv(
+        seq_lens, block_size, num_kv_heads, head_dim, dtype
+    )
+    # q as a strided view of a wider buffer, as the engine slices it out of qkv
+    q = _randn(len(seq_lens), num_q_heads + 2, head_dim, dtype=dtype)[:, 1 : 1 + num_q_heads]
+    scale = head_dim**-0.5
+    out = decode_attention_triton(q, k_cache, v_cache, seq_lens_t, block_tables, scale, config=config)
+    ref = decode_attention_ref(q, k_cache, v_cache, seq_lens_t, block_tables, scale)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("block_size,num_q_heads,num_kv_heads,head_dim,dtype", ATTENTION_CASES)
+def test_prefill_attention_with_cached_prefix(block_size, num_q_heads, num_kv_heads, head_dim, dtype):
+    # (cached prefix, new tokens) per sequence: a fresh prompt, a prefix-cache hit, an empty chunk,
+    # and a chunk longer than one query tile after an unaligned prefix.
+    chunks = [(0, 5), (20, 17), (9, 0), (37, 70)]
+    seq_lens = [p + n for p, n in chunks]
+    k_cache, v_cache, block_tables, seq_lens_t = _paged_kv(
+        seq_lens, block_size, num_kv_heads, head_dim, dtype
+    )
+    cu = [0]
+    for _, n in chunks:
+        cu.append(cu[-1] + n)
+    cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    q = _randn(cu[-1], num_q_heads, head_dim, dtype=dtype)
+    scale = head_dim**-0.5
+    config = PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+    out = prefill_attention_triton(
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens_t, block_tables, scale, config=config
+    )
+    ref = prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens_t, block_tables, scale)
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+def test_prefill_attention_default_config_and_tiny_head_dim():
+    """Head dim 8 (stories260K) pads to a 16-wide dot; default tile sizes, no max_seqlen_q."""
+    chunks = [(3, 11), (0, 6)]
+    seq_lens = [p + n for p, n in chunks]
+    k_cache, v_cache, block_tables, seq_lens_t = _paged_kv(seq_lens, 16, 4, 8, torch.float32)
+    cu_seqlens_q = torch.tensor([0, 11, 17], dtype=torch.int32, device=DEVICE)
+    q = _randn(17, 8, 8)
+    out = prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens_t, block_tables, 0.35)
+    ref = prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens_t, block_tables, 0.35)
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+    decode_q = _randn(2, 8, 8)
+    out = decode_attention_triton(decode_q, k_cache, v_cache, seq_lens_t, block_tables, 0.35)
+    ref = decode_attention_ref(decode_q, k_cache, v_cache, seq_lens_t, block_tables, 0.35)
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
