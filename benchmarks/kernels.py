@@ -1,0 +1,469 @@
+"""Kernel benchmark on one GPU: Triton vs eager PyTorch vs torch.compile vs the hardware ceilings.
+
+Llama-3-8B shapes (hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336). For
+each kernel: median time (`triton.testing.do_bench`, L2 flushed before every run), achieved GB/s or
+TFLOP/s, the share of the HBM bandwidth or bf16 tensor peak measured in this same run, speed-ups
+over the eager reference and over `torch.compile` of it, and the error against a float32 reference
+on fresh random inputs. Attention baselines are vectorised (gather the pages, then SDPA), not the
+per-sequence loop of the references; prefill is also compared with SDPA's flash kernel on
+contiguous K/V. Writes benchmarks/results/kernels_<gpu>.json (or --out DIR) and prints a table last.
+
+    PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--sweep]     (from the repository root)
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from mini_infer.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+from mini_infer.kernels.decode_attention import DEFAULT_DECODE_CONFIG, DecodeConfig, decode_attention_triton
+from mini_infer.kernels.kv_cache import store_kv_cache_ref, store_kv_cache_triton
+from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
+from mini_infer.kernels.prefill_attention import (
+    DEFAULT_PREFILL_CONFIG,
+    PrefillConfig,
+    prefill_attention_triton,
+)
+from mini_infer.kernels.rmsnorm import (
+    _launch_rms_norm,
+    fused_add_rms_norm_ref,
+    fused_add_rms_norm_triton,
+    rms_norm_ref,
+    rms_norm_triton,
+)
+from mini_infer.kernels.rotary import rotary_ref, rotary_triton
+
+HIDDEN, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336
+TOKENS = 4096
+PAGE = 16
+EPS = 1e-5
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def measure_ceilings() -> dict:
+    buffers = [torch.randn(2**29, device=DEVICE, dtype=DTYPE), torch.empty(2**29, device=DEVICE, dtype=DTYPE)]
+    copy_ms = median_ms(lambda: buffers[1].copy_(buffers[0]))  # 1 GiB read + 1 GiB written
+    hbm = 2 * buffers[0].nbytes / (copy_ms * 1e-3)
+    buffers.clear()
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
+    mm_ms = median_ms(lambda: a @ b)
+    tflops = 2 * 8192**3 / (mm_ms * 1e-3) / 1e12
+    return {"hbm_copy_GBps": hbm / 1e9, "copy_ms": copy_ms, "bf16_matmul_TFLOPs": tflops, "matmul_ms": mm_ms}
+
+
+class Report:
+    """Collects rows (one per kernel and size) and prints them."""
+
+    def __init__(self, ceilings: dict):
+        self.ceilings = ceilings
+        self.rows: list[dict] = []
+
+    def add(
+        self,
+        kernel: str,
+        size: str,
+        triton_ms: float,
+        baselines: dict[str, float | None],
+        rel_error: float,
+        bytes_moved: float | None = None,
+        flops: float | None = None,
+        note: str = "",
+    ) -> dict:
+        row = {"kernel": kernel, "size": size, "triton_ms": triton_ms, "baselines_ms": baselines}
+        if bytes_moved is not None:
+            row["GBps"] = bytes_moved / (triton_ms * 1e-3) / 1e9
+            row["pct_hbm"] = 100 * row["GBps"] / self.ceilings["hbm_copy_GBps"]
+        if flops is not None:
+            row["TFLOPs"] = flops / (triton_ms * 1e-3) / 1e12
+            row["pct_bf16_peak"] = 100 * row["TFLOPs"] / self.ceilings["bf16_matmul_TFLOPs"]
+        row["speedup"] = {name: ms / triton_ms for name, ms in baselines.items() if ms}
+        row["rel_err_vs_fp32"] = rel_error
+        row["note"] = note
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    def table(self) -> str:
+        head = (
+            f"{'kernel':<22}{'size':<28}{'triton us':>10}{'eager us':>10}{'compile us':>11}"
+            f"{'rate':>14}{'% ceil':>8}{'x eager':>8}{'x comp':>8}{'x flash':>8}{'rel err':>9}"
+        )
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            base, speedup = r["baselines_ms"], r["speedup"]
+            if "TFLOPs" in r:
+                rate, pct = f"{r['TFLOPs']:.0f} TFLOP/s", r["pct_bf16_peak"]
+            else:
+                rate, pct = f"{r['GBps']:.0f} GB/s", r["pct_hbm"]
+            us = {name: f"{ms * 1e3:.1f}" if ms else "-" for name, ms in base.items()}
+            x = {name: f"{s:.2f}" for name, s in speedup.items()}
+            lines.append(
+                f"{r['kernel']:<22}{r['size']:<28}{r['triton_ms'] * 1e3:>10.1f}{us.get('eager', '-'):>10}"
+                f"{us.get('compile', '-'):>11}{rate:>14}{pct:>7.1f}%{x.get('eager', '-'):>8}"
+                f"{x.get('compile', '-'):>8}{x.get('sdpa_flash', '-'):>8}{r['rel_err_vs_fp32']:>9.1e}"
+            )
+        return "\n".join(lines)
+
+
+def try_compiled_ms(fn: Callable, *args) -> float | None:
+    """Median ms of torch.compile(fn)(*args), or None if compiling fails (the error is printed)."""
+    try:
+        cfn = compiled(fn)
+        cfn(*args)
+        torch.cuda.synchronize()
+        return median_ms(lambda: cfn(*args))
+    except Exception as exc:  # report and go on: one baseline must not sink the whole run
+        print(f"torch.compile failed for {getattr(fn, '__name__', fn)}: {exc!r}"[:400], flush=True)
+        return None
+
+
+# ----------------------------------------------------------------------------- elementwise kernels
+
+
+def bench_rms_norm(report: Report, sweep: dict | None) -> None:
+    x = torch.randn(TOKENS, HIDDEN, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(HIDDEN, device=DEVICE, dtype=DTYPE)
+    err = rel_err(rms_norm_triton(x, w, EPS), rms_norm_ref(x.float(), w.float(), EPS))
+    t = median_ms(lambda: rms_norm_triton(x, w, EPS))
+    base = {
+        "eager": median_ms(lambda: rms_norm_ref(x, w, EPS)),
+        "compile": try_compiled_ms(rms_norm_ref, x, w, EPS),
+    }
+    report.add("rms_norm", f"{TOKENS}x{HIDDEN}", t, base, err, bytes_moved=2 * x.nbytes + w.nbytes)
+    if sweep is not None:
+        for warps in (4, 8, 16, 32):
+            sweep.setdefault("rms_norm_num_warps", {})[warps] = median_ms(
+                lambda warps=warps: _launch_rms_norm(x, None, w, EPS, num_warps=warps)
+            )
+
+    residual = torch.randn_like(x)
+    res_t, res_ref = residual.clone(), residual.float()
+    out = fused_add_rms_norm_triton(x, res_t, w, EPS)
+    ref = fused_add_rms_norm_ref(x.float(), res_ref, w.float(), EPS)
+    err = max(rel_err(out, ref), rel_err(res_t, res_ref))
+    t = median_ms(lambda: fused_add_rms_norm_triton(x, residual, w, EPS))
+    base = {
+        "eager": median_ms(lambda: fused_add_rms_norm_ref(x, residual, w, EPS)),
+        "compile": try_compiled_ms(fused_add_rms_norm_ref, x, residual, w, EPS),
+    }
+    report.add("fused_add_rms_norm", f"{TOKENS}x{HIDDEN}", t, base, err, bytes_moved=4 * x.nbytes + w.nbytes)
+    if sweep is not None:
+        for warps in (4, 8, 16, 32):
+            sweep.setdefault("fused_add_rms_norm_num_warps", {})[warps] = median_ms(
+                lambda warps=warps: _launch_rms_norm(x, residual, w, EPS, num_warps=warps)
+            )
+
+
+def rope_cache(max_pos: int) -> torch.Tensor:
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
+    freqs = torch.outer(torch.arange(max_pos, device=DEVICE).float(), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def qkv_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = qkv.split([NUM_Q_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM], dim=-1)
+    t = qkv.shape[0]
+    return (
+        q.view(t, NUM_Q_HEADS, HEAD_DIM),
+        k.view(t, NUM_KV_HEADS, HEAD_DIM),
+        v.view(t, NUM_KV_HEADS, HEAD_DIM),
+    )
+
+
+def bench_rotary(report: Report) -> None:
+    cache = rope_cache(8192)
+    positions = torch.randint(0, 8192, (TOKENS,), device=DEVICE)
+    qkv = torch.randn(TOKENS, (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    q, k, _ = qkv_views(qkv)
+    q32, k32 = q.float(), k.float()
+    rotary_triton(positions, q, k, cache)
+    rotary_ref(positions, q32, k32, cache)
+    err = max(rel_err(q, q32), rel_err(k, k32))
+    t = median_ms(lambda: rotary_triton(positions, q, k, cache))
+    base = {
+        "eager": median_ms(lambda: rotary_ref(positions, q, k, cache)),
+        "compile": try_compiled_ms(rotary_ref, positions, q, k, cache),
+    }
+    moved = 2 * (q.numel() + k.numel()) * q.element_size() + TOKENS * (HEAD_DIM * 4 + 8)
+    report.add("rotary (q,k in qkv)", f"{TOKENS} tok, 32q+8k heads", t, base, err, bytes_moved=moved)
+
+
+def bench_silu_and_mul(report: Report) -> None:
+    x = torch.randn(TOKENS, 2 * INTERMEDIATE, device=DEVICE, dtype=DTYPE)
+    err = rel_err(silu_and_mul_triton(x), silu_and_mul_ref(x.float()))
+    t = median_ms(lambda: silu_and_mul_triton(x))
+    base = {"eager": median_ms(lambda: silu_and_mul_ref(x)), "compile": try_compiled_ms(silu_and_mul_ref, x)}
+    report.add("silu_and_mul", f"{TOKENS}x2x{INTERMEDIATE}", t, base, err, bytes_moved=x.nbytes * 3 // 2)
+
+
+def bench_store_kv_cache(report: Report) -> None:
+    qkv = torch.randn(TOKENS, (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    _, k, v = qkv_views(qkv)
+    num_blocks = 4 * TOKENS // PAGE
+    k_cache = torch.randn(num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    slots = torch.randperm(num_blocks * PAGE, device=DEVICE)[:TOKENS]
+    slots[::97] = -1
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_cache_triton(k, v, k_cache, v_cache, slots)
+    store_kv_cache_ref(k, v, k_ref, v_ref, slots)
+    err = max(rel_err(k_cache, k_ref), rel_err(v_cache, v_ref))
+    t = median_ms(lambda: store_kv_cache_triton(k, v, k_cache, v_cache, slots))
+    base = {
+        "eager": median_ms(lambda: store_kv_cache_ref(k, v, k_cache, v_cache, slots)),
+        "compile": try_compiled_ms(store_kv_cache_ref, k, v, k_cache, v_cache, slots),
+    }
+    moved = 4 * k.numel() * k.element_size() + slots.nbytes
+    report.add("store_kv_cache", f"{TOKENS} tok, page {PAGE}", t, base, err, bytes_moved=moved)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def paged_cache(batch: int, context: int, page: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K/V caches filled with random data and block tables scattering each sequence over pages."""
+    blocks_per_seq = context // page
+    num_blocks = batch * blocks_per_seq + 1
+    k_cache = torch.randn(num_blocks, page, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(num_blocks - 1, device=DEVICE) + 1
+    block_tables = order.view(batch, blocks_per_seq).int()
+    return k_cache, v_cache, block_tables
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, Hk, S, D] from the paged cache (equal lengths: the fair vectorised torch baseline)."""
+    batch = block_tables.shape[0]
+    return cache[block_tables.long()].view(batch, -1, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2)
+
+
+def torch_decode(q, k_cache, v_cache, block_tables, scale):
+    k, v = gather_kv(k_cache, block_tables), gather_kv(v_cache, block_tables)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def bench_decode(report: Report, batch: int, context: int, sweep: dict | None) -> None:
+    k_cache, v_cache, block_tables = paged_cache(batch, context, PAGE)
+    q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    seq_lens = torch.full((batch,), context, device=DEVICE, dtype=torch.int32)
+    scale = HEAD_DIM**-0.5
+    out = decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale)
+    ref = decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), seq_lens, block_tables, scale)
+    err = rel_err(out, ref)
+    del ref
+    torch.cuda.empty_cache()
+    moved = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2 + 2 * q.nbytes + block_tables.nbytes
+    t = median_ms(lambda: decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale))
+    base = {
+        "eager": median_ms(lambda: torch_decode(q, k_cache, v_cache, block_tables, scale)),
+        "compile": try_compiled_ms(torch_decode, q, k_cache, v_cache, block_tables, scale),
+    }
+    size = f"{batch} seq x {context} ctx, page {PAGE}"
+    report.add("decode_attention", size, t, base, err, bytes_moved=moved, note="eager = gather + SDPA")
+    if sweep is not None:
+        configs = [
+            DEFAULT_DECODE_CONFIG,
+            DecodeConfig(block_n=64, num_warps=4, num_stages=4),
+            DecodeConfig(block_n=32, num_warps=4, num_stages=4),
+            DecodeConfig(block_n=32, num_warps=2, num_stages=3),
+            DecodeConfig(block_n=128, num_warps=8, num_stages=3),
+            DecodeConfig(block_n=64, num_warps=8, num_stages=3),
+            DecodeConfig(programs_per_sm=2),
+            DecodeConfig(programs_per_sm=8),
+            DecodeConfig(programs_per_sm=16),
+        ]
+        results = sweep.setdefault(f"decode_{batch}x{context}", {})
+        hbm = report.ceilings["hbm_copy_GBps"]
+        for cfg in configs:
+            ms = median_ms(
+                lambda cfg=cfg: decode_attention_triton(
+                    q, k_cache, v_cache, seq_lens, block_tables, scale, config=cfg
+                )
+            )
+            results[repr(cfg)] = {"ms": ms, "pct_hbm": 100 * moved / (ms * 1e-3) / 1e9 / hbm}
+        # The same attention over 64-token pages: one block-table lookup per key tile.
+        k64, v64 = (gather_kv(c, block_tables).transpose(1, 2).reshape(-1, 64, NUM_KV_HEADS, HEAD_DIM)
+                    for c in (k_cache, v_cache))
+        table64 = torch.arange(k64.shape[0], device=DEVICE, dtype=torch.int32).view(batch, -1)
+        ms = median_ms(lambda: decode_attention_triton(q, k64, v64, seq_lens, table64, scale))
+        results["page 64, default config"] = {"ms": ms, "pct_hbm": 100 * moved / (ms * 1e-3) / 1e9 / hbm}
+
+
+def flash_attention(q, k, v, scale):
+    """SDPA's flash kernel; its causal mask is aligned bottom-right (query i sees keys <= S - L + i)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[0]
+
+
+def torch_prefill(q, k_cache, v_cache, block_tables, scale):
+    k, v = gather_kv(k_cache, block_tables), gather_kv(v_cache, block_tables)
+    return flash_attention(q.transpose(0, 1).unsqueeze(0), k, v, scale)
+
+
+def bench_prefill(report: Report, prefix: int, sweep: dict | None) -> None:
+    new = TOKENS
+    context = prefix + new
+    k_cache, v_cache, block_tables = paged_cache(1, context, PAGE)
+    q = torch.randn(new, NUM_Q_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    cu_seqlens = torch.tensor([0, new], device=DEVICE, dtype=torch.int32)
+    seq_lens = torch.tensor([context], device=DEVICE, dtype=torch.int32)
+    scale = HEAD_DIM**-0.5
+
+    def run(config: PrefillConfig = DEFAULT_PREFILL_CONFIG):
+        return prefill_attention_triton(
+            q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, max_seqlen_q=new, config=config
+        )
+
+    ref = prefill_attention_ref(
+        q.float(), k_cache.float(), v_cache.float(), cu_seqlens, seq_lens, block_tables, scale
+    )
+    err = rel_err(run(), ref)
+    # SDPA flash on contiguous K/V, gathered once outside the timing; GQA heads expanded if needed.
+    q4 = q.transpose(0, 1).unsqueeze(0)
+    k4, v4 = gather_kv(k_cache, block_tables).contiguous(), gather_kv(v_cache, block_tables).contiguous()
+    note = "flash = SDPA flash kernel on contiguous K/V; eager = gather pages + flash"
+    try:
+        flash_attention(q4, k4, v4, scale)
+    except RuntimeError:
+        k4 = k4.repeat_interleave(NUM_Q_HEADS // NUM_KV_HEADS, dim=1)
+        v4 = v4.repeat_interleave(NUM_Q_HEADS // NUM_KV_HEADS, dim=1)
+        note += " (K/V heads expanded: flash rejected GQA)"
+    flash_err = rel_err(flash_attention(q4, k4, v4, scale).squeeze(0).transpose(0, 1), ref)
+    note += f"; flash rel err {flash_err:.1e}"
+    del ref
+    torch.cuda.empty_cache()
+    visits = new * prefix + new * (new + 1) / 2  # (query, key) pairs under the causal mask
+    flops = 4 * HEAD_DIM * NUM_Q_HEADS * visits
+    t = median_ms(run)
+    base = {
+        "sdpa_flash": median_ms(lambda: flash_attention(q4, k4, v4, scale)),
+        "eager": median_ms(lambda: torch_prefill(q, k_cache, v_cache, block_tables, scale)),
+        "compile": try_compiled_ms(torch_prefill, q, k_cache, v_cache, block_tables, scale),
+    }
+    size = f"{new} new + {prefix} cached, page {PAGE}"
+    report.add("prefill_attention", size, t, base, err, flops=flops, note=note)
+    if sweep is not None:
+        configs = [
+            DEFAULT_PREFILL_CONFIG,
+            PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+            PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4),
+            PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=3),
+            PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+            PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+            PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=4),
+            PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
+        ]
+        results = sweep.setdefault(f"prefill_{new}+{prefix}", {})
+        for cfg in configs:
+            ms = median_ms(lambda cfg=cfg: run(cfg))
+            results[repr(cfg)] = {"ms": ms, "TFLOPs": flops / (ms * 1e-3) / 1e12}
+        # The same attention over 64-token pages: one block-table lookup per key tile.
+        k64, v64 = (c[0].transpose(0, 1).reshape(-1, 64, NUM_KV_HEADS, HEAD_DIM) for c in (k4, v4))
+        table64 = torch.arange(k64.shape[0], device=DEVICE, dtype=torch.int32).view(1, -1)
+        if k64.shape[2] == NUM_KV_HEADS:
+            ms = median_ms(
+                lambda: prefill_attention_triton(
+                    q, k64, v64, cu_seqlens, seq_lens, table64, scale, max_seqlen_q=new
+                )
+            )
+            results["page 64, default config"] = {"ms": ms, "TFLOPs": flops / (ms * 1e-3) / 1e12}
+
+
+def gpu_slug(name: str) -> str:
+    for known in ("h100", "h200", "a100", "l40s", "l4", "b200"):
+        if known in name.lower():
+            return known
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    started = time.time()
+    name = torch.cuda.get_device_name()
+    info = {
+        "command": " ".join(["PYTHONPATH=. python", *sys.argv]),
+        "gpu": name,
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": str(DTYPE),
+        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 200 ms, L2 flushed before each run",
+    }
+    print(json.dumps(info), flush=True)
+    ceilings = measure_ceilings()
+    print(json.dumps(ceilings), flush=True)
+    report = Report(ceilings)
+    sweep: dict | None = {} if args.sweep else None
+    steps = [
+        lambda: bench_rms_norm(report, sweep),
+        lambda: bench_rotary(report),
+        lambda: bench_silu_and_mul(report),
+        lambda: bench_store_kv_cache(report),
+        lambda: bench_decode(report, 64, 4096, sweep),
+        lambda: bench_decode(report, 4, 32768, sweep),
+        lambda: bench_prefill(report, 0, sweep),
+        lambda: bench_prefill(report, 4096, sweep),
+    ]
+    errors = []
+    for step in steps:
+        try:
+            step()
+        except Exception:  # keep measuring the other kernels; the failure is reported below
+            errors.append(traceback.format_exc())
+            print(errors[-1], flush=True)
+        torch.cuda.empty_cache()
+    info["seconds"] = round(time.time() - started, 1)
+    result = {**info, "ceilings": ceilings, "rows": report.rows, "errors": errors}
+    if sweep is not None:
+        result["sweep"] = sweep
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"kernels_{gpu_slug(name)}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {path}")
+    if sweep:
+        print(json.dumps(sweep, indent=1, default=str))
+    print(
+        f"\n{name} | torch {torch.__version__} | triton {triton.__version__} | "
+        f"HBM copy {ceilings['hbm_copy_GBps']:.0f} GB/s | "
+        f"bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s"
+    )
+    print(report.table())
+    if errors or not all(math.isfinite(r["rel_err_vs_fp32"]) for r in report.rows):
+        sys.exit(f"{len(errors)} benchmark steps failed or produced non-finite output")
+
+
+if __name__ == "__main__":
+    main()
