@@ -128,7 +128,7 @@ def _decode_split_kernel(
     else:
         part = (batch * NUM_Q_HEADS + heads) * NUM_SPLITS + split
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], result, mask=out_mask)
-        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=h_mask)
+        tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=h_mask)  # -inf when empty
 
 
 @triton.jit
