@@ -1,0 +1,104 @@
+"""What the throughput and latency benchmarks share: engine setup, the model's shape, and the JSON record."""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mini_infer.bench.roofline import Hardware, ModelShape, dtype_nbytes
+
+
+def build_engine(args: Any, **overrides: Any) -> Any:
+    """An LLMEngine from parsed engine flags (see `mini_infer.config.add_engine_args`) plus overrides."""
+    from mini_infer import LLMEngine
+    from mini_infer.config import EngineConfig
+
+    settings = {**vars(args), **overrides}
+    config = EngineConfig.from_cli_args(_Namespace(settings))
+    return LLMEngine(config)
+
+
+class _Namespace:
+    """argparse.Namespace stand-in so `EngineConfig.from_cli_args` can read a plain dict."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
+def release_engine(engine: Any) -> None:
+    """Drops an engine and returns its GPU memory, so the next backend in the same process can size its KV."""
+    shutdown = getattr(engine, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def engine_dtype(engine: Any) -> torch.dtype:
+    """The dtype the engine's weights (and KV) are held in."""
+    model = getattr(getattr(engine, "model_runner", None), "model", None) or getattr(engine, "model", None)
+    if isinstance(model, torch.nn.Module):
+        param = next(model.parameters(), None)
+        if param is not None:
+            return param.dtype
+    from mini_infer.model_loader import checkpoint_dtype
+
+    return engine.config.resolve_dtype(checkpoint_dtype(engine.model_config))
+
+
+def engine_shape(engine: Any) -> tuple[ModelShape, int]:
+    """The model's roofline shape and the bytes per weight/KV element."""
+    return ModelShape.from_hf_config(engine.model_config), dtype_nbytes(engine_dtype(engine))
+
+
+def load_model_config(model: str) -> Any:
+    """The HF config of a local dir, shipped preset, or hub id, resolved the way the engine does."""
+    from mini_infer.model_loader import load_hf_config, resolve_model_path
+
+    return load_hf_config(resolve_model_path(model))
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on besides the code: command, GPU, library versions."""
+    program = Path(sys.argv[0])
+    launcher = ["python", "-m", f"mini_infer.bench.{program.stem}"]
+    info: dict[str, Any] = {
+        "command": shlex.join([*(launcher if program.suffix == ".py" else [program.name]), *sys.argv[1:]]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    for name in ("triton", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    return info
+
+
+def hardware_dict(hw: Hardware | None) -> dict[str, float] | None:
+    if hw is None:
+        return None
+    return {"hbm_gb_per_s": hw.hbm_bytes_per_s / 1e9, "bf16_peak_tflops": hw.peak_flops / 1e12}
+
+
+def write_json(path: str | None, record: dict[str, Any]) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def fmt_pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"

@@ -1,0 +1,240 @@
+"""`mini-infer bench latency`: decode step time, tok/s and achieved HBM bandwidth per batch size.
+
+For each batch size B, B requests with random prompts of `--input-len` tokens each generate exactly
+`--output-len` tokens (ignore_eos). Only pure decode steps are timed: steps where every one of the B
+requests already had its first token and gets one more. A step's bytes are the weights plus the KV of
+every request's context, so bytes / step time is the achieved bandwidth, reported beside the bandwidth
+of a plain device copy measured on the spot (the gpt-fast habit), and beside the roofline step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mini_infer.bench.common import (
+    build_engine,
+    engine_shape,
+    environment,
+    fmt_pct,
+    hardware_dict,
+    release_engine,
+    write_json,
+)
+from mini_infer.bench.roofline import Hardware, decode_step_cost, measure_hardware
+from mini_infer.bench.throughput import Workload, make_workload
+
+DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64,128,256"
+
+
+@dataclass
+class StepRecord:
+    seconds: float
+    context_lens: list[int]
+
+
+@dataclass
+class BatchResult:
+    batch_size: int
+    input_len: int
+    output_len: int
+    wall_seconds: float
+    decode_steps: list[StepRecord] = field(default_factory=list)
+    bytes_per_step: list[int] = field(default_factory=list)
+    ideal_step_seconds: list[float] = field(default_factory=list)
+    host_gpu: dict[str, float | None] = field(default_factory=dict)
+    hbm_bytes_per_s: float | None = None
+
+    @property
+    def decode_seconds(self) -> float:
+        return sum(s.seconds for s in self.decode_steps)
+
+    @property
+    def mean_step_seconds(self) -> float:
+        return self.decode_seconds / len(self.decode_steps)
+
+    @property
+    def median_step_seconds(self) -> float:
+        return statistics.median(s.seconds for s in self.decode_steps)
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return self.batch_size / self.mean_step_seconds
+
+    @property
+    def achieved_bytes_per_s(self) -> float:
+        return sum(self.bytes_per_step) / self.decode_seconds
+
+    @property
+    def hbm_fraction(self) -> float | None:
+        return None if self.hbm_bytes_per_s is None else self.achieved_bytes_per_s / self.hbm_bytes_per_s
+
+    @property
+    def roofline_fraction(self) -> float | None:
+        return sum(self.ideal_step_seconds) / self.decode_seconds if self.ideal_step_seconds else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "input_len": self.input_len,
+            "output_len": self.output_len,
+            "wall_seconds": self.wall_seconds,
+            "num_decode_steps": len(self.decode_steps),
+            "mean_step_ms": 1e3 * self.mean_step_seconds,
+            "median_step_ms": 1e3 * self.median_step_seconds,
+            "decode_tok_per_s": self.decode_tok_per_s,
+            "per_sequence_tok_per_s": 1.0 / self.mean_step_seconds,
+            "mean_bytes_per_step": sum(self.bytes_per_step) / len(self.bytes_per_step),
+            "achieved_gb_per_s": self.achieved_bytes_per_s / 1e9,
+            "hbm_fraction": self.hbm_fraction,
+            "roofline_fraction": self.roofline_fraction,
+            **self.host_gpu,
+        }
+
+
+def _params(max_tokens: int) -> Any:
+    from mini_infer import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def run_batch(engine: Any, workload: Workload, tag: str) -> tuple[float, list[StepRecord], list]:
+    """Runs one batch to completion; returns wall time, the pure decode steps, and the engine's timings."""
+    batch = len(workload)
+    prompt_len = {f"{tag}-{i}": len(p) for i, p in enumerate(workload.prompts)}
+    counts = dict.fromkeys(prompt_len, 0)
+    timings = getattr(engine, "step_timings", None)
+    timings_start = len(timings) if timings is not None else 0
+    decode_steps: list[StepRecord] = []
+    start = time.perf_counter()
+    for rid, prompt, out_len in zip(prompt_len, workload.prompts, workload.output_lens):
+        engine.add_request(rid, {"prompt_token_ids": prompt}, _params(out_len))
+    while engine.has_unfinished_requests():
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        seconds = time.perf_counter() - step_start
+        before = {o.request_id: counts[o.request_id] for o in outputs}
+        for o in outputs:
+            counts[o.request_id] = len(o.outputs[0].token_ids)
+        pure_decode = len(outputs) == batch and all(
+            before[o.request_id] >= 1 and counts[o.request_id] == before[o.request_id] + 1 for o in outputs
+        )
+        if pure_decode:
+            decode_steps.append(StepRecord(seconds, [prompt_len[r] + before[r] for r in before]))
+    wall = time.perf_counter() - start
+    new_timings = list(timings[timings_start:]) if timings is not None else []
+    return wall, decode_steps, new_timings
+
+
+def measure_batch(
+    engine: Any, batch_size: int, input_len: int, output_len: int, hw: Hardware | None, seed: int
+) -> BatchResult:
+    shape, dtype_bytes = engine_shape(engine)
+    vocab = shape.vocab_size
+    warm = make_workload(batch_size, vocab, seed=10_000 + seed, input_len=16, output_len=4)
+    run_batch(engine, warm, f"warm{batch_size}")
+    workload = make_workload(batch_size, vocab, seed=seed, input_len=input_len, output_len=output_len)
+    wall, steps, timings = run_batch(engine, workload, f"b{batch_size}")
+    if not steps:
+        raise RuntimeError(f"batch {batch_size}: no pure decode step (output_len {output_len} too short?)")
+    result = BatchResult(batch_size, input_len, output_len, wall, steps)
+    costs = [decode_step_cost(shape, s.context_lens, dtype_bytes) for s in steps]
+    result.bytes_per_step = [c.bytes for c in costs]
+    if hw is not None:
+        result.hbm_bytes_per_s = hw.hbm_bytes_per_s
+        result.ideal_step_seconds = [c.ideal_seconds(hw) for c in costs]
+    if timings:
+        host = [t[0] for t in timings if t and t[0] is not None]
+        gpu = [t[1] for t in timings if len(t) > 1 and t[1] is not None]
+        result.host_gpu = {
+            "mean_step_host_ms": 1e3 * sum(host) / len(host) if host else None,
+            "mean_step_gpu_ms": 1e3 * sum(gpu) / len(gpu) if gpu else None,
+        }
+    return result
+
+
+def print_table(results: list[BatchResult]) -> None:
+    header = (f"{'batch':>6}{'step ms':>10}{'tok/s':>11}{'tok/s/seq':>11}{'GB/s':>9}{'% HBM':>8}"
+              f"{'roofline':>10}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r.batch_size:>6}{1e3 * r.mean_step_seconds:>10.2f}{r.decode_tok_per_s:>11.1f}"
+              f"{1.0 / r.mean_step_seconds:>11.1f}{r.achieved_bytes_per_s / 1e9:>9.0f}"
+              f"{fmt_pct(r.hbm_fraction):>8}{fmt_pct(r.roofline_fraction):>10}")
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if args.max_num_seqs is None:
+        args.max_num_seqs = max(batch_sizes)
+    on_cuda = args.device in (None, "auto", "cuda") and torch.cuda.is_available()
+    hw = measure_hardware() if on_cuda else None
+    engine = build_engine(args)
+    shape, dtype_bytes = engine_shape(engine)
+    record: dict[str, Any] = {
+        "benchmark": "latency",
+        "environment": environment(),
+        "hardware": hardware_dict(hw),
+        "model": args.model,
+        "dtype_bytes": dtype_bytes,
+        "weight_bytes_per_step": shape.weight_bytes(dtype_bytes),
+        "kv_bytes_per_token": shape.kv_bytes_per_token(dtype_bytes),
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "results": [],
+        "errors": {},
+    }
+    results = []
+    for i, batch in enumerate(batch_sizes):
+        try:
+            seed = 1000 * (args.seed or 0) + i
+            result = measure_batch(engine, batch, args.input_len, args.output_len, hw, seed)
+        except Exception as error:  # e.g. a batch the KV pool cannot hold: keep the other sizes
+            print(f"[latency] batch {batch} failed: {type(error).__name__}: {error}", flush=True)
+            record["errors"][str(batch)] = f"{type(error).__name__}: {error}"
+            continue
+        results.append(result)
+        record["results"].append(result.to_dict())
+        write_json(args.output_json, record)
+        print(f"[latency] batch {batch}: {1e3 * result.mean_step_seconds:.2f} ms/step, "
+              f"{result.decode_tok_per_s:.1f} tok/s, HBM {fmt_pct(result.hbm_fraction)}", flush=True)
+    release_engine(engine)
+    write_json(args.output_json, record)
+    print()
+    print(f"model {args.model}, input {args.input_len}, output {args.output_len}, "
+          f"device {record['environment']['device']}, hardware {record['hardware'] or 'n/a'}")
+    print_table(results)
+    return record
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from mini_infer.config import add_engine_args
+
+    parser.add_argument("--model", required=True, help="local dir, hub id, or preset (e.g. llama-3-8b)")
+    parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, help="comma list")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--output-json", default=None)
+    add_engine_args(parser)
+    parser.set_defaults(func=run_benchmark)
+    return parser
+
+
+def add_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
+    parser = bench_subparsers.add_parser("latency", help="decode step time and HBM bandwidth per batch size")
+    return configure_parser(parser)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = configure_parser(argparse.ArgumentParser(prog="mini-infer bench latency")).parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

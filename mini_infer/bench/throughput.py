@@ -1,0 +1,573 @@
+"""`mini-infer bench throughput`: offline throughput of a fixed request set, against the roofline and peers.
+
+Default workload is nano-vllm's bench.py protocol: seed 0, 256 requests, prompts of random token ids
+(ids drawn in [0, 10000]) with lengths uniform in [100, 1024], output lengths uniform in [100, 1024],
+ignore_eos, temperature 0.6. Output tok/s counts generated tokens only, as nano-vllm does.
+
+Backends run the same requests in one process: `mini-infer` (this engine, stepped by hand so the KV
+statistics can be sampled every step), `static` (this engine admitting only into an empty batch),
+`hf` (transformers' continuous batching with paged attention: the manager behind `generate_batch`,
+fed one request per prompt so each keeps its own output length) and `hf-static` (`model.generate` on
+left-padded static batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import random
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mini_infer.bench.common import (
+    build_engine,
+    environment,
+    fmt_pct,
+    hardware_dict,
+    load_model_config,
+    release_engine,
+    write_json,
+)
+from mini_infer.bench.roofline import (
+    Hardware,
+    IdealEstimate,
+    ModelShape,
+    dtype_nbytes,
+    ideal_workload_time,
+    measure_hardware,
+)
+
+NANO_VLLM_TOKEN_ID_MAX = 10000
+BACKENDS = ("mini-infer", "hf", "hf-static")
+COMPARE_CHOICES = ("continuous", "static", "hf", "hf-static")
+
+
+@dataclass
+class Workload:
+    """Prompts (token ids) and the exact number of tokens each request must generate."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def head(self, n: int) -> Workload:
+        return Workload(self.prompts[:n], self.output_lens[:n])
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+    def shape_pairs(self) -> list[tuple[int, int]]:
+        return [(len(p), o) for p, o in zip(self.prompts, self.output_lens)]
+
+
+def make_workload(
+    num_prompts: int,
+    vocab_size: int,
+    seed: int = 0,
+    input_len: int | None = None,
+    output_len: int | None = None,
+    min_input_len: int = 100,
+    max_input_len: int = 1024,
+    min_output_len: int = 100,
+    max_output_len: int = 1024,
+) -> Workload:
+    """nano-vllm's draw order: each prompt's length then its ids, then all output lengths.
+
+    Ids above the vocabulary (tiny test models) are folded into it, which keeps the random stream and so
+    the lengths identical to the full-size workload.
+    """
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num_prompts):
+        length = input_len if input_len is not None else rng.randint(min_input_len, max_input_len)
+        prompts.append([rng.randint(0, NANO_VLLM_TOKEN_ID_MAX) % vocab_size for _ in range(length)])
+    output_lens = [
+        output_len if output_len is not None else rng.randint(min_output_len, max_output_len)
+        for _ in range(num_prompts)
+    ]
+    return Workload(prompts, output_lens)
+
+
+@dataclass
+class RunResult:
+    """One backend on one workload."""
+
+    backend: str
+    num_requests: int
+    wall_seconds: float
+    prompt_tokens: int
+    output_tokens: int
+    ideal_seconds: float | None = None
+    kv_slot_utilisation: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_tok_per_s(self) -> float:
+        return self.output_tokens / self.wall_seconds
+
+    @property
+    def total_tok_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.wall_seconds
+
+    @property
+    def roofline_fraction(self) -> float | None:
+        return None if self.ideal_seconds is None else self.ideal_seconds / self.wall_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "output_tok_per_s": self.output_tok_per_s,
+            "total_tok_per_s": self.total_tok_per_s,
+            "roofline_fraction": self.roofline_fraction,
+        }
+
+
+# --------------------------------------------------------------------------------------------- mini-infer
+
+
+def _sampling_params(temperature: float, max_tokens: int) -> Any:
+    from mini_infer import SamplingParams
+
+    return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
+
+
+def warm_up_engine(engine: Any, vocab_size: int) -> None:
+    """A short untimed run so one-time costs (kernel compiles, allocator growth) stay out of the timing."""
+    warm = make_workload(2, vocab_size, seed=1, input_len=32, output_len=8)
+    run_mini_infer(engine, warm, temperature=0.6, label="warmup")
+
+
+def run_mini_infer(
+    engine: Any, workload: Workload, temperature: float, label: str = "mini-infer"
+) -> RunResult:
+    """Adds every request, then steps until done, sampling the KV statistics after each step."""
+    stats0 = engine.stats
+    timings = getattr(engine, "step_timings", None)
+    timings_start = len(timings) if timings is not None else 0
+    utilisation: list[float] = []
+    live_fraction_of_pool: list[float] = []
+    generated: dict[str, int] = {}
+    steps = 0
+    block_size = engine.config.block_size
+    start = time.perf_counter()
+    for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
+        params = _sampling_params(temperature, out_len)
+        engine.add_request(f"{label}-{i}", {"prompt_token_ids": prompt}, params)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                generated[output.request_id] = len(output.outputs[0].token_ids)
+        steps += 1
+        stats = engine.stats
+        if stats.num_kv_blocks_used > 0:
+            utilisation.append(stats.num_live_tokens / (stats.num_kv_blocks_used * block_size))
+            live_fraction_of_pool.append(stats.num_live_tokens / (stats.num_kv_blocks_total * block_size))
+    wall = time.perf_counter() - start
+    stats1 = engine.stats
+    extra: dict[str, Any] = {
+        "steps": steps,
+        "finished_requests": len(generated),
+        "num_preemptions": stats1.num_preemptions - stats0.num_preemptions,
+        "peak_kv_pool_fraction_live": max(live_fraction_of_pool, default=None),
+        "num_kv_blocks_total": stats1.num_kv_blocks_total,
+        "block_size": block_size,
+        "static_batching": bool(getattr(engine.config, "static_batching", False)),
+        "max_num_seqs": engine.config.max_num_seqs,
+    }
+    if timings is not None and len(timings) > timings_start:
+        extra.update(_mean_step_timings(timings[timings_start:]))
+    return RunResult(
+        backend=label,
+        num_requests=len(workload),
+        wall_seconds=wall,
+        prompt_tokens=workload.prompt_tokens,
+        output_tokens=sum(generated.values()),
+        kv_slot_utilisation=sum(utilisation) / len(utilisation) if utilisation else None,
+        extra=extra,
+    )
+
+
+def _mean_step_timings(timings: Sequence[Any]) -> dict[str, float | None]:
+    """Mean host and GPU seconds per step, from the engine's optional (host_s, gpu_s) records."""
+    host = [t[0] for t in timings if t and t[0] is not None]
+    gpu = [t[1] for t in timings if len(t) > 1 and t[1] is not None]
+    return {
+        "mean_step_host_seconds": sum(host) / len(host) if host else None,
+        "mean_step_gpu_seconds": sum(gpu) / len(gpu) if gpu else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------- transformers
+
+
+def load_hf_model(model: str, load_format: str, device: torch.device, dtype: torch.dtype, attn: str | None):
+    """The same architecture in transformers: random weights for `dummy`, the checkpoint otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    from mini_infer.model_loader import resolve_model_path
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    if load_format == "dummy":
+        with torch.device(device):
+            hf_model = AutoModelForCausalLM.from_config(load_model_config(model), **kwargs)
+    else:
+        path = resolve_model_path(model)
+        if not path.is_dir():
+            raise ValueError(f"{model!r} is a preset without weights: use --load-format dummy")
+        hf_model = AutoModelForCausalLM.from_pretrained(path, device_map=str(device), **kwargs)
+    return hf_model.eval()
+
+
+def _hf_generation_config(temperature: float, max_new_tokens: int, **extra: Any) -> Any:
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=0, **sampling, **extra)
+
+
+def _accepted(fn: Callable, **kwargs: Any) -> dict[str, Any]:
+    """The kwargs `fn` takes: the continuous-batching API grew arguments across transformers 5.x."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def run_hf_continuous(hf_model: Any, workload: Workload, temperature: float) -> RunResult:
+    """transformers' continuous batching (paged attention), one request per prompt, EOS disabled.
+
+    This is the manager `generate_batch` wraps; it is driven directly because `generate_batch` takes a
+    single max_new_tokens for all prompts, while this workload gives each request its own length.
+    Its warmup (CUDA-graph capture) happens before the clock starts, as our engine's does at init.
+    """
+    gen_config = _hf_generation_config(temperature, max(workload.output_lens))
+    gen_config.eos_token_id = -1  # no EOS: the request runs to its max_new_tokens (ignore_eos)
+    cm_kwargs: dict[str, Any] = {"generation_config": gen_config, "block": True, "timeout": 30}
+    try:
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        cm_kwargs["workload_hints"] = WorkloadHints(
+            max_prompt_length=max(len(p) for p in workload.prompts),
+            max_generated_length=max(workload.output_lens),
+            num_requests=len(workload),
+        )
+    except ImportError:
+        pass
+    cm = hf_model.continuous_batching_context_manager
+    results: dict[str, int] = {}
+    with cm(**_accepted(cm, **cm_kwargs)) as manager:
+        start = time.perf_counter()
+        for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
+            manager.add_request(
+                **_accepted(manager.add_request, input_ids=prompt, request_id=f"hf-{i}",
+                            max_new_tokens=out_len, eos_token_id=-1)
+            )
+        while len(results) < len(workload):
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError("transformers' continuous batching thread stopped early")
+                continue
+            if result.is_finished():
+                if getattr(result, "error", None):
+                    raise RuntimeError(f"transformers request {result.request_id} failed: {result.error}")
+                results[result.request_id] = len(result.generated_tokens)
+        wall = time.perf_counter() - start
+    return RunResult(
+        backend="hf",
+        num_requests=len(workload),
+        wall_seconds=wall,
+        prompt_tokens=workload.prompt_tokens,
+        output_tokens=sum(results.values()),
+        extra={"attn_implementation": getattr(hf_model.config, "_attn_implementation", None)},
+    )
+
+
+def run_hf_static(
+    hf_model: Any, workload: Workload, temperature: float, batch_size: int, cache_implementation: str | None
+) -> RunResult:
+    """`model.generate` on left-padded batches in request order; each batch runs to its longest output.
+
+    Only each request's own output length counts as output; the tokens generated past it are waste.
+    """
+    device = hf_model.device
+    useful = generated = 0
+    start = time.perf_counter()
+    for first in range(0, len(workload), batch_size):
+        prompts = workload.prompts[first : first + batch_size]
+        out_lens = workload.output_lens[first : first + batch_size]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        longest = max(out_lens)
+        extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
+        gen_config = _hf_generation_config(temperature, longest, min_new_tokens=longest, **extra)
+        with torch.inference_mode():
+            out = hf_model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
+            )
+        generated += (out.shape[1] - width) * len(prompts)
+        useful += sum(min(o, out.shape[1] - width) for o in out_lens)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return RunResult(
+        backend="hf-static",
+        num_requests=len(workload),
+        wall_seconds=wall,
+        prompt_tokens=workload.prompt_tokens,
+        output_tokens=useful,
+        extra={"batch_size": batch_size, "generated_including_padding": generated,
+               "cache_implementation": cache_implementation},
+    )
+
+
+def release_hf_model(hf_model: Any) -> None:
+    destroy = getattr(hf_model, "destroy_cached_continuous_batching_manager", None)
+    if callable(destroy):
+        destroy()
+    del hf_model
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Plan:
+    """One run to do: which backend, on how many of the workload's requests."""
+
+    label: str
+    backend: str
+    num_requests: int
+    static_batching: bool = False
+
+
+def _mini_infer_label(static_batching: bool) -> str:
+    return "mini-infer-static" if static_batching else "mini-infer"
+
+
+def make_plan(args: argparse.Namespace, num_prompts: int) -> tuple[str, list[Plan]]:
+    """The main run's label and every run to do.
+
+    HF runs may use a prefix subset (`--hf-num-prompts`); the main mini-infer run is then repeated on
+    that same subset, so every ratio compares equal workloads. Runs sharing an engine or a model are
+    grouped so each is built once.
+    """
+    hf_n = min(args.hf_num_prompts or num_prompts, num_prompts)
+    main_static = bool(args.static_batching)
+    if args.backend == "mini-infer":
+        main = Plan(_mini_infer_label(main_static), "mini-infer", num_prompts, main_static)
+    else:
+        label = args.backend if hf_n == num_prompts else f"{args.backend}@{hf_n}"
+        main = Plan(label, args.backend, hf_n)
+    plans = [main]
+    for name in args.compare or []:
+        if name in ("continuous", "static"):
+            static = name == "static"
+            plans.append(Plan(_mini_infer_label(static), "mini-infer", num_prompts, static))
+        else:
+            if hf_n < num_prompts and args.backend == "mini-infer":
+                plans.append(Plan(f"{main.label}@{hf_n}", "mini-infer", hf_n, main_static))
+            plans.append(Plan(name if hf_n == num_prompts else f"{name}@{hf_n}", name, hf_n))
+    unique = list({p.label: p for p in plans}.values())
+    order = {"mini-infer": 0, "hf": 1, "hf-static": 1}
+    return main.label, sorted(unique, key=lambda p: (order[p.backend], p.static_batching, -p.num_requests))
+
+
+def _ratios(results: list[RunResult], main_label: str) -> dict[str, float]:
+    """Main tok/s over each other run's tok/s, each against the main run on the same requests."""
+    main_base = main_label.split("@")[0]
+    main_by_size = {r.num_requests: r for r in results if r.backend.split("@")[0] == main_base}
+    ratios = {}
+    for r in results:
+        main = main_by_size.get(r.num_requests)
+        if main is not None and r is not main and r.backend.split("@")[0] != main_base:
+            ratios[f"{main.backend} / {r.backend}"] = main.output_tok_per_s / r.output_tok_per_s
+    return ratios
+
+
+def print_table(results: list[RunResult], ratios: dict[str, float]) -> None:
+    header = (f"{'backend':<22}{'reqs':>6}{'wall s':>9}{'out tok/s':>12}{'total tok/s':>13}"
+              f"{'roofline':>10}{'KV util':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        kv = fmt_pct(r.kv_slot_utilisation) if r.kv_slot_utilisation is not None else "-"
+        print(f"{r.backend:<22}{r.num_requests:>6}{r.wall_seconds:>9.2f}{r.output_tok_per_s:>12.1f}"
+              f"{r.total_tok_per_s:>13.1f}{fmt_pct(r.roofline_fraction):>10}{kv:>9}")
+    for name, value in ratios.items():
+        print(f"ratio {name}: {value:.2f}x")
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from mini_infer.config import EngineConfig
+    from mini_infer.model_loader import checkpoint_dtype
+
+    base = EngineConfig.from_cli_args(args)
+    hf_config = load_model_config(args.model)
+    shape = ModelShape.from_hf_config(hf_config)
+    dtype = base.resolve_dtype(checkpoint_dtype(hf_config))
+    device = base.resolved_device
+    hw: Hardware | None = measure_hardware() if device.type == "cuda" else None
+    workload = make_workload(
+        args.num_prompts, shape.vocab_size, seed=args.seed if args.seed is not None else 0,
+        input_len=args.input_len, output_len=args.output_len,
+        min_input_len=args.min_input_len, max_input_len=args.max_input_len,
+        min_output_len=args.min_output_len, max_output_len=args.max_output_len,
+    )
+    main_label, plans = make_plan(args, len(workload))
+    ideals: dict[int, IdealEstimate] = {}
+    record: dict[str, Any] = {
+        "benchmark": "throughput",
+        "environment": environment(),
+        "hardware": hardware_dict(hw),
+        "model": args.model,
+        "shape": dataclasses.asdict(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "workload": {
+            "num_prompts": len(workload), "prompt_tokens": workload.prompt_tokens,
+            "output_tokens": workload.output_tokens, "temperature": args.temperature, "ignore_eos": True,
+            "input_len": args.input_len or [args.min_input_len, args.max_input_len],
+            "output_len": args.output_len or [args.min_output_len, args.max_output_len],
+        },
+        "engine_config": dataclasses.asdict(base),
+        "runs": [],
+        "errors": {},
+    }
+    if hw is not None:
+        for n in sorted({p.num_requests for p in plans}):
+            ideals[n] = ideal_workload_time(
+                shape, hw, workload.head(n).shape_pairs(), base.max_num_seqs, dtype_nbytes(dtype)
+            )
+        record["roofline_ideal"] = {str(n): est.to_dict() for n, est in ideals.items()}
+
+    results: list[RunResult] = []
+    engine, engine_static = None, None
+    hf_model = None
+    for plan in plans:
+        sub = workload.head(plan.num_requests)
+        print(f"[throughput] {plan.label}: {len(sub)} requests, {sub.output_tokens} output tokens",
+              flush=True)
+        try:
+            if plan.backend == "mini-infer":
+                if engine is None or engine_static != plan.static_batching:
+                    if engine is not None:
+                        release_engine(engine)
+                        engine = None
+                    engine = build_engine(args, static_batching=plan.static_batching)
+                    engine_static = plan.static_batching
+                    warm_up_engine(engine, shape.vocab_size)
+                result = run_mini_infer(engine, sub, args.temperature, label=plan.label)
+            else:
+                if engine is not None:
+                    release_engine(engine)
+                    engine = None
+                if hf_model is None:
+                    hf_model = load_hf_model(
+                        args.model, base.load_format, device, dtype, args.hf_attn_implementation
+                    )
+                if plan.backend == "hf":
+                    result = run_hf_continuous(hf_model, sub, args.temperature)
+                else:
+                    result = run_hf_static(hf_model, sub, args.temperature, args.hf_static_batch_size,
+                                           args.hf_cache_implementation)
+                result.backend = plan.label
+        except Exception as error:  # one failing backend must not lose the others' numbers
+            traceback.print_exc()
+            print(f"[throughput] {plan.label} failed: {type(error).__name__}: {error}", flush=True)
+            record["errors"][plan.label] = f"{type(error).__name__}: {error}"
+            write_json(args.output_json, record)
+            continue
+        if plan.num_requests in ideals:
+            result.ideal_seconds = ideals[plan.num_requests].seconds
+        if plan.num_requests < len(workload):
+            result.extra["note"] = f"subset: first {plan.num_requests} of {len(workload)} requests"
+        results.append(result)
+        record["runs"].append(result.to_dict())
+        print(f"[throughput] {plan.label}: {result.wall_seconds:.2f}s, "
+              f"{result.output_tok_per_s:.1f} out tok/s, roofline {fmt_pct(result.roofline_fraction)}",
+              flush=True)
+        write_json(args.output_json, record)
+    if engine is not None:
+        release_engine(engine)
+    if hf_model is not None:
+        release_hf_model(hf_model)
+    record["ratios"] = _ratios(results, main_label)
+    write_json(args.output_json, record)
+    print()
+    print(f"model {args.model} ({record['dtype']}), device {record['environment']['device']}, "
+          f"hardware {record['hardware'] or 'n/a (no roofline on CPU)'}")
+    print_table(results, record["ratios"])
+    return record
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from mini_infer.config import add_engine_args
+
+    parser.add_argument("--model", required=True, help="local dir, hub id, or preset (e.g. qwen3-0.6b)")
+    workload = parser.add_argument_group("workload (nano-vllm protocol by default)")
+    workload.add_argument("--num-prompts", type=int, default=256)
+    workload.add_argument("--input-len", type=int, default=None, help="fixed prompt length")
+    workload.add_argument("--output-len", type=int, default=None, help="fixed output length")
+    workload.add_argument("--min-input-len", type=int, default=100)
+    workload.add_argument("--max-input-len", type=int, default=1024)
+    workload.add_argument("--min-output-len", type=int, default=100)
+    workload.add_argument("--max-output-len", type=int, default=1024)
+    workload.add_argument("--temperature", type=float, default=0.6)
+    bench = parser.add_argument_group("backends")
+    bench.add_argument("--backend", choices=BACKENDS, default="mini-infer")
+    bench.add_argument("--compare", type=_compare_list, default=[],
+                       help=f"comma list of {','.join(COMPARE_CHOICES)} to run after the main backend")
+    bench.add_argument("--hf-num-prompts", type=int, default=None,
+                       help="transformers backends run the first N requests only (mini-infer reruns them)")
+    bench.add_argument("--hf-static-batch-size", type=int, default=64)
+    bench.add_argument("--hf-cache-implementation", default=None, help="e.g. static (hf-static only)")
+    bench.add_argument("--hf-attn-implementation", default=None)
+    bench.add_argument("--output-json", default=None)
+    add_engine_args(parser)
+    parser.set_defaults(func=run_benchmark)
+    return parser
+
+
+def _compare_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in COMPARE_CHOICES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown --compare entries {bad}; choose from {COMPARE_CHOICES}")
+    return names
+
+
+def add_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
+    parser = bench_subparsers.add_parser("throughput", help="offline throughput vs roofline and transformers")
+    return configure_parser(parser)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = configure_parser(argparse.ArgumentParser(prog="mini-infer bench throughput"))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
