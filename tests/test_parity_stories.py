@@ -1,0 +1,81 @@
+"""stories260K greedy output equals transformers' token for token and text for text, however the
+engine batches, chunks, caches or preempts."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import PROMPTS, hf_greedy
+from transformers import AutoTokenizer
+
+from mini_infer import LLM, SamplingParams
+
+MAX_TOKENS = 48
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def expected(stories_path: str) -> list[tuple[list[int], str]]:
+    tok = AutoTokenizer.from_pretrained(stories_path)
+    out = []
+    for prompt in PROMPTS:
+        ids = hf_greedy(stories_path, tok.encode(prompt), MAX_TOKENS)
+        if 1 in ids or 2 in ids:  # HF stops at either EOS id of the generation config
+            ids = ids[: min(i for i, t in enumerate(ids) if t in (1, 2)) + 1]
+        out.append((ids, tok.decode(ids, skip_special_tokens=True)))
+    return out
+
+
+def check(outputs, expected) -> None:
+    for out, (ids, text) in zip(outputs, expected, strict=True):
+        assert out.outputs[0].token_ids == ids
+        assert out.outputs[0].text == text
+
+
+def test_one_by_one(stories_path, expected):
+    llm = LLM(stories_path, dtype="float32")
+    check([llm.generate(p, GREEDY, use_tqdm=False)[0] for p in PROMPTS], expected)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_batched(stories_path, expected, prefix_caching):
+    llm = LLM(stories_path, dtype="float32", enable_prefix_caching=prefix_caching)
+    check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected)
+    # the same prompts again: with caching on, every full prompt block comes from the cache
+    again = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    check(again, expected)
+    stats = llm.llm_engine.stats
+    if prefix_caching:
+        assert stats.prefix_cache_hits > 0
+        assert again[2].num_cached_tokens == 16
+    else:
+        assert stats.prefix_cache_hits == 0
+    assert stats.num_kv_blocks_used == 0  # nothing leaked
+
+
+def test_chunked_prefill_tiny_budget(stories_path, expected):
+    llm = LLM(stories_path, dtype="float32", max_num_batched_tokens=16, block_size=16)
+    check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected)
+
+
+def test_preemption(stories_path, expected):
+    # 8 blocks of 16 tokens cannot hold 8 sequences of up to ~70 tokens: preemption must happen
+    llm = LLM(stories_path, dtype="float32", num_gpu_blocks_override=8, max_model_len=128)
+    check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected)
+    stats = llm.llm_engine.stats
+    assert stats.num_preemptions > 0
+    assert stats.num_kv_blocks_used == 0
+
+
+def test_preemption_without_prefix_cache_and_chunking(stories_path, expected):
+    llm = LLM(stories_path, dtype="float32", num_gpu_blocks_override=8, max_model_len=128,
+              enable_prefix_caching=False, enable_chunked_prefill=False)
+    check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected)
+    assert llm.llm_engine.stats.num_preemptions > 0
+
+
+def test_eos_from_generation_config(stories_path):
+    llm = LLM(stories_path)
+    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=400), use_tqdm=False)[0]
+    # the story ends with <s> (id 1), listed only in generation_config.json
+    assert out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].token_ids[-1] == 1
