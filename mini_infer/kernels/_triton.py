@@ -5,13 +5,24 @@ must keep working where Triton is not installed (CPU-only wheels, macOS). Withou
 becomes a no-op decorator and `tl.constexpr` a plain annotation, so the kernel definitions still
 parse; calling a Triton wrapper then raises a clear error.
 
-Under `TRITON_INTERPRET=1` Triton runs kernels on CPU tensors, but the interpreter multiplies the raw
-bit patterns in a bfloat16 `tl.dot` (triton-lang/triton#11584); the attention kernels take an
-`UPCAST_DOT` flag that casts dot operands to float32 there. Products of bfloat16 values are exact in
-float32 and the GPU accumulates in float32 too, so the flag changes no result beyond summation order.
+Without a CUDA device this module switches on `TRITON_INTERPRET=1` (unless set) before importing
+Triton, so the kernels run on CPU tensors in Triton's interpreter whatever imports mini_infer first.
+The interpreter has two traps. It multiplies the raw bit patterns in a bfloat16 `tl.dot`
+(triton-lang/triton#11584), so the attention kernels take an `UPCAST_DOT` flag that casts dot
+operands to float32 there; products of bfloat16 values are exact in float32 and the GPU accumulates
+in float32 too, so the flag changes no result beyond summation order. And it truncates float32 to
+bfloat16 where the GPU rounds to nearest even: one unit in the last place, on the CPU only.
 """
 
+import os
+import sys
+
 import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    # Triton compiles for GPUs only; without one its kernels can still run in its interpreter, and that
+    # choice must be made before triton is first imported (tests, kernel_backend="triton" on a CPU).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton
