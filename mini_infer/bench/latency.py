@@ -213,6 +213,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def cli_entry(args: argparse.Namespace) -> int:
+    """Exit status for the command line: 1 when any run failed (its error is in the JSON)."""
+    return 1 if run_benchmark(args)["errors"] else 0
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from mini_infer.config import add_engine_args
 
@@ -222,7 +227,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--output-json", default=None)
     add_engine_args(parser)
-    parser.set_defaults(func=run_benchmark)
+    parser.set_defaults(func=cli_entry)
     return parser
 
 
@@ -233,7 +238,7 @@ def add_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = configure_parser(argparse.ArgumentParser(prog="mini-infer bench latency")).parse_args(argv)
-    args.func(args)
+    raise SystemExit(args.func(args))
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def load_hf_model(model: str, load_format: str, device: torch.device, dtype: tor
         path = resolve_model_path(model)
         if not path.is_dir():
             raise ValueError(f"{model!r} is a preset without weights: use --load-format dummy")
-        hf_model = AutoModelForCausalLM.from_pretrained(path, device_map=str(device), **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
     return hf_model.eval()
 
 
@@ -266,6 +266,13 @@ def run_hf_continuous(hf_model: Any, workload: Workload, temperature: float) -> 
         )
     except ImportError:
         pass
+    if hf_model.device.type == "cpu":  # left alone, it sizes its cache from all of the host's RAM
+        from transformers import ContinuousBatchingConfig
+
+        pages = sum(-(-(len(p) + o) // 256) for p, o in zip(workload.prompts, workload.output_lens))
+        cm_kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
+            num_blocks=pages + 1, max_batch_tokens=max(256, max(len(p) for p in workload.prompts))
+        )
     cm = hf_model.continuous_batching_context_manager
     results: dict[str, int] = {}
     with cm(**_accepted(cm, **cm_kwargs)) as manager:
@@ -304,6 +311,10 @@ def run_hf_static(
     Only each request's own output length counts as output; the tokens generated past it are waste.
     """
     device = hf_model.device
+    with torch.inference_mode():  # untimed warmup, as for the other backends
+        warm = torch.tensor([workload.prompts[0][:16]] * 2, device=device)
+        hf_model.generate(input_ids=warm, attention_mask=torch.ones_like(warm),
+                          generation_config=_hf_generation_config(temperature, 4, min_new_tokens=4))
     useful = generated = 0
     start = time.perf_counter()
     for first in range(0, len(workload), batch_size):
@@ -522,6 +533,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def cli_entry(args: argparse.Namespace) -> int:
+    """Exit status for the command line: 1 when any run failed (its error is in the JSON)."""
+    return 1 if run_benchmark(args)["errors"] else 0
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from mini_infer.config import add_engine_args
 
@@ -546,7 +562,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     bench.add_argument("--hf-attn-implementation", default=None)
     bench.add_argument("--output-json", default=None)
     add_engine_args(parser)
-    parser.set_defaults(func=run_benchmark)
+    parser.set_defaults(func=cli_entry)
     return parser
 
 
@@ -566,7 +582,7 @@ def add_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = configure_parser(argparse.ArgumentParser(prog="mini-infer bench throughput"))
     args = parser.parse_args(argv)
-    args.func(args)
+    raise SystemExit(args.func(args))
 
 
 if __name__ == "__main__":
