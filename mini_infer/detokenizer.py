@@ -7,22 +7,43 @@ Text that ends in U+FFFD (half of a multi-byte character) is held back until it 
 
 from __future__ import annotations
 
+import re
+
 from mini_infer.sequence import Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
+BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
-def decode_new_text(tokenizer, seq: Sequence, flush: bool = False) -> str:
-    """Returns the text that the newest generated ids add, advancing the sequence's offsets."""
-    ids = seq.output_token_ids
-    skip = seq.params.skip_special_tokens
-    prefix_text = tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-    full_text = tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
-    if len(full_text) > len(prefix_text) and (flush or not full_text.endswith(REPLACEMENT_CHAR)):
-        new_text = full_text[len(prefix_text) :]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        return new_text
-    return ""
+class Detokenizer:
+    """Turns each sequence's newest ids into text.
+
+    SentencePiece byte-fallback tokens (`<0xE6>`) decode as one run: consecutive byte tokens are
+    read together as UTF-8, or become one U+FFFD each if invalid. So text is only released, and
+    the window only moves, after a token that is not a byte token: windows never split a run,
+    and the joined text equals decoding all ids at once, even for invalid byte sequences.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.byte_token_ids = frozenset(i for i, t in enumerate(tokens) if t and BYTE_TOKEN.match(t))
+
+    def decode(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def new_text(self, seq: Sequence, flush: bool = False) -> str:
+        """The text that the newest generated ids add; advances the sequence's window."""
+        ids = seq.output_token_ids
+        if not flush and ids and ids[-1] in self.byte_token_ids:
+            return ""
+        skip = seq.params.skip_special_tokens
+        prefix_text = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
+        full_text = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+        if len(full_text) > len(prefix_text) and (flush or not full_text.endswith(REPLACEMENT_CHAR)):
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return full_text[len(prefix_text) :]
+        return ""
 
 
 def find_stop_string(seq: Sequence, num_new_chars: int) -> tuple[str, int] | None:

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from mini_infer.block_manager import BlockManager
 from mini_infer.config import EngineConfig
-from mini_infer.detokenizer import decode_new_text, find_stop_string, visible_text
+from mini_infer.detokenizer import Detokenizer, find_stop_string, visible_text
 from mini_infer.kernels import get_ops
 from mini_infer.model_loader import (
     checkpoint_dtype, eos_token_ids, load_hf_config, load_model, resolve_model_path,
@@ -86,6 +86,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or max_positions
         tokenizer_src = config.tokenizer or (str(path) if path.is_dir() else config.model)
         self.tokenizer = load_tokenizer(tokenizer_src, required=config.load_format != "dummy")
+        self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = frozenset(eos_token_ids(path, self.model_config))
         device = config.resolved_device
         dtype = config.resolve_dtype(checkpoint_dtype(self.model_config))
@@ -208,8 +209,8 @@ class LLMEngine:
         if logprobs is not None and seq.logprobs is not None:
             self._record_logprobs(seq, token, logprobs)
         new_chars = 0
-        if self.tokenizer is not None:
-            new_text = decode_new_text(self.tokenizer, seq)
+        if self.detokenizer is not None:
+            new_text = self.detokenizer.new_text(seq)
             seq.output_text += new_text
             new_chars = len(new_text)
         n_out = seq.num_output_tokens
@@ -230,7 +231,7 @@ class LLMEngine:
 
     def _record_logprobs(self, seq: Sequence, token: int, logprobs: tuple) -> None:
         sampled_lp, rank, top_ids, top_lps = logprobs
-        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
+        decode = self.detokenizer.decode if self.detokenizer is not None else (lambda t: None)
         n = seq.params.logprobs
         entry = {token: Logprob(sampled_lp, rank, decode(token))}
         for r, (t, lp) in enumerate(zip(top_ids[:n], top_lps[:n]), start=1):
@@ -240,8 +241,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None,
                 flush: bool = True) -> None:
-        if flush and self.tokenizer is not None:
-            seq.output_text += decode_new_text(self.tokenizer, seq, flush=True)
+        if flush and self.detokenizer is not None:
+            seq.output_text += self.detokenizer.new_text(seq, flush=True)
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self._free(seq)
 

@@ -85,7 +85,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(ScheduledSeq(seq, num_new))
+                self._schedule(scheduled, seq, num_new)
                 budget -= num_new
                 i += 1
 
@@ -109,18 +109,23 @@ class Scheduler:
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, num_new))
+            self._schedule(scheduled, seq, num_new)
             budget -= num_new
         # a waiting sequence that could not be admitted must not pin cached blocks meanwhile
         for seq in self.waiting:
             if seq.block_table:
                 self.block_manager.free(seq)
 
-        for s in scheduled:
-            self.block_manager.cache_full_blocks(s.seq, s.seq.num_computed_tokens + s.num_new_tokens)
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         return SchedulerOutput(decodes, prefills)
+
+    def _schedule(self, scheduled: list[ScheduledSeq], seq: Sequence, num_new: int) -> None:
+        """Adds a sequence to this step and publishes the blocks its chunk fills to the prefix
+        cache at once: the forward pass stores every token's K/V before any attention reads,
+        so a sequence admitted later in this same step (another of n samples) may share them."""
+        scheduled.append(ScheduledSeq(seq, num_new))
+        self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the KV, requeue; the tokens so far are kept."""
