@@ -1,0 +1,92 @@
+"""Prometheus metrics under vLLM's names, with the prefix `mini_infer:` instead of `vllm:`.
+
+Engine-wide numbers (running, waiting, KV usage, token and cache counters) are read from the
+engine's latest `EngineStats` when /metrics is scraped; per-request latencies go into histograms
+as the async engine reports them. Each server owns its registry, so several can live in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "mini_infer:"
+
+# vLLM's buckets: TTFT and ITL are short, end-to-end latency spans minutes.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class _EngineStatsCollector(Collector):
+    """Turns the latest EngineStats into gauges and counters at scrape time."""
+
+    def __init__(self, read_stats: Callable[[], Any], model_name: str) -> None:
+        self._read_stats = read_stats
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._read_stats()
+        if stats is None:
+            return
+        total_blocks = getattr(stats, "num_kv_blocks_total", 0) or 0
+        used_blocks = getattr(stats, "num_kv_blocks_used", 0) or 0
+        gauges = {
+            "num_requests_running": ("Number of requests in model execution batches.", stats.num_running),
+            "num_requests_waiting": ("Number of requests waiting to be processed.", stats.num_waiting),
+            "kv_cache_usage_perc": ("KV-cache usage. 1 means 100 percent usage.",
+                                    used_blocks / total_blocks if total_blocks else 0.0),
+        }
+        for name, (doc, value) in gauges.items():
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self._model_name], float(value))
+            yield family
+        counters = {
+            "prompt_tokens": ("Number of prefill tokens processed.", "prompt_tokens"),
+            "generation_tokens": ("Number of generation tokens processed.", "generation_tokens"),
+            "num_preemptions": ("Cumulative number of preemptions from the engine.", "num_preemptions"),
+            "prefix_cache_queries": ("Prefix cache queries, in tokens.", "prefix_cache_queries"),
+            "prefix_cache_hits": ("Prefix cache hits, in tokens.", "prefix_cache_hits"),
+        }
+        for name, (doc, attr) in counters.items():
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self._model_name], float(getattr(stats, attr, 0) or 0))
+            yield family
+
+
+class ServerMetrics:
+    """The server's registry; also the async engine's RequestMetricsObserver."""
+
+    def __init__(self, model_name: str, read_stats: Callable[[], Any]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        self.registry.register(_EngineStatsCollector(read_stats, model_name))
+        self.request_success = Counter(
+            PREFIX + "request_success", "Count of finished requests, by finish reason.",
+            ["model_name", "finished_reason"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+            ["model_name"], buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.inter_token_latency = Histogram(
+            PREFIX + "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+            ["model_name"], buckets=_ITL_BUCKETS, registry=self.registry)
+        self.e2e_request_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Histogram of end-to-end request latency in seconds.",
+            ["model_name"], buckets=_E2E_BUCKETS, registry=self.registry)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.time_to_first_token.labels(self.model_name).observe(seconds)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.inter_token_latency.labels(self.model_name).observe(seconds)
+
+    def observe_finished(self, finished_reason: str, e2e_seconds: float) -> None:
+        self.request_success.labels(self.model_name, finished_reason).inc()
+        self.e2e_request_latency.labels(self.model_name).observe(e2e_seconds)

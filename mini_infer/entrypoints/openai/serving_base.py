@@ -1,0 +1,214 @@
+"""What completions and chat share: model check, adding requests, merging streams, SSE, logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from starlette.requests import Request
+
+from mini_infer.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from mini_infer.entrypoints.openai.protocol import OpenAIError
+from mini_infer.outputs import RequestOutput
+from mini_infer.sampling_params import SamplingParams
+
+_DISCONNECT_POLL_S = 0.25
+_STREAM_DONE = object()
+
+
+class OpenAIServing:
+    """State every endpoint needs: the engine, the names it answers to, the tokenizer."""
+
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str]) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def check_model(self, name: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if name is None or name in self.served_model_names:
+            return name or self.served_model_names[0]
+        raise OpenAIError(f"The model `{name}` does not exist.", status=404, param="model",
+                          code="model_not_found")
+
+    def require_tokenizer(self, why: str) -> Any:
+        if self.tokenizer is None:
+            raise OpenAIError(f"this model has no tokenizer, so {why}")
+        return self.tokenizer
+
+    async def start_requests(self, base_id: str, prompts: list[Any], params: SamplingParams,
+                             priority: int = 0) -> list[RequestStream]:
+        """Adds one engine request per prompt; if the engine refuses one, takes back the others."""
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+                streams.append(await self.engine.add_request(request_id, prompt, params, priority))
+        except BaseException as exc:
+            self.engine.abort_nowait([s.request_id for s in streams])
+            if isinstance(exc, EngineDeadError):
+                raise OpenAIError(str(exc), status=503, type="server_error") from exc
+            if isinstance(exc, (ValueError, TypeError)):
+                raise OpenAIError(str(exc)) from exc
+            raise
+        return streams
+
+    async def merge(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yields (prompt index, output) from all streams as they come; leaving early aborts them all."""
+        if len(streams) == 1:
+            async for output in self.engine.iterate(streams[0]):
+                yield 0, output
+            return
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            try:
+                async for output in self.engine.iterate(stream):
+                    queue.put_nowait((i, output))
+            except Exception as exc:  # noqa: BLE001 - re-raised by the consumer below
+                queue.put_nowait((i, exc))
+            finally:
+                queue.put_nowait((i, _STREAM_DONE))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is _STREAM_DONE:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            self.engine.abort_nowait([s.request_id for s in streams if not s.finished])
+            for task in tasks:
+                task.cancel()
+
+    async def collect(self, streams: list[RequestStream]) -> list[RequestOutput | None]:
+        """The last output of each stream."""
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        async for i, output in self.merge(streams):
+            finals[i] = output
+        return finals
+
+
+async def run_until_disconnected(raw_request: Request, work: Awaitable[Any]) -> Any:
+    """Awaits `work`, cancelling it (and so aborting its requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await raw_request.is_disconnected():
+                task.cancel()
+                raise OpenAIError("client disconnected", status=499)
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def usage(finals: list[RequestOutput | None], num_cached: bool = True) -> dict[str, Any]:
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in finals if o is not None)
+    completion_tokens = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
+    result: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}
+    if num_cached:
+        cached = sum(getattr(o, "num_cached_tokens", 0) or 0 for o in finals if o is not None)
+        result["prompt_tokens_details"] = {"cached_tokens": cached}
+    return result
+
+
+def token_text(logprob: Any, token_id: int, tokenizer: Any) -> str:
+    """The text of one token for logprobs; `token_id:N` where there is no tokenizer."""
+    text = getattr(logprob, "decoded_token", None)
+    if text is not None:
+        return text
+    if tokenizer is not None:
+        return tokenizer.decode([token_id])
+    return f"token_id:{token_id}"
+
+
+def top_entries(entry: dict[int, Any], num: int) -> list[tuple[int, Any]]:
+    """The `num` most likely (token id, Logprob) pairs of one position."""
+    return sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num]
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Any]], num_top: int,
+                        text_offset: int, tokenizer: Any) -> dict[str, Any]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for token_id, entry in zip(token_ids, logprobs):
+        sampled = entry.get(token_id)
+        text = token_text(sampled, token_id, tokenizer)
+        tokens.append(text)
+        token_logprobs.append(sampled.logprob if sampled is not None else None)
+        top = {token_text(lp, tid, tokenizer): lp.logprob for tid, lp in top_entries(entry, num_top)}
+        if sampled is not None:
+            top.setdefault(text, sampled.logprob)
+        tops.append(top)
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Any]], num_top: int,
+                  tokenizer: Any) -> dict[str, Any]:
+    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    content = []
+    for token_id, entry in zip(token_ids, logprobs):
+        sampled = entry.get(token_id)
+        text = token_text(sampled, token_id, tokenizer)
+        content.append({
+            "token": text,
+            "logprob": sampled.logprob if sampled is not None else float("-inf"),
+            "bytes": list(text.encode("utf-8")),
+            "top_logprobs": [
+                {"token": (t := token_text(lp, tid, tokenizer)), "logprob": lp.logprob,
+                 "bytes": list(t.encode("utf-8"))}
+                for tid, lp in top_entries(entry, num_top)
+            ],
+        })
+    return {"content": content}
+
+
+class ChoiceTracker:
+    """Remembers what was already streamed for each choice, to cut cumulative outputs into deltas."""
+
+    def __init__(self) -> None:
+        self.text_len: dict[int, int] = {}
+        self.num_tokens: dict[int, int] = {}
+        self.finished: set[int] = set()
+
+    def delta(self, index: int, text: str, token_ids: list[int], finish_reason: str | None
+              ) -> tuple[str, int, int, bool] | None:
+        """(new text, first new token, end token, finishing now), or None when nothing changed."""
+        if index in self.finished:
+            return None
+        start_text = self.text_len.get(index, 0)
+        start_tok = self.num_tokens.get(index, 0)
+        finishing = finish_reason is not None
+        if len(token_ids) == start_tok and len(text) == start_text and not finishing:
+            return None
+        self.text_len[index] = len(text)
+        self.num_tokens[index] = len(token_ids)
+        if finishing:
+            self.finished.add(index)
+        return text[start_text:], start_tok, len(token_ids), finishing

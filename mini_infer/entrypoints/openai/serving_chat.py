@@ -1,0 +1,112 @@
+"""POST /v1/chat/completions: messages go through the tokenizer's chat template, then the engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from mini_infer.async_engine import AsyncLLMEngine
+from mini_infer.entrypoints.openai.protocol import ChatCompletionRequest, OpenAIError, now_s, random_id
+from mini_infer.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    ChoiceTracker,
+    OpenAIServing,
+    chat_logprobs,
+    run_until_disconnected,
+    sse,
+    usage,
+)
+from mini_infer.outputs import RequestOutput
+
+
+class OpenAIServingChat(OpenAIServing):
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str],
+                 chat_template: str | None = None) -> None:
+        super().__init__(engine, served_model_names)
+        self.chat_template = chat_template
+
+    def render_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        """Token ids of the templated conversation (the template already holds any special tokens)."""
+        tokenizer = self.require_tokenizer("it cannot apply a chat template")
+        if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise OpenAIError("this model's tokenizer has no chat template; start the server with "
+                              "--chat-template FILE, or use /v1/completions")
+        try:
+            text = tokenizer.apply_chat_template(
+                request.conversation(), tokenize=False, add_generation_prompt=request.add_generation_prompt,
+                chat_template=self.chat_template, **(request.chat_template_kwargs or {}))
+        except OpenAIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - template errors come from user content
+            raise OpenAIError(f"the chat template failed on these messages: {exc}", param="messages") from exc
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
+        model = self.check_model(request.model)
+        params = request.to_sampling_params()
+        prompt_ids = self.render_prompt(request)
+        request_id = random_id("chatcmpl")
+        created = now_s()
+        streams = await self.start_requests(request_id, [{"prompt_token_ids": prompt_ids}], params,
+                                            request.priority)
+        if request.stream:
+            return StreamingResponse(self._stream(request, streams, request_id, created, model),
+                                     media_type="text/event-stream")
+        finals = await run_until_disconnected(raw_request, self.collect(streams))
+        return self._full_response(request, finals[0], request_id, created, model)
+
+    def _logprobs(self, request: ChatCompletionRequest, token_ids: list[int], logprobs: Any) -> Any:
+        if not request.logprobs or logprobs is None:
+            return None
+        return chat_logprobs(token_ids, logprobs, request.top_logprobs or 0, self.tokenizer)
+
+    def _full_response(self, request: ChatCompletionRequest, final: RequestOutput | None, request_id: str,
+                       created: int, model: str) -> dict[str, Any]:
+        choices = []
+        for c in final.outputs if final is not None else []:
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": self._logprobs(request, c.token_ids, c.logprobs),
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": choices, "usage": usage([final])}
+
+    async def _stream(self, request: ChatCompletionRequest, streams: list, request_id: str, created: int,
+                      model: str) -> AsyncIterator[str]:
+        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices}
+            if request.include_usage:
+                body["usage"] = None
+            return body
+
+        tracker = ChoiceTracker()
+        final: RequestOutput | None = None
+        try:
+            for index in range(request.n):
+                yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}]))
+            async for _, output in self.merge(streams):
+                final = output
+                for c in output.outputs:
+                    delta = tracker.delta(c.index, c.text, c.token_ids, c.finish_reason)
+                    if delta is None:
+                        continue
+                    text, start, end, finishing = delta
+                    logprobs = None
+                    if request.logprobs and c.logprobs is not None:
+                        logprobs = self._logprobs(request, c.token_ids[start:end], c.logprobs[start:end])
+                    yield sse(chunk([{"index": c.index, "delta": {"content": text}, "logprobs": logprobs,
+                                      "finish_reason": c.finish_reason if finishing else None,
+                                      "stop_reason": c.stop_reason if finishing else None}]))
+            if request.include_usage:
+                body = chunk([])
+                body["usage"] = usage([final])
+                yield sse(body)
+        except OpenAIError as exc:
+            yield sse(exc.body())
+        except Exception as exc:  # noqa: BLE001 - the status is already sent; report in the stream
+            yield sse(OpenAIError(f"internal error: {exc!r}", status=500, type="server_error").body())
+        yield SSE_DONE
