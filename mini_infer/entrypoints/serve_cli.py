@@ -67,7 +67,10 @@ def run_serve(args: argparse.Namespace) -> int:
         with open(args.chat_template, encoding="utf-8") as f:
             chat_template = f.read()
     config = EngineConfig.from_cli_args(args)
-    sock = bind_socket(args.host, args.port)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        raise SystemExit(f"serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     host, port = sock.getsockname()[:2]
     engine = AsyncLLMEngine.from_config(config)
     names = args.served_model_name or [args.model]
