@@ -58,9 +58,15 @@ class RequestStream:
         self.queue.put_nowait(item)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative outputs until the finished one; None means aborted without a last output."""
+        """Yields cumulative outputs until the finished one; None means aborted without a last output.
+
+        Outputs are cumulative, so when a slow consumer lets several pile up only the newest is
+        yielded: under load a client gets fewer, larger deltas instead of falling further behind.
+        """
         while True:
             item = await self.queue.get()
+            while isinstance(item, RequestOutput) and not item.finished and not self.queue.empty():
+                item = self.queue.get_nowait()
             if item is None:
                 return
             if isinstance(item, BaseException):
