@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 import time
 import traceback
@@ -52,8 +53,24 @@ DTYPE = torch.bfloat16
 DEVICE = "cuda"
 
 
+ROUNDS = 3
+
+
 def median_ms(fn: Callable[[], object]) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def time_rounds(
+    fns: dict[str, Callable[[], object] | None],
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median over ROUNDS interleaved do_bench medians per function (Triton and its baselines see
+    the same clocks and power state), and every round's value to show the spread."""
+    live = {name: fn for name, fn in fns.items() if fn is not None}
+    rounds: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(ROUNDS):
+        for name, fn in live.items():
+            rounds[name].append(median_ms(fn))
+    return {name: statistics.median(ms) for name, ms in rounds.items()}, rounds
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -96,8 +113,11 @@ class Report:
         bytes_moved: float | None = None,
         flops: float | None = None,
         note: str = "",
+        rounds: dict[str, list[float]] | None = None,
     ) -> dict:
         row = {"kernel": kernel, "size": size, "triton_ms": triton_ms, "baselines_ms": baselines}
+        if rounds is not None:
+            row["rounds_ms"] = rounds
         if bytes_moved is not None:
             row["GBps"] = bytes_moved / (triton_ms * 1e-3) / 1e9
             row["pct_hbm"] = 100 * row["GBps"] / self.ceilings["hbm_copy_GBps"]
@@ -110,6 +130,15 @@ class Report:
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         return row
+
+    def set_ceilings(self, ceilings: dict) -> None:
+        """Recompute every row's share of the ceilings (after a second ceiling measurement)."""
+        self.ceilings = ceilings
+        for row in self.rows:
+            if "GBps" in row:
+                row["pct_hbm"] = 100 * row["GBps"] / ceilings["hbm_copy_GBps"]
+            if "TFLOPs" in row:
+                row["pct_bf16_peak"] = 100 * row["TFLOPs"] / ceilings["bf16_matmul_TFLOPs"]
 
     def table(self) -> str:
         head = (
@@ -133,16 +162,23 @@ class Report:
         return "\n".join(lines)
 
 
-def try_compiled_ms(fn: Callable, *args) -> float | None:
-    """Median ms of torch.compile(fn)(*args), or None if compiling fails (the error is printed)."""
+def try_compiled(fn: Callable, *args) -> Callable[[], object] | None:
+    """torch.compile(fn) bound to args and warmed up, or None if compiling fails (error printed)."""
     try:
         cfn = compiled(fn)
         cfn(*args)
         torch.cuda.synchronize()
-        return median_ms(lambda: cfn(*args))
+        return lambda: cfn(*args)
     except Exception as exc:  # report and go on: one baseline must not sink the whole run
         print(f"torch.compile failed for {getattr(fn, '__name__', fn)}: {exc!r}"[:400], flush=True)
         return None
+
+
+def measure(report: "Report", kernel: str, size: str, fns: dict, rel_error: float, **work) -> dict:
+    """Time fns["triton"] and its baselines in interleaved rounds and add the row."""
+    times, rounds = time_rounds(fns)
+    triton_ms = times.pop("triton")
+    return report.add(kernel, size, triton_ms, times, rel_error, rounds=rounds, **work)
 
 
 # ----------------------------------------------------------------------------- elementwise kernels
@@ -152,12 +188,12 @@ def bench_rms_norm(report: Report, sweep: dict | None) -> None:
     x = torch.randn(TOKENS, HIDDEN, device=DEVICE, dtype=DTYPE)
     w = torch.randn(HIDDEN, device=DEVICE, dtype=DTYPE)
     err = rel_err(rms_norm_triton(x, w, EPS), rms_norm_ref(x.float(), w.float(), EPS))
-    t = median_ms(lambda: rms_norm_triton(x, w, EPS))
-    base = {
-        "eager": median_ms(lambda: rms_norm_ref(x, w, EPS)),
-        "compile": try_compiled_ms(rms_norm_ref, x, w, EPS),
+    fns = {
+        "triton": lambda: rms_norm_triton(x, w, EPS),
+        "eager": lambda: rms_norm_ref(x, w, EPS),
+        "compile": try_compiled(rms_norm_ref, x, w, EPS),
     }
-    report.add("rms_norm", f"{TOKENS}x{HIDDEN}", t, base, err, bytes_moved=2 * x.nbytes + w.nbytes)
+    measure(report, "rms_norm", f"{TOKENS}x{HIDDEN}", fns, err, bytes_moved=2 * x.nbytes + w.nbytes)
     if sweep is not None:
         for warps in (4, 8, 16, 32):
             sweep.setdefault("rms_norm_num_warps", {})[warps] = median_ms(
@@ -169,12 +205,13 @@ def bench_rms_norm(report: Report, sweep: dict | None) -> None:
     out = fused_add_rms_norm_triton(x, res_t, w, EPS)
     ref = fused_add_rms_norm_ref(x.float(), res_ref, w.float(), EPS)
     err = max(rel_err(out, ref), rel_err(res_t, res_ref))
-    t = median_ms(lambda: fused_add_rms_norm_triton(x, residual, w, EPS))
-    base = {
-        "eager": median_ms(lambda: fused_add_rms_norm_ref(x, residual, w, EPS)),
-        "compile": try_compiled_ms(fused_add_rms_norm_ref, x, residual, w, EPS),
+    fns = {
+        "triton": lambda: fused_add_rms_norm_triton(x, residual, w, EPS),
+        "eager": lambda: fused_add_rms_norm_ref(x, residual, w, EPS),
+        "compile": try_compiled(fused_add_rms_norm_ref, x, residual, w, EPS),
     }
-    report.add("fused_add_rms_norm", f"{TOKENS}x{HIDDEN}", t, base, err, bytes_moved=4 * x.nbytes + w.nbytes)
+    size = f"{TOKENS}x{HIDDEN}"
+    measure(report, "fused_add_rms_norm", size, fns, err, bytes_moved=4 * x.nbytes + w.nbytes)
     if sweep is not None:
         for warps in (4, 8, 16, 32):
             sweep.setdefault("fused_add_rms_norm_num_warps", {})[warps] = median_ms(
@@ -207,21 +244,29 @@ def bench_rotary(report: Report) -> None:
     rotary_triton(positions, q, k, cache)
     rotary_ref(positions, q32, k32, cache)
     err = max(rel_err(q, q32), rel_err(k, k32))
-    t = median_ms(lambda: rotary_triton(positions, q, k, cache))
-    base = {
-        "eager": median_ms(lambda: rotary_ref(positions, q, k, cache)),
-        "compile": try_compiled_ms(rotary_ref, positions, q, k, cache),
+    fns = {
+        "triton": lambda: rotary_triton(positions, q, k, cache),
+        "eager": lambda: rotary_ref(positions, q, k, cache),
+        "compile": try_compiled(rotary_ref, positions, q, k, cache),
     }
     moved = 2 * (q.numel() + k.numel()) * q.element_size() + TOKENS * (HEAD_DIM * 4 + 8)
-    report.add("rotary (q,k in qkv)", f"{TOKENS} tok, 32q+8k heads", t, base, err, bytes_moved=moved)
+    measure(report, "rotary (q,k in qkv)", f"{TOKENS} tok, 32q+8k heads", fns, err, bytes_moved=moved)
 
 
-def bench_silu_and_mul(report: Report) -> None:
+def bench_silu_and_mul(report: Report, sweep: dict | None) -> None:
     x = torch.randn(TOKENS, 2 * INTERMEDIATE, device=DEVICE, dtype=DTYPE)
     err = rel_err(silu_and_mul_triton(x), silu_and_mul_ref(x.float()))
-    t = median_ms(lambda: silu_and_mul_triton(x))
-    base = {"eager": median_ms(lambda: silu_and_mul_ref(x)), "compile": try_compiled_ms(silu_and_mul_ref, x)}
-    report.add("silu_and_mul", f"{TOKENS}x2x{INTERMEDIATE}", t, base, err, bytes_moved=x.nbytes * 3 // 2)
+    fns = {
+        "triton": lambda: silu_and_mul_triton(x),
+        "eager": lambda: silu_and_mul_ref(x),
+        "compile": try_compiled(silu_and_mul_ref, x),
+    }
+    measure(report, "silu_and_mul", f"{TOKENS}x2x{INTERMEDIATE}", fns, err, bytes_moved=x.nbytes * 3 // 2)
+    if sweep is not None:
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (512, 4)):
+            sweep.setdefault("silu_and_mul_block_warps", {})[f"{block}/{warps}"] = median_ms(
+                lambda block=block, warps=warps: silu_and_mul_triton(x, block=block, num_warps=warps)
+            )
 
 
 def bench_store_kv_cache(report: Report) -> None:
@@ -236,13 +281,13 @@ def bench_store_kv_cache(report: Report) -> None:
     store_kv_cache_triton(k, v, k_cache, v_cache, slots)
     store_kv_cache_ref(k, v, k_ref, v_ref, slots)
     err = max(rel_err(k_cache, k_ref), rel_err(v_cache, v_ref))
-    t = median_ms(lambda: store_kv_cache_triton(k, v, k_cache, v_cache, slots))
-    base = {
-        "eager": median_ms(lambda: store_kv_cache_ref(k, v, k_cache, v_cache, slots)),
-        "compile": try_compiled_ms(store_kv_cache_ref, k, v, k_cache, v_cache, slots),
+    fns = {
+        "triton": lambda: store_kv_cache_triton(k, v, k_cache, v_cache, slots),
+        "eager": lambda: store_kv_cache_ref(k, v, k_cache, v_cache, slots),
+        "compile": try_compiled(store_kv_cache_ref, k, v, k_cache, v_cache, slots),
     }
     moved = 4 * k.numel() * k.element_size() + slots.nbytes
-    report.add("store_kv_cache", f"{TOKENS} tok, page {PAGE}", t, base, err, bytes_moved=moved)
+    measure(report, "store_kv_cache", f"{TOKENS} tok, page {PAGE}", fns, err, bytes_moved=moved)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -282,13 +327,13 @@ def bench_decode(report: Report, batch: int, context: int, sweep: dict | None) -
     del ref
     torch.cuda.empty_cache()
     moved = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2 + 2 * q.nbytes + block_tables.nbytes
-    t = median_ms(lambda: decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale))
-    base = {
-        "eager": median_ms(lambda: torch_decode(q, k_cache, v_cache, block_tables, scale)),
-        "compile": try_compiled_ms(torch_decode, q, k_cache, v_cache, block_tables, scale),
+    fns = {
+        "triton": lambda: decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale),
+        "eager": lambda: torch_decode(q, k_cache, v_cache, block_tables, scale),
+        "compile": try_compiled(torch_decode, q, k_cache, v_cache, block_tables, scale),
     }
     size = f"{batch} seq x {context} ctx, page {PAGE}"
-    report.add("decode_attention", size, t, base, err, bytes_moved=moved, note="eager = gather + SDPA")
+    measure(report, "decode_attention", size, fns, err, bytes_moved=moved, note="eager = gather + SDPA")
     if sweep is not None:
         configs = [
             DEFAULT_DECODE_CONFIG,
@@ -362,24 +407,22 @@ def bench_prefill(report: Report, prefix: int, sweep: dict | None) -> None:
     torch.cuda.empty_cache()
     visits = new * prefix + new * (new + 1) / 2  # (query, key) pairs under the causal mask
     flops = 4 * HEAD_DIM * NUM_Q_HEADS * visits
-    t = median_ms(run)
-    base = {
-        "sdpa_flash": median_ms(lambda: flash_attention(q4, k4, v4, scale)),
-        "eager": median_ms(lambda: torch_prefill(q, k_cache, v_cache, block_tables, scale)),
-        "compile": try_compiled_ms(torch_prefill, q, k_cache, v_cache, block_tables, scale),
+    fns = {
+        "triton": run,
+        "sdpa_flash": lambda: flash_attention(q4, k4, v4, scale),
+        "eager": lambda: torch_prefill(q, k_cache, v_cache, block_tables, scale),
+        "compile": try_compiled(torch_prefill, q, k_cache, v_cache, block_tables, scale),
     }
     size = f"{new} new + {prefix} cached, page {PAGE}"
-    report.add("prefill_attention", size, t, base, err, flops=flops, note=note)
+    measure(report, "prefill_attention", size, fns, err, flops=flops, note=note)
     if sweep is not None:
         configs = [
             DEFAULT_PREFILL_CONFIG,
-            PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
-            PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4),
-            PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=3),
+            PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=4),
+            PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=3),
+            PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
             PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
-            PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
-            PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=4),
-            PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
+            PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=4),
         ]
         results = sweep.setdefault(f"prefill_{new}+{prefix}", {})
         for cfg in configs:
@@ -420,7 +463,10 @@ def main() -> None:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "dtype": str(DTYPE),
-        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 200 ms, L2 flushed before each run",
+        "timing": (
+            f"median of {ROUNDS} interleaved rounds of triton.testing.do_bench (return_mode='median', "
+            "warmup 25 ms, rep 200 ms, L2 flushed before each call); sweeps: one round"
+        ),
     }
     print(json.dumps(info), flush=True)
     ceilings = measure_ceilings()
@@ -430,7 +476,7 @@ def main() -> None:
     steps = [
         lambda: bench_rms_norm(report, sweep),
         lambda: bench_rotary(report),
-        lambda: bench_silu_and_mul(report),
+        lambda: bench_silu_and_mul(report, sweep),
         lambda: bench_store_kv_cache(report),
         lambda: bench_decode(report, 64, 4096, sweep),
         lambda: bench_decode(report, 4, 32768, sweep),
@@ -445,6 +491,15 @@ def main() -> None:
             errors.append(traceback.format_exc())
             print(errors[-1], flush=True)
         torch.cuda.empty_cache()
+    # Ceilings again at the end; the higher of the two readings is used, so shares err low.
+    ceilings_end = measure_ceilings()
+    ceilings = {
+        "hbm_copy_GBps": max(ceilings["hbm_copy_GBps"], ceilings_end["hbm_copy_GBps"]),
+        "bf16_matmul_TFLOPs": max(ceilings["bf16_matmul_TFLOPs"], ceilings_end["bf16_matmul_TFLOPs"]),
+        "start": ceilings,
+        "end": ceilings_end,
+    }
+    report.set_ceilings(ceilings)
     info["seconds"] = round(time.time() - started, 1)
     result = {**info, "ceilings": ceilings, "rows": report.rows, "errors": errors}
     if sweep is not None:

@@ -36,8 +36,8 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + row * out_row_stride + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
-    """Triton silu_and_mul_ref: x [..., 2 * I] (gate then up) -> [..., I]."""
+def silu_and_mul_triton(x: torch.Tensor, *, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
+    """Triton silu_and_mul_ref: x [..., 2 * I] (gate then up) -> [..., I]. block/num_warps: tuning."""
     require_triton()
     intermediate = x.shape[-1] // 2
     rows = x.reshape(-1, x.shape[-1])
@@ -47,9 +47,15 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     out_rows = out.view(-1, intermediate)
     if rows.shape[0] == 0:
         return out
-    block = min(1024, next_pow2(intermediate))
+    block = min(block, next_pow2(intermediate))
     grid = (rows.shape[0], triton.cdiv(intermediate, block))
     _silu_and_mul_kernel[grid](
-        rows, out_rows, rows.stride(0), out_rows.stride(0), INTERMEDIATE=intermediate, BLOCK=block
+        rows,
+        out_rows,
+        rows.stride(0),
+        out_rows.stride(0),
+        INTERMEDIATE=intermediate,
+        BLOCK=block,
+        num_warps=num_warps,
     )
     return out
