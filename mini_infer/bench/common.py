@@ -32,12 +32,18 @@ class _Namespace:
         self.__dict__.update(values)
 
 
-def release_engine(engine: Any) -> None:
-    """Drops an engine and returns its GPU memory, so the next backend in the same process can size its KV."""
+def shut_down(engine: Any) -> None:
+    """Stops an engine's workers if it has any; the caller then drops its last reference."""
     shutdown = getattr(engine, "shutdown", None)
     if callable(shutdown):
         shutdown()
-    del engine
+
+
+def free_device_memory() -> None:
+    """Returns freed GPU memory to the device, so the next backend in this process can size its KV.
+
+    Call it after dropping every reference to the engine or model: memory still referenced stays held.
+    """
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -23,7 +23,7 @@ from mini_infer.bench.common import (
     environment,
     fmt_pct,
     hardware_dict,
-    release_engine,
+    shut_down,
     write_json,
 )
 from mini_infer.bench.roofline import Hardware, decode_step_cost, measure_hardware
@@ -204,7 +204,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         write_json(args.output_json, record)
         print(f"[latency] batch {batch}: {1e3 * result.mean_step_seconds:.2f} ms/step, "
               f"{result.decode_tok_per_s:.1f} tok/s, HBM {fmt_pct(result.hbm_fraction)}", flush=True)
-    release_engine(engine)
+    shut_down(engine)
     write_json(args.output_json, record)
     print()
     print(f"model {args.model}, input {args.input_len}, output {args.output_len}, "

@@ -29,9 +29,10 @@ from mini_infer.bench.common import (
     build_engine,
     environment,
     fmt_pct,
+    free_device_memory,
     hardware_dict,
     load_model_config,
-    release_engine,
+    shut_down,
     write_json,
 )
 from mini_infer.bench.roofline import (
@@ -276,6 +277,7 @@ def run_hf_continuous(hf_model: Any, workload: Workload, temperature: float) -> 
     cm = hf_model.continuous_batching_context_manager
     results: dict[str, int] = {}
     with cm(**_accepted(cm, **cm_kwargs)) as manager:
+        attn_implementation = getattr(hf_model.config, "_attn_implementation", None)
         start = time.perf_counter()
         for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
             manager.add_request(
@@ -299,7 +301,7 @@ def run_hf_continuous(hf_model: Any, workload: Workload, temperature: float) -> 
         wall_seconds=wall,
         prompt_tokens=workload.prompt_tokens,
         output_tokens=sum(results.values()),
-        extra={"attn_implementation": getattr(hf_model.config, "_attn_implementation", None)},
+        extra={"attn_implementation": attn_implementation},
     )
 
 
@@ -349,16 +351,10 @@ def run_hf_static(
     )
 
 
-def release_hf_model(hf_model: Any) -> None:
+def shut_down_hf(hf_model: Any) -> None:
     destroy = getattr(hf_model, "destroy_cached_continuous_batching_manager", None)
     if callable(destroy):
         destroy()
-    del hf_model
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -484,16 +480,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if plan.backend == "mini-infer":
                 if engine is None or engine_static != plan.static_batching:
                     if engine is not None:
-                        release_engine(engine)
+                        shut_down(engine)
                         engine = None
+                        free_device_memory()
                     engine = build_engine(args, static_batching=plan.static_batching)
                     engine_static = plan.static_batching
                     warm_up_engine(engine, shape.vocab_size)
                 result = run_mini_infer(engine, sub, args.temperature, label=plan.label)
             else:
                 if engine is not None:
-                    release_engine(engine)
+                    shut_down(engine)
                     engine = None
+                    free_device_memory()
                 if hf_model is None:
                     hf_model = load_hf_model(
                         args.model, base.load_format, device, dtype, args.hf_attn_implementation
@@ -521,9 +519,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               flush=True)
         write_json(args.output_json, record)
     if engine is not None:
-        release_engine(engine)
+        shut_down(engine)
     if hf_model is not None:
-        release_hf_model(hf_model)
+        shut_down_hf(hf_model)
     record["ratios"] = _ratios(results, main_label)
     write_json(args.output_json, record)
     print()

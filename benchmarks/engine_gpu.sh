@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Issue 4's engine benchmarks on one GPU, in about 9 minutes: JSON, logs and PNG plots under $OUT,
+# then a short markdown table. Every model is an architecture preset with dummy bf16 weights, so
+# nothing is downloaded. Each step has its own timeout and writes its JSON as runs complete, so a
+# step that runs out of time still leaves what it finished.
+#
+#   OUT=/some/dir bash benchmarks/engine_gpu.sh       # BUDGET_S (default 540) bounds the whole run
+#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/engine_gpu.sh   # the same plumbing on a CPU, tiny model
+#
+# Steps (timeouts in seconds):
+#   1. latency   Llama-3-8B: decode step time, tok/s, GB/s and % HBM at batch 1..256   (110)
+#   2. throughput Qwen3-0.6B: 256 nano-vllm requests; transformers generate_batch's continuous
+#      batching and padded static generate on the first 64 of them, mini-infer rerun on those 64 (150)
+#   3. throughput Llama-3-8B: 256 requests; transformers generate_batch on the first 32      (170)
+#   4. static vs continuous, Qwen3-0.6B: the same 256 requests, max_num_seqs 64            (100)
+# With all 256 requests in one batch (max_num_seqs 256) static and continuous batching schedule the
+# same steps, so step 4 caps the batch at 64: four static waves, each waiting for its longest request.
+set -u
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-$REPO/benchmarks/results/local}"
+mkdir -p "$OUT"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+BUDGET_S="${BUDGET_S:-540}"
+START=$(date +%s)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+BENCH=("$PY" -m mini_infer.cli bench)
+COMMON=(--load-format dummy --max-model-len 4096)
+SMALL=qwen3-0.6b LARGE=llama-3-8b
+BATCHES=1,2,4,8,16,32,64,128,256 LAT_LEN=(--input-len 128 --output-len 128)
+WORK=() HF_SMALL=64 HF_LARGE=32 STATIC_SEQS=64
+if [[ "${SMOKE:-0}" == 1 ]]; then  # plumbing check on a CPU: tiny model, tiny workload
+    SMALL=tiny-llama LARGE=tiny-llama BATCHES=1,2,4 LAT_LEN=(--input-len 16 --output-len 8)
+    WORK=(--num-prompts 8 --min-input-len 8 --max-input-len 32 --min-output-len 4 --max-output-len 16)
+    HF_SMALL=4 HF_LARGE=2 STATIC_SEQS=2 COMMON=(--load-format dummy --max-model-len 256)
+fi
+declare -a SUMMARY=()
+
+# step NAME CAP_SECONDS COMMAND...: runs with min(cap, what is left of the budget less 20 s for the report)
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START) - 20))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 30)); then
+        echo "== $name: skipped, ${left}s of the budget left" | tee "$OUT/$name.log"
+        SUMMARY+=("$name: skipped (out of time)")
+        return
+    fi
+    echo "== $name (timeout ${limit}s): $*"
+    local t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$? took=$(($(date +%s) - t0))
+    tail -n 25 "$OUT/$name.log"
+    if ((rc == 124 || rc == 137)); then
+        SUMMARY+=("$name: TIMED OUT after ${took}s (partial JSON kept)")
+    else
+        SUMMARY+=("$name: exit $rc in ${took}s")
+    fi
+}
+
+{
+    echo "== environment"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+    "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, 'transformers', transformers.__version__)"
+    git -C "$REPO" rev-parse --short HEAD 2>/dev/null || true
+} 2>&1 | tee "$OUT/environment.txt"
+
+step "latency_$LARGE" 110 "${BENCH[@]}" latency --model "$LARGE" "${COMMON[@]}" \
+    --batch-sizes "$BATCHES" "${LAT_LEN[@]}" --output-json "$OUT/latency_$LARGE.json"
+
+step "throughput_$SMALL" 150 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
+    --compare hf,hf-static --hf-num-prompts "$HF_SMALL" --output-json "$OUT/throughput_$SMALL.json"
+
+step "throughput_$LARGE" 170 "${BENCH[@]}" throughput --model "$LARGE" "${COMMON[@]}" "${WORK[@]}" \
+    --compare hf --hf-num-prompts "$HF_LARGE" --output-json "$OUT/throughput_$LARGE.json"
+
+step "static_vs_continuous_$SMALL" 100 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
+    --max-num-seqs "$STATIC_SEQS" --compare static --output-json "$OUT/static_vs_continuous_$SMALL.json"
+
+echo "== plots"
+"$PY" -m mini_infer.bench.plots --out-dir "$OUT" \
+    --latency $(ls "$OUT"/latency_*.json 2>/dev/null) \
+    --throughput $(ls "$OUT"/throughput_*.json "$OUT"/static_vs_*.json 2>/dev/null) >"$OUT/plots.log" 2>&1 \
+    && cat "$OUT/plots.log" || tail -n 5 "$OUT/plots.log"
+
+"$PY" -m mini_infer.bench.report "$OUT" >"$OUT/summary.md" 2>&1
+echo
+echo "== steps ($(($(date +%s) - START))s in all)"
+printf '%s\n' "${SUMMARY[@]}"
+echo
+cat "$OUT/summary.md"

@@ -1,0 +1,116 @@
+"""A short markdown summary of a folder of benchmark JSON files, with issue 4's targets beside the figures.
+
+Usage: python -m mini_infer.bench.report DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _load(folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            records.append((path.name, json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError) as error:
+            print(f"skipping {path.name}: {error}")
+    return records
+
+
+def latency_lines(name: str, record: dict[str, Any]) -> list[str]:
+    lines = [f"### {name}: `{record['model']}` decode, input {record['input_len']}, output "
+             f"{record['output_len']}", "",
+             "| batch | ms/step | tok/s | tok/s/seq | GB/s | % HBM | % roofline |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(record["results"], key=lambda r: r["batch_size"]):
+        lines.append(f"| {r['batch_size']} | {r['mean_step_ms']:.2f} | {r['decode_tok_per_s']:.0f} | "
+                     f"{r['per_sequence_tok_per_s']:.1f} | {r['achieved_gb_per_s']:.0f} | "
+                     f"{_pct(r['hbm_fraction'])} | {_pct(r['roofline_fraction'])} |")
+    for batch, error in record.get("errors", {}).items():
+        lines.append(f"| {batch} | failed: {error} | | | | | |")
+    return lines
+
+
+def throughput_lines(name: str, record: dict[str, Any]) -> list[str]:
+    work = record["workload"]
+    cfg = record.get("engine_config", {})
+    lines = [f"### {name}: `{record['model']}` ({record['dtype']}), {work['num_prompts']} requests, "
+             f"max_num_seqs {cfg.get('max_num_seqs')}", "",
+             "| backend | requests | wall s | output tok/s | total tok/s | % roofline | KV slot util |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in record["runs"]:
+        kv = _pct(r["kv_slot_utilisation"]) if r.get("kv_slot_utilisation") is not None else "-"
+        lines.append(f"| {r['backend']} | {r['num_requests']} | {r['wall_seconds']:.2f} | "
+                     f"{r['output_tok_per_s']:.0f} | {r['total_tok_per_s']:.0f} | "
+                     f"{_pct(r['roofline_fraction'])} | {kv} |")
+    for label, error in record.get("errors", {}).items():
+        lines.append(f"| {label} | failed: {error} | | | | | |")
+    for ratio, value in record.get("ratios", {}).items():
+        lines.append(f"\nratio {ratio}: **{value:.2f}x**")
+    return lines
+
+
+def target_lines(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Issue 4's H100 targets next to what the files show; absent data reads 'not measured'."""
+    found: dict[str, str] = {}
+    for _, rec in records:
+        model = str(rec.get("model", "")).lower()
+        if rec.get("benchmark") == "latency" and "llama-3-8b" in model:
+            one = [r for r in rec["results"] if r["batch_size"] == 1]
+            if one:
+                found["batch-1 Llama-3-8B decode >= 80% of HBM roofline"] = (
+                    f"{_pct(one[0]['hbm_fraction'])} ({one[0]['decode_tok_per_s']:.0f} tok/s)")
+        if rec.get("benchmark") != "throughput":
+            continue
+        runs = {r["backend"]: r for r in rec["runs"]}
+        main = runs.get("mini-infer")
+        if main and rec.get("engine_config", {}).get("max_num_seqs", 0) >= rec["workload"]["num_prompts"]:
+            if "qwen3-0.6b" in model:
+                found["Qwen3-0.6B 256 requests >= 20,000 output tok/s, >= 75% roofline"] = (
+                    f"{main['output_tok_per_s']:.0f} tok/s, {_pct(main['roofline_fraction'])}")
+            if "llama-3-8b" in model:
+                found["Llama-3-8B 256 requests >= 75% roofline"] = _pct(main["roofline_fraction"])
+            if main.get("kv_slot_utilisation") is not None:
+                found[f"KV slot utilisation >= 95% ({rec['model']})"] = _pct(main["kv_slot_utilisation"])
+        for ratio, value in rec.get("ratios", {}).items():
+            if "llama-3-8b" in model and (ratio.endswith("/ hf") or "/ hf@" in ratio):
+                found[f"Llama-3-8B >= 25x transformers generate_batch ({ratio})"] = f"{value:.2f}x"
+            if ratio == "mini-infer / mini-infer-static":
+                found[f"continuous vs static >= 3x ({rec['model']})"] = f"{value:.2f}x"
+    lines = ["### Targets (issue 4, one H100)", "", "| target | measured |", "|---|---|"]
+    lines += [f"| {target} | {value} |" for target, value in found.items()] or ["| (no matching results) | |"]
+    return lines
+
+
+def report(folder: str | Path) -> str:
+    records = _load(Path(folder))
+    lines: list[str] = []
+    for name, rec in records:
+        kind = rec.get("benchmark")
+        if kind == "latency" and rec.get("results"):
+            lines += latency_lines(name, rec) + [""]
+        elif kind == "throughput" and (rec.get("runs") or rec.get("errors")):
+            lines += throughput_lines(name, rec) + [""]
+    env = next((rec["environment"] for _, rec in records if "environment" in rec), None)
+    if env:
+        lines.append(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+                     f"transformers {env['transformers']}")
+        lines.append("")
+    return "\n".join(lines + target_lines(records))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    print(report(args[0] if args else "."))
+
+
+if __name__ == "__main__":
+    main()
