@@ -74,12 +74,19 @@ def load_model_config(model: str) -> Any:
     return load_hf_config(resolve_model_path(model))
 
 
+def _launcher(program: Path) -> list[str]:
+    """`mini-infer` for the console script, `python -m mini_infer.x.y` for a module run with -m."""
+    if program.suffix != ".py" or "mini_infer" not in program.parts:
+        return [program.name]
+    parts = program.with_suffix("").parts
+    start = len(parts) - 1 - parts[::-1].index("mini_infer")
+    return ["python", "-m", ".".join(parts[start:])]
+
+
 def environment() -> dict[str, Any]:
     """What a result depends on besides the code: command, GPU, library versions."""
-    program = Path(sys.argv[0])
-    launcher = ["python", "-m", f"mini_infer.bench.{program.stem}"]
     info: dict[str, Any] = {
-        "command": shlex.join([*(launcher if program.suffix == ".py" else [program.name]), *sys.argv[1:]]),
+        "command": shlex.join([*_launcher(Path(sys.argv[0])), *sys.argv[1:]]),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -265,7 +265,7 @@ def run_hf_continuous(hf_model: Any, workload: Workload, temperature: float) -> 
             max_generated_length=max(workload.output_lens),
             num_requests=len(workload),
         )
-    except ImportError:
+    except (ImportError, TypeError):  # absent or shaped differently in this transformers version
         pass
     if hf_model.device.type == "cpu":  # left alone, it sizes its cache from all of the host's RAM
         from transformers import ContinuousBatchingConfig
@@ -492,6 +492,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     shut_down(engine)
                     engine = None
                     free_device_memory()
+                    if torch.cuda.is_available():
+                        held = torch.cuda.memory_reserved() / 2**30
+                        record["cuda_gib_held_after_engine_release"] = held
+                        print(f"[throughput] {held:.2f} GiB still reserved after releasing the engine")
                 if hf_model is None:
                     hf_model = load_hf_model(
                         args.model, base.load_format, device, dtype, args.hf_attn_implementation
