@@ -148,3 +148,13 @@ def test_static_batching_gives_identical_tokens(stories_path):
     for before, after in zip(static_running, static_running[1:]):
         assert after <= before or before == 0
     assert len(static_running) > len(cont_running)
+
+
+def test_report_tables(tmp_path, latency_record, throughput_record):
+    from mini_infer.bench.report import report
+
+    (tmp_path / "latency.json").write_text(json.dumps(latency_record))
+    (tmp_path / "throughput.json").write_text(json.dumps(throughput_record))
+    text = report(tmp_path)
+    assert "| 3 |" in text and "| mini-infer-static | 4 |" in text
+    assert "ratio mini-infer / mini-infer-static" in text and "### Targets" in text

@@ -113,5 +113,24 @@ def write_json(path: str | None, record: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def mean_step_timings(timings: Any) -> dict[str, float | None]:
+    """Mean host and GPU milliseconds per step from the engine's optional `step_timings` records.
+
+    A record is a (host_seconds, gpu_seconds or None) pair, or an object with those two attributes.
+    """
+    host, gpu = [], []
+    for t in timings:
+        pair = (t[0], t[1] if len(t) > 1 else None) if isinstance(t, (tuple, list)) else (
+            getattr(t, "host_seconds", None), getattr(t, "gpu_seconds", None))
+        if pair[0] is not None:
+            host.append(pair[0])
+        if pair[1] is not None:
+            gpu.append(pair[1])
+    return {
+        "mean_step_host_ms": 1e3 * sum(host) / len(host) if host else None,
+        "mean_step_gpu_ms": 1e3 * sum(gpu) / len(gpu) if gpu else None,
+    }
+
+
 def fmt_pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"

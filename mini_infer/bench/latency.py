@@ -23,6 +23,7 @@ from mini_infer.bench.common import (
     environment,
     fmt_pct,
     hardware_dict,
+    mean_step_timings,
     shut_down,
     write_json,
 )
@@ -149,12 +150,7 @@ def measure_batch(
         result.hbm_bytes_per_s = hw.hbm_bytes_per_s
         result.ideal_step_seconds = [c.ideal_seconds(hw) for c in costs]
     if timings:
-        host = [t[0] for t in timings if t and t[0] is not None]
-        gpu = [t[1] for t in timings if len(t) > 1 and t[1] is not None]
-        result.host_gpu = {
-            "mean_step_host_ms": 1e3 * sum(host) / len(host) if host else None,
-            "mean_step_gpu_ms": 1e3 * sum(gpu) / len(gpu) if gpu else None,
-        }
+        result.host_gpu = mean_step_timings(timings)
     return result
 
 

@@ -25,15 +25,23 @@ def _load(folder: Path) -> list[tuple[str, dict[str, Any]]]:
     return records
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def latency_lines(name: str, record: dict[str, Any]) -> list[str]:
+    rows = sorted(record["results"], key=lambda r: r["batch_size"])
+    timed = any(r.get("mean_step_host_ms") is not None for r in rows)
     lines = [f"### {name}: `{record['model']}` decode, input {record['input_len']}, output "
              f"{record['output_len']}", "",
-             "| batch | ms/step | tok/s | tok/s/seq | GB/s | % HBM | % roofline |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(record["results"], key=lambda r: r["batch_size"]):
+             "| batch | ms/step | tok/s | tok/s/seq | GB/s | % HBM | % roofline |"
+             + (" host ms | GPU ms |" if timed else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if timed else "")]
+    for r in rows:
+        split = f" {_ms(r.get('mean_step_host_ms'))} | {_ms(r.get('mean_step_gpu_ms'))} |" if timed else ""
         lines.append(f"| {r['batch_size']} | {r['mean_step_ms']:.2f} | {r['decode_tok_per_s']:.0f} | "
                      f"{r['per_sequence_tok_per_s']:.1f} | {r['achieved_gb_per_s']:.0f} | "
-                     f"{_pct(r['hbm_fraction'])} | {_pct(r['roofline_fraction'])} |")
+                     f"{_pct(r['hbm_fraction'])} | {_pct(r['roofline_fraction'])} |{split}")
     for batch, error in record.get("errors", {}).items():
         lines.append(f"| {batch} | failed: {error} | | | | | |")
     return lines
@@ -53,6 +61,11 @@ def throughput_lines(name: str, record: dict[str, Any]) -> list[str]:
                      f"{_pct(r['roofline_fraction'])} | {kv} |")
     for label, error in record.get("errors", {}).items():
         lines.append(f"| {label} | failed: {error} | | | | | |")
+    for r in record["runs"]:
+        extra = r.get("extra", {})
+        if extra.get("mean_step_host_ms") is not None:
+            host, gpu = _ms(extra["mean_step_host_ms"]), _ms(extra.get("mean_step_gpu_ms"))
+            lines.append(f"\n{r['backend']}: {extra['steps']} steps, host {host} ms/step, GPU {gpu} ms/step")
     for ratio, value in record.get("ratios", {}).items():
         lines.append(f"\nratio {ratio}: **{value:.2f}x**")
     return lines

@@ -19,7 +19,7 @@ import inspect
 import random
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from mini_infer.bench.common import (
     free_device_memory,
     hardware_dict,
     load_model_config,
+    mean_step_timings,
     shut_down,
     write_json,
 )
@@ -189,7 +190,7 @@ def run_mini_infer(
         "max_num_seqs": engine.config.max_num_seqs,
     }
     if timings is not None and len(timings) > timings_start:
-        extra.update(_mean_step_timings(timings[timings_start:]))
+        extra.update(mean_step_timings(timings[timings_start:]))
     return RunResult(
         backend=label,
         num_requests=len(workload),
@@ -199,16 +200,6 @@ def run_mini_infer(
         kv_slot_utilisation=sum(utilisation) / len(utilisation) if utilisation else None,
         extra=extra,
     )
-
-
-def _mean_step_timings(timings: Sequence[Any]) -> dict[str, float | None]:
-    """Mean host and GPU seconds per step, from the engine's optional (host_s, gpu_s) records."""
-    host = [t[0] for t in timings if t and t[0] is not None]
-    gpu = [t[1] for t in timings if len(t) > 1 and t[1] is not None]
-    return {
-        "mean_step_host_seconds": sum(host) / len(host) if host else None,
-        "mean_step_gpu_seconds": sum(gpu) / len(gpu) if gpu else None,
-    }
 
 
 # --------------------------------------------------------------------------------------------- transformers
