@@ -4,15 +4,15 @@
 # nothing is downloaded. Each step has its own timeout and writes its JSON as runs complete, so a
 # step that runs out of time still leaves what it finished.
 #
-#   OUT=/some/dir bash benchmarks/engine_gpu.sh       # BUDGET_S (default 540) bounds the whole run
+#   OUT=/some/dir bash benchmarks/engine_gpu.sh       # BUDGET_S (default 560) bounds the whole run
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/engine_gpu.sh   # the same plumbing on a CPU, tiny model
 #
 # Steps (timeouts in seconds):
-#   1. latency   Llama-3-8B: decode step time, tok/s, GB/s and % HBM at batch 1..256   (110)
+#   1. latency   Llama-3-8B: decode step time, tok/s, GB/s and % HBM at batch 1..256   (100)
 #   2. throughput Qwen3-0.6B: 256 nano-vllm requests; transformers generate_batch's continuous
-#      batching and padded static generate on the first 64 of them, mini-infer rerun on those 64 (150)
-#   3. throughput Llama-3-8B: 256 requests; transformers generate_batch on the first 32      (170)
-#   4. static vs continuous, Qwen3-0.6B: the same 256 requests, max_num_seqs 64            (100)
+#      batching and padded static generate on the first 64 of them, mini-infer rerun on those 64 (160)
+#   3. throughput Llama-3-8B: 256 requests; transformers generate_batch on the first 32      (180)
+#   4. static vs continuous, Qwen3-0.6B: the same 256 requests, max_num_seqs 64            (110)
 # With all 256 requests in one batch (max_num_seqs 256) static and continuous batching schedule the
 # same steps, so step 4 caps the batch at 64: four static waves, each waiting for its longest request.
 set -u
@@ -21,7 +21,7 @@ cd "$REPO"
 OUT="${OUT:-$REPO/benchmarks/results/local}"
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-BUDGET_S="${BUDGET_S:-540}"
+BUDGET_S="${BUDGET_S:-560}"
 START=$(date +%s)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -68,16 +68,16 @@ step() {
     git -C "$REPO" rev-parse --short HEAD 2>/dev/null || true
 } 2>&1 | tee "$OUT/environment.txt"
 
-step "latency_$LARGE" 110 "${BENCH[@]}" latency --model "$LARGE" "${COMMON[@]}" \
+step "latency_$LARGE" 100 "${BENCH[@]}" latency --model "$LARGE" "${COMMON[@]}" \
     --batch-sizes "$BATCHES" "${LAT_LEN[@]}" --output-json "$OUT/latency_$LARGE.json"
 
-step "throughput_$SMALL" 150 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
+step "throughput_$SMALL" 160 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
     --compare hf,hf-static --hf-num-prompts "$HF_SMALL" --output-json "$OUT/throughput_$SMALL.json"
 
-step "throughput_$LARGE" 170 "${BENCH[@]}" throughput --model "$LARGE" "${COMMON[@]}" "${WORK[@]}" \
+step "throughput_$LARGE" 180 "${BENCH[@]}" throughput --model "$LARGE" "${COMMON[@]}" "${WORK[@]}" \
     --compare hf --hf-num-prompts "$HF_LARGE" --output-json "$OUT/throughput_$LARGE.json"
 
-step "static_vs_continuous_$SMALL" 100 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
+step "static_vs_continuous_$SMALL" 110 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
     --max-num-seqs "$STATIC_SEQS" --compare static --output-json "$OUT/static_vs_continuous_$SMALL.json"
 
 echo "== plots"

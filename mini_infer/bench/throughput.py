@@ -509,6 +509,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             result.extra["note"] = f"subset: first {plan.num_requests} of {len(workload)} requests"
         results.append(result)
         record["runs"].append(result.to_dict())
+        record["ratios"] = _ratios(results, main_label)
         print(f"[throughput] {plan.label}: {result.wall_seconds:.2f}s, "
               f"{result.output_tok_per_s:.1f} out tok/s, roofline {fmt_pct(result.roofline_fraction)}",
               flush=True)
