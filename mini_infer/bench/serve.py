@@ -355,12 +355,15 @@ def plot_sweep(runs: list[dict[str, Any]], path: str, title: str) -> bool:
     ax_tok.set_ylabel("output tokens / s")
     axes[0].legend(loc="upper left", fontsize=8)
     ax_tok.legend(loc="lower right", fontsize=8)
-    for ax, name, unit in ((axes[1], "ttft", "TTFT (ms)"), (axes[2], "tpot", "TPOT (ms)")):
+    for ax, name, unit in ((axes[1], "ttft", "TTFT (ms, log scale)"), (axes[2], "tpot", "TPOT (ms)")):
         ax.plot(xs, [r[f"median_{name}_ms"] for r in runs], "o-", label="p50")
         if f"p99_{name}_ms" in runs[0]:
             ax.plot(xs, [r[f"p99_{name}_ms"] for r in runs], "s--", label="p99")
         ax.set_ylabel(unit)
-        ax.set_yscale("log")
+        if name == "ttft":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
     for ax in axes:
         ax.set_xscale("log", base=2)
@@ -390,13 +393,15 @@ def _get_default_model(args: argparse.Namespace) -> str:
 
 def run_bench_serve(args: argparse.Namespace) -> int:
     rates = [_rate(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
-    rng = random.Random(args.seed)
-    if args.dataset == "jsonl":
-        if not args.dataset_path:
-            raise SystemExit("bench serve: --dataset jsonl needs --dataset-path")
-        requests = jsonl_requests(args.dataset_path, args.num_prompts, args.random_output_len)
-    else:
-        requests = random_requests(args, rng)
+    if args.dataset == "jsonl" and not args.dataset_path:
+        raise SystemExit("bench serve: --dataset jsonl needs --dataset-path")
+
+    def make_requests(seed: int) -> list[BenchRequest]:
+        """Random prompts are new for each run, so no run is sped up by an earlier one's prefix cache."""
+        if args.dataset == "jsonl":
+            return jsonl_requests(args.dataset_path, args.num_prompts, args.random_output_len)
+        return random_requests(args, random.Random(seed))
+
     model = args.model or _get_default_model(args)
     percentiles = [float(p) for p in str(args.percentiles).split(",")]
     runs: list[dict[str, Any]] = []
@@ -404,10 +409,11 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             "model": model, "dataset": args.dataset, "random_input_len": args.random_input_len,
             "random_output_len": args.random_output_len, "ignore_eos": args.ignore_eos,
             "temperature": args.temperature, "seed": args.seed, "label": args.label}
-    if args.warmup and requests:
-        asyncio.run(run_at_rate(_quiet(args), requests[:args.warmup], model, math.inf, args.seed))
+    if args.warmup:
+        warmup = make_requests(args.seed + 10_000)[:args.warmup]
+        asyncio.run(run_at_rate(_quiet(args), warmup, model, math.inf, args.seed))
     for i, rate in enumerate(rates):
-        summary = asyncio.run(run_at_rate(args, requests, model, rate, args.seed + i))
+        summary = asyncio.run(run_at_rate(args, make_requests(args.seed + i), model, rate, args.seed + i))
         runs.append(summary)
         print(format_summary(summary, percentiles), flush=True)
         if args.result_file:
