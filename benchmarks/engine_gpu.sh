@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's engine benchmarks on one GPU, in about 9 minutes: JSON, logs and PNG plots under $OUT,
+# Issue 4's engine benchmarks on one GPU, in at most about 9.5 minutes: JSON, logs and PNG plots under $OUT,
 # then a short markdown table. Every model is an architecture preset with dummy bf16 weights, so
 # nothing is downloaded. Each step has its own timeout and writes its JSON as runs complete, so a
 # step that runs out of time still leaves what it finished.
@@ -7,14 +7,14 @@
 #   OUT=/some/dir bash benchmarks/engine_gpu.sh       # BUDGET_S (default 560) bounds the whole run
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/engine_gpu.sh   # the same plumbing on a CPU, tiny model
 #
-# Steps (timeouts in seconds):
-#   1. latency   Llama-3-8B: decode step time, tok/s, GB/s and % HBM at batch 1..256   (100)
+# Steps (timeouts in seconds; the heaviest last, so a budget overrun costs the least):
+#   1. latency   Llama-3-8B: decode step time, tok/s, GB/s and % HBM at batch 1..256   (120)
 #   2. throughput Qwen3-0.6B: 256 nano-vllm requests; transformers generate_batch's continuous
 #      batching and padded static generate on the first 64 of them, mini-infer rerun on those 64 (160)
-#   3. throughput Llama-3-8B: 256 requests; transformers generate_batch on the first 32      (180)
-#   4. static vs continuous, Qwen3-0.6B: the same 256 requests, max_num_seqs 64            (110)
+#   3. static vs continuous, Qwen3-0.6B: the same 256 requests, max_num_seqs 64            (100)
+#   4. throughput Llama-3-8B: 256 requests; transformers generate_batch on the first 32      (170)
 # With all 256 requests in one batch (max_num_seqs 256) static and continuous batching schedule the
-# same steps, so step 4 caps the batch at 64: four static waves, each waiting for its longest request.
+# same steps, so step 3 caps the batch at 64: four static waves, each waiting for its longest request.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -68,17 +68,17 @@ step() {
     git -C "$REPO" rev-parse --short HEAD 2>/dev/null || true
 } 2>&1 | tee "$OUT/environment.txt"
 
-step "latency_$LARGE" 100 "${BENCH[@]}" latency --model "$LARGE" "${COMMON[@]}" \
+step "latency_$LARGE" 120 "${BENCH[@]}" latency --model "$LARGE" "${COMMON[@]}" \
     --batch-sizes "$BATCHES" "${LAT_LEN[@]}" --output-json "$OUT/latency_$LARGE.json"
 
 step "throughput_$SMALL" 160 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
     --compare hf,hf-static --hf-num-prompts "$HF_SMALL" --output-json "$OUT/throughput_$SMALL.json"
 
-step "throughput_$LARGE" 180 "${BENCH[@]}" throughput --model "$LARGE" "${COMMON[@]}" "${WORK[@]}" \
-    --compare hf --hf-num-prompts "$HF_LARGE" --output-json "$OUT/throughput_$LARGE.json"
-
-step "static_vs_continuous_$SMALL" 110 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
+step "static_vs_continuous_$SMALL" 100 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
     --max-num-seqs "$STATIC_SEQS" --compare static --output-json "$OUT/static_vs_continuous_$SMALL.json"
+
+step "throughput_$LARGE" 170 "${BENCH[@]}" throughput --model "$LARGE" "${COMMON[@]}" "${WORK[@]}" \
+    --compare hf --hf-num-prompts "$HF_LARGE" --output-json "$OUT/throughput_$LARGE.json"
 
 echo "== plots"
 "$PY" -m mini_infer.bench.plots --out-dir "$OUT" \

@@ -146,9 +146,15 @@ def _sampling_params(temperature: float, max_tokens: int) -> Any:
     return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
 
 
-def warm_up_engine(engine: Any, vocab_size: int) -> None:
-    """A short untimed run so one-time costs (kernel compiles, allocator growth) stay out of the timing."""
-    warm = make_workload(2, vocab_size, seed=1, input_len=32, output_len=8)
+def warm_up_engine(engine: Any, workload: Workload) -> None:
+    """A short untimed run so one-time costs (kernel compiles, allocator growth) stay out of the timing:
+    8 requests with other prompts of the workload's own prompt lengths, 16 output tokens each."""
+    vocab = engine.model_config.vocab_size
+    lengths = sorted({len(p) for p in workload.prompts})
+    picks = [lengths[round(i * (len(lengths) - 1) / 7)] for i in range(8)]
+    rng = random.Random(12345)
+    warm = Workload([[rng.randrange(vocab) for _ in range(n)] for n in picks],
+                    [min(16, max(workload.output_lens))] * len(picks))
     run_mini_infer(engine, warm, temperature=0.6, label="warmup")
 
 
@@ -476,7 +482,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         free_device_memory()
                     engine = build_engine(args, static_batching=plan.static_batching)
                     engine_static = plan.static_batching
-                    warm_up_engine(engine, shape.vocab_size)
+                    warm_up_engine(engine, workload)
                 result = run_mini_infer(engine, sub, args.temperature, label=plan.label)
             else:
                 if engine is not None:
