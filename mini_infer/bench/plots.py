@@ -28,11 +28,14 @@ def plot_latency(record: dict[str, Any], path: str | Path) -> Path:
     plt = _pyplot()
     rows = sorted(record["results"], key=lambda r: r["batch_size"])
     batch = [r["batch_size"] for r in rows]
+    from matplotlib.ticker import NullLocator
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(batch, [r["decode_tok_per_s"] for r in rows], marker="o", label="decode tok/s (all sequences)")
     left.plot(batch, [r["per_sequence_tok_per_s"] for r in rows], marker="s", label="tok/s per sequence")
     left.set(xscale="log", yscale="log", xlabel="batch size", ylabel="tokens / s")
     left.set_xticks(batch, [str(b) for b in batch])
+    left.xaxis.set_minor_locator(NullLocator())
     left.grid(True, which="both", alpha=0.3)
     left.legend()
     for key, label in (("hbm_fraction", "achieved / measured HBM bandwidth"),
@@ -43,6 +46,8 @@ def plot_latency(record: dict[str, Any], path: str | Path) -> Path:
                        label=label)
     right.set(xscale="log", xlabel="batch size", ylabel="%", ylim=(0, 105))
     right.set_xticks(batch, [str(b) for b in batch])
+    right.xaxis.set_minor_locator(NullLocator())
+    right.set_xlim(left.get_xlim())
     right.grid(True, alpha=0.3)
     if right.get_legend_handles_labels()[0]:
         right.legend()
