@@ -20,7 +20,11 @@ from mini_infer.config import EngineConfig
 from mini_infer.detokenizer import Detokenizer, find_stop_string, visible_text
 from mini_infer.kernels import get_ops
 from mini_infer.model_loader import (
-    checkpoint_dtype, eos_token_ids, load_hf_config, load_model, resolve_model_path,
+    checkpoint_dtype,
+    eos_token_ids,
+    load_hf_config,
+    load_model,
+    resolve_model_path,
 )
 from mini_infer.model_runner import ModelRunner
 from mini_infer.outputs import CompletionOutput, Logprob, RequestOutput
@@ -84,8 +88,9 @@ class LLMEngine:
                 f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings={max_positions}"
             )
         self.max_model_len = config.max_model_len or max_positions
-        tokenizer_src = config.tokenizer or (str(path) if path.is_dir() else config.model)
-        self.tokenizer = load_tokenizer(tokenizer_src, required=config.load_format != "dummy")
+        tokenizer_src = config.tokenizer or (str(path) if path.is_dir() else None)  # presets have none
+        self.tokenizer = (load_tokenizer(tokenizer_src, required=config.load_format != "dummy")
+                          if tokenizer_src else None)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = frozenset(eos_token_ids(path, self.model_config))
         device = config.resolved_device

@@ -36,6 +36,10 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         self.generators: dict[int, torch.Generator] = {}
         self.kv_cache = torch.empty(0)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_reserve_bytes = 0  # set by profiling: memory kept back for the CUDA graphs
+        self.use_cuda_graphs = (device.type == "cuda" and not config.enforce_eager
+                                and model.attention_layers()[0].ops.name == "triton")
 
     # -- KV pool ------------------------------------------------------------------------------
     @property
@@ -85,14 +89,22 @@ class ModelRunner:
         scratch = self._allocate(blocks)
         self._bind(scratch)
         self._profile_forward(lens)
-        del scratch
         torch.cuda.synchronize()
         peak_extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        if self.use_cuda_graphs:  # graphs keep their own pool: reserve a decode pass at the largest size
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            self._profile_forward([1] * self.max_graph_batch)
+            torch.cuda.synchronize()
+            self.graph_reserve_bytes = int(1.5 * (torch.cuda.max_memory_allocated() - base)) + 2**26
+        del scratch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         budget = int(total * self.config.gpu_memory_utilization) - (total - free) - peak_extra
-        logger.info("profiling: %.2f GiB in use, activation peak %.2f GiB, %.2f GiB left for the KV pool",
-                    (total - free) / 2**30, peak_extra / 2**30, budget / 2**30)
+        budget -= self.graph_reserve_bytes
+        logger.info("profiling: %.2f GiB in use, activation peak %.2f GiB, CUDA graphs %.2f GiB, "
+                    "%.2f GiB left for the KV pool", (total - free) / 2**30, peak_extra / 2**30,
+                    self.graph_reserve_bytes / 2**30, budget / 2**30)
         return max(budget, 0)
 
     def _profile_forward(self, lens: list[int]) -> None:
@@ -120,7 +132,78 @@ class ModelRunner:
         num_blocks = self.determine_num_blocks()
         self.kv_cache = self._allocate(num_blocks)
         self._bind(self.kv_cache)
+        if self.use_cuda_graphs:
+            self.capture_cuda_graphs()
         return num_blocks
+
+    # -- CUDA graphs for decode ---------------------------------------------------------------
+    @property
+    def max_graph_batch(self) -> int:
+        return min(self.config.max_num_seqs, 512)
+
+    def graph_batch_sizes(self) -> list[int]:
+        sizes = [b for b in (1, 2, 4) if b < self.max_graph_batch]
+        sizes += list(range(8, self.max_graph_batch, 8)) + [self.max_graph_batch]
+        return sorted(set(sizes))
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """Captures one decode forward per batch size in `graph_batch_sizes`, largest first, all
+        sharing one memory pool. A step replays the smallest graph that holds its batch; padded
+        rows have key count 0 and slot -1, so they read and write nothing."""
+        n, width = self.max_graph_batch, (self.max_model_len + self.block_size - 1) // self.block_size
+        dev = self.device
+        self.graph_inputs = {
+            "ids": torch.zeros(n, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(n, dtype=torch.int64, device=dev),
+            "slots": torch.full((n,), -1, dtype=torch.int64, device=dev),
+            "seq_lens": torch.zeros(n, dtype=torch.int32, device=dev),
+            "tables": torch.zeros(n, width, dtype=torch.int32, device=dev),
+        }
+        # pinned host copies, filled each step and sent with one non-blocking copy per buffer
+        self.graph_staging = {k: torch.zeros(v.shape, dtype=v.dtype).pin_memory() for k, v in
+                              self.graph_inputs.items()}
+        empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
+        before = torch.cuda.memory_reserved()
+        pool = None
+        for b in reversed(self.graph_batch_sizes()):
+            g = self.graph_inputs
+            meta = AttentionMetadata(g["slots"][:b], b, g["seq_lens"][:b], g["tables"][:b],
+                                     torch.zeros(1, dtype=torch.int32, device=dev), empty_i32,
+                                     g["tables"][:0], 0)
+            with forward_context(meta):
+                self.model(g["ids"][:b], g["positions"][:b])  # warm-up: compiles kernels outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = self.model(g["ids"][:b], g["positions"][:b])
+            pool = pool or graph.pool()
+            self.graphs[b] = (graph, hidden)
+        torch.cuda.synchronize()
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) using %.2f GiB", len(self.graphs),
+                    self.max_graph_batch, (torch.cuda.memory_reserved() - before) / 2**30)
+
+    def _run_decode_graph(self, decodes: list[ScheduledSeq]) -> torch.Tensor:
+        """Fills the static inputs for a decode-only batch and replays the fitting graph."""
+        n = len(decodes)
+        size = next(b for b in self.graph_batch_sizes() if b >= n)
+        st = self.graph_staging
+        ids, pos, slots, lens, tables = (st[k].numpy() for k in ("ids", "positions", "slots", "seq_lens", "tables"))
+        bs = self.block_size
+        for i, s in enumerate(decodes):
+            seq, p = s.seq, s.seq.num_computed_tokens
+            table = seq.block_table
+            ids[i], pos[i], lens[i] = seq.token_ids[p], p, p + 1
+            slots[i] = table[p // bs] * bs + p % bs
+            tables[i, : len(table)] = table
+        slots[n:size], lens[n:size] = -1, 0
+        g = self.graph_inputs
+        for key in ("ids", "positions", "slots", "seq_lens"):
+            g[key][:size].copy_(st[key][:size], non_blocking=True)
+        width = max(len(s.seq.block_table) for s in decodes)
+        g["tables"][:n, :width].copy_(st["tables"][:n, :width], non_blocking=True)
+        graph, hidden = self.graphs[size]
+        graph.replay()
+        return hidden[:n]
 
     # -- one step -----------------------------------------------------------------------------
     def _attention_metadata(self, decodes: list[tuple[int, int]], prefills: list[tuple[int, int]],
@@ -185,13 +268,18 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SamplerOutput:
         """Runs one step; returns the sampled token (and logprobs) of each sequence that samples."""
-        ids, positions, meta, rows = self.prepare_inputs(out)
-        with forward_context(meta):
-            hidden = self.model(ids, positions)
         sampling = [s for s in out.seqs if s.samples]
+        if self.graphs and not out.prefills and len(out.decodes) <= self.max_graph_batch:
+            hidden = self._run_decode_graph(out.decodes)
+            rows = None if len(sampling) == len(out.decodes) else torch.tensor(
+                [i for i, s in enumerate(out.decodes) if s.samples], device=self.device)
+        else:
+            ids, positions, meta, rows = self.prepare_inputs(out)
+            with forward_context(meta):
+                hidden = self.model(ids, positions)
         if not sampling:
             return SamplerOutput([], None)
-        logits = self.model.compute_logits(hidden[rows])
+        logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
         batch = build_sampling_batch(
             [s.seq.params for s in sampling],
             [s.seq.prompt_token_ids for s in sampling],

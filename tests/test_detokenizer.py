@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from mini_infer import LLM, LLMEngine, EngineConfig, SamplingParams
+from mini_infer import LLM, EngineConfig, LLMEngine, SamplingParams
 
 REPLACEMENT = "\ufffd"
 
