@@ -493,3 +493,32 @@ def test_bench_serve_against_server(stories, tmp_path):
         "--base-url", stories.url, "--endpoint", "/v1/completions", "--num-prompts", "4",
         "--random-input-len", "10", "--random-output-len", "4", "--disable-tqdm", "--request-rate", "100"])
     assert run_bench_serve(chat) == 0
+
+
+def test_bench_serve_jsonl_on_chat(qwen, tmp_path):
+    import argparse
+
+    from mini_infer.bench.serve import add_bench_serve_arguments, run_bench_serve
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "Tell me a story", "max_tokens": 6}\n"Hello there"\n')
+    out = tmp_path / "chat.json"
+    args = add_bench_serve_arguments(argparse.ArgumentParser()).parse_args([
+        "--base-url", qwen.url, "--endpoint", "/v1/chat/completions", "--dataset", "jsonl",
+        "--dataset-path", str(data), "--num-prompts", "5", "--random-output-len", "4", "--ignore-eos",
+        "--disable-tqdm", "--result-file", str(out)])
+    assert run_bench_serve(args) == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 5 and result["total_output_tokens"] == 6 + 4 + 6 + 4 + 6
+    assert result["request_rate"] == "inf"
+
+
+def test_bench_serve_statistics():
+    from mini_infer.bench.serve import _percentile, parse_goodput
+
+    assert _percentile([], 50) == 0.0
+    assert _percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert _percentile([5.0, 1.0, 3.0], 100) == 5.0
+    assert parse_goodput(["ttft:200", "tpot:20"]) == {"ttft": 200.0, "tpot": 20.0}
+    with pytest.raises(SystemExit):
+        parse_goodput(["latency:5"])
