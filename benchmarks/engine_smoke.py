@@ -50,18 +50,28 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", required=True)
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--profile", default=None, help="write a cProfile of a Qwen3-0.6B run here")
     args = ap.parse_args()
     lines = []
     if not args.skip_parity:
-        for backend in ("torch", "triton"):
+        for backend in ("triton",):
             lines.append(parity(f"{args.fixtures}/stories260K", backend, "float32"))
             lines.append(parity(f"{args.fixtures}/tiny-random-qwen3", backend, "float32"))
         print("\n".join(lines), flush=True)
-    for kw in (dict(kernel_backend="triton"), dict(kernel_backend="torch")):
-        lines.append(speed("llama-3-8b", 1, 128, 64, max_model_len=4096, **kw))
+    runs = [
+        ("llama-3-8b", 1, 128, 128, {}), ("llama-3-8b", 1, 128, 128, {"enforce_eager": True}),
+        ("llama-3-8b", 64, 256, 128, {}), ("qwen3-0.6b", 256, 256, 256, {}),
+        ("qwen3-0.6b", 256, 256, 256, {"enforce_eager": True}),
+    ]
+    for model, batch, inp, outp, kw in runs:
+        lines.append(speed(model, batch, inp, outp, max_model_len=4096, **kw))
         print(lines[-1], flush=True)
-        lines.append(speed("llama-3-8b", 64, 256, 64, max_model_len=4096, **kw))
-        print(lines[-1], flush=True)
-    lines.append(speed("qwen3-0.6b", 256, 256, 128, max_model_len=4096, kernel_backend="triton"))
+    if args.profile:
+        import cProfile
+        import pstats
+
+        cProfile.run('speed("qwen3-0.6b", 256, 256, 256, max_model_len=4096)', "/tmp/prof")
+        with open(args.profile, "w") as f:
+            pstats.Stats("/tmp/prof", stream=f).sort_stats("tottime").print_stats(40)
     print("\n==== summary")
     print("\n".join(lines))

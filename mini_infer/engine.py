@@ -60,10 +60,15 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     arrival_time: float
+    final_only: bool = False
+    num_unfinished: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_unfinished = len(self.seqs)
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        return self.num_unfinished == 0
 
 
 def load_tokenizer(name_or_path: str, required: bool):
@@ -113,6 +118,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        # per step: (host seconds = wall time the GPU was not busy, GPU seconds or None on CPU)
+        self.step_timings: list[tuple[float, float | None]] = []
+        self._timing_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
+            if device.type == "cuda" else None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
@@ -166,7 +175,8 @@ class LLMEngine:
             )
         params = dataclasses.replace(params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
         seqs = [Sequence(request_id, i, ids, params, priority) for i in range(params.n)]
-        self.requests[request_id] = _Request(request_id, text, ids, seqs, time.monotonic())
+        self.requests[request_id] = _Request(request_id, text, ids, seqs, time.monotonic(),
+                                             final_only=params.output_kind == "final_only")
         for seq in seqs:
             self.scheduler.add(seq)
         self.prompt_tokens += len(ids)
@@ -191,20 +201,34 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedules one batch, runs it, and returns an output for every request that moved."""
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         if not out:
             return []
         sampling = [s.seq for s in out.seqs if s.samples]
+        events = self._timing_events
+        if events:
+            events[0].record()
         result = self.model_runner.execute(out)
+        if events:
+            events[1].record()
         self.scheduler.advance(out)
         moved: dict[str, _Request] = {}
         for i, seq in enumerate(sampling):
             self._append_token(seq, result.token_ids[i], result.logprobs[i] if result.logprobs else None)
             moved[seq.request_id] = self.requests[seq.request_id]
-        outputs = [self._make_output(r) for r in moved.values()]
+        outputs = []
         for r in moved.values():
             if r.finished:
                 del self.requests[r.request_id]
+                outputs.append(self._make_output(r))
+            elif not r.final_only:
+                outputs.append(self._make_output(r))
+        wall = time.perf_counter() - start
+        gpu = events[0].elapsed_time(events[1]) / 1e3 if events else None
+        self.step_timings.append((wall - gpu if gpu is not None else wall, gpu))
+        if len(self.step_timings) > 1_000_000:  # a long-running server keeps the newest half
+            del self.step_timings[:500_000]
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprobs: tuple | None) -> None:
@@ -249,6 +273,7 @@ class LLMEngine:
         if flush and self.detokenizer is not None:
             seq.output_text += self.detokenizer.new_text(seq, flush=True)
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.requests[seq.request_id].num_unfinished -= 1
         self._free(seq)
 
     def _free(self, seq: Sequence) -> None:

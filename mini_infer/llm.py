@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 
@@ -40,6 +41,7 @@ class LLM:
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         priorities = list(priority) if priority is not None else [0] * len(prompts)
         engine = self.llm_engine
+        params = [dataclasses.replace(p, output_kind="final_only") for p in params]
         ids = [str(next(self._ids)) for _ in prompts]
         try:
             for rid, prompt, p, prio in zip(ids, prompts, params, priorities):

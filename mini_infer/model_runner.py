@@ -228,6 +228,7 @@ class ModelRunner:
             prefill_seq_lens=tensor([k for _, k in prefills]),
             prefill_block_tables=tensor(tables[nd:]),
             num_prefill_tokens=int(cu[-1]),
+            prefill_max_seqlen_q=max((q for q, _ in prefills), default=0),
         )
 
     def prepare_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,

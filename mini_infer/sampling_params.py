@@ -24,6 +24,8 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # "cumulative": an output every step the request moves (streaming); "final_only": only when it ends
+    output_kind: str = "cumulative"
     # Filled by the engine: the ids that end generation unless ignore_eos.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
@@ -66,6 +68,8 @@ class SamplingParams:
             raise bad("logprobs", "must be a non-negative integer")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
+        if self.output_kind not in ("cumulative", "final_only"):
+            raise bad("output_kind", "must be 'cumulative' or 'final_only'")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must hold non-empty strings")
 

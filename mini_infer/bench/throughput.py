@@ -143,7 +143,7 @@ class RunResult:
 def _sampling_params(temperature: float, max_tokens: int) -> Any:
     from mini_infer import SamplingParams
 
-    return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
+    return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, output_kind="final_only")
 
 
 def warm_up_engine(engine: Any, workload: Workload) -> None:

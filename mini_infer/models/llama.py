@@ -40,9 +40,8 @@ class LlamaAttention(nn.Module):
         num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         self.ops = ops
-        self.qkv_proj = QKVParallelLinear(
-            hidden, self.head_dim, num_heads, num_kv_heads, bias=self.qkv_bias or getattr(config, "attention_bias", False)
-        )
+        bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=False)
