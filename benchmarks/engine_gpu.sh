@@ -68,16 +68,19 @@ step() {
     git -C "$REPO" rev-parse --short HEAD 2>/dev/null || true
 } 2>&1 | tee "$OUT/environment.txt"
 
-step "latency_$LARGE" 120 "${BENCH[@]}" latency --model "$LARGE" "${COMMON[@]}" \
+# STEPS=latency,throughput_small,static,throughput_large picks steps (default: all)
+want() { [[ -z "${STEPS:-}" || ",$STEPS," == *",$1,"* ]]; }
+
+want latency && step "latency_$LARGE" 120 "${BENCH[@]}" latency --model "$LARGE" "${COMMON[@]}" \
     --batch-sizes "$BATCHES" "${LAT_LEN[@]}" --output-json "$OUT/latency_$LARGE.json"
 
-step "throughput_$SMALL" 160 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
+want throughput_small && step "throughput_$SMALL" 160 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
     --compare hf,hf-static --hf-num-prompts "$HF_SMALL" --output-json "$OUT/throughput_$SMALL.json"
 
-step "static_vs_continuous_$SMALL" 100 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
+want static && step "static_vs_continuous_$SMALL" 100 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
     --max-num-seqs "$STATIC_SEQS" --compare static --output-json "$OUT/static_vs_continuous_$SMALL.json"
 
-step "throughput_$LARGE" 170 "${BENCH[@]}" throughput --model "$LARGE" "${COMMON[@]}" "${WORK[@]}" \
+want throughput_large && step "throughput_$LARGE" 170 "${BENCH[@]}" throughput --model "$LARGE" "${COMMON[@]}" "${WORK[@]}" \
     --compare hf --hf-num-prompts "$HF_LARGE" --output-json "$OUT/throughput_$LARGE.json"
 
 echo "== plots"
@@ -92,3 +95,6 @@ echo "== steps ($(($(date +%s) - START))s in all)"
 printf '%s\n' "${SUMMARY[@]}"
 echo
 cat "$OUT/summary.md"
+
+# the device tool returns at most 8 files: keep JSON, PNG and the summary loose, pack the logs
+(cd "$OUT" && tar czf logs.tar.gz ./*.log environment.txt && rm -f ./*.log environment.txt)

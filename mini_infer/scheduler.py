@@ -57,6 +57,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.static_slots = 0  # static batching: admissions left in the batch being formed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -91,8 +92,14 @@ class Scheduler:
 
         # 2. waiting sequences, in priority order, while there is budget, room and blocks
         self.waiting.sort(key=Sequence.sort_key)
-        admit = not (self.config.static_batching and self.running)
-        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # static batching: when the batch is empty, the next max_num_seqs requests form a new one
+        # (over as many prefill steps as that takes); nobody else joins until it has emptied
+        static = self.config.static_batching
+        if static and not self.running and self.static_slots == 0:
+            self.static_slots = self.config.max_num_seqs
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if static and self.static_slots == 0:
+                break
             seq = self.waiting[0]
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
@@ -107,10 +114,13 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
                 self.block_manager.record_lookup(seq)
             self.waiting.pop(0)
+            self.static_slots = max(0, self.static_slots - 1)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._schedule(scheduled, seq, num_new)
             budget -= num_new
+        if not self.waiting:  # the batch being formed took everyone there was: it is closed
+            self.static_slots = 0
         # a waiting sequence that could not be admitted must not pin cached blocks meanwhile
         for seq in self.waiting:
             if seq.block_table:

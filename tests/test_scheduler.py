@@ -1,0 +1,23 @@
+"""Scheduler policies: static batching forms a full batch even when prefill takes several steps."""
+
+from __future__ import annotations
+
+from mini_infer import EngineConfig, LLMEngine, SamplingParams
+
+
+def test_static_batch_fills_over_several_prefill_steps(stories_path):
+    engine = LLMEngine(EngineConfig(model=stories_path, max_num_seqs=4, max_num_batched_tokens=16,
+                                    static_batching=True, enable_prefix_caching=False))
+    prompt = {"prompt_token_ids": list(range(10, 22))}  # 12 tokens: one prompt fills most of a step
+    for i in range(6):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=10 + i))
+    peak, running_history = 0, []
+    while engine.has_unfinished_requests():
+        engine.step()
+        running_history.append(engine.stats.num_running)
+        peak = max(peak, engine.stats.num_running)
+    assert peak == 4  # the first batch grew to max_num_seqs although no step could prefill all four
+    first_drop = next(i for i, (a, b) in enumerate(zip(running_history, running_history[1:])) if b < a)
+    # once the batch started decoding nobody joined until it emptied
+    after = running_history[first_drop:]
+    assert all(b <= a or a == 0 for a, b in zip(after, after[1:]))
