@@ -79,3 +79,13 @@ def test_eos_from_generation_config(stories_path):
     # the story ends with <s> (id 1), listed only in generation_config.json
     assert out.outputs[0].finish_reason == "stop"
     assert out.outputs[0].token_ids[-1] == 1
+
+
+def test_triton_kernels_end_to_end(stories_path, expected):
+    """The whole engine on the Triton kernels (run by Triton's interpreter on CPU), chunked and
+    batched so that decode, prefill-over-cached-prefix and mixed steps all occur."""
+    llm = LLM(stories_path, dtype="float32", kernel_backend="triton", max_num_batched_tokens=32)
+    short = SamplingParams(temperature=0.0, max_tokens=12)
+    outs = llm.generate(PROMPTS[:4], short, use_tqdm=False)
+    for out, (ids, _) in zip(outs, expected[:4]):
+        assert out.outputs[0].token_ids == ids[:12]
