@@ -118,7 +118,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        # per step: (host seconds = wall time the GPU was not busy, GPU seconds or None on CPU)
+        # per step: (seconds outside ModelRunner.execute, seconds of execute timed by CUDA events, None on
+        # CPU). The second includes execute's own input preparation, so it bounds GPU time from above.
         self.step_timings: list[tuple[float, float | None]] = []
         self._timing_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
             if device.type == "cuda" else None

@@ -21,3 +21,14 @@ def test_static_batch_fills_over_several_prefill_steps(stories_path):
     # once the batch started decoding nobody joined until it emptied
     after = running_history[first_drop:]
     assert all(b <= a or a == 0 for a, b in zip(after, after[1:]))
+
+
+def test_priority_orders_admission(stories_path):
+    engine = LLMEngine(EngineConfig(model=stories_path, max_num_seqs=1))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for rid, prio in (("low", 5), ("high", 0), ("mid", 2)):
+        engine.add_request(rid, "Once upon a time", params, priority=prio)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["high", "mid", "low"]
