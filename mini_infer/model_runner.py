@@ -178,6 +178,7 @@ class ModelRunner:
                     hidden = self.model(g["ids"][:b], g["positions"][:b])
             pool = pool or graph.pool()
             self.graphs[b] = (graph, hidden)
+        self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch 1..%d) using %.2f GiB", len(self.graphs),
                     self.max_graph_batch, (torch.cuda.memory_reserved() - before) / 2**30)
@@ -185,7 +186,7 @@ class ModelRunner:
     def _run_decode_graph(self, decodes: list[ScheduledSeq]) -> torch.Tensor:
         """Fills the static inputs for a decode-only batch and replays the fitting graph."""
         n = len(decodes)
-        size = next(b for b in self.graph_batch_sizes() if b >= n)
+        size = next(b for b in self.graphs if b >= n)  # captured sizes, kept in ascending order
         st = self.graph_staging
         ids, pos, slots, lens, tables = (st[k].numpy() for k in ("ids", "positions", "slots", "seq_lens", "tables"))
         bs = self.block_size
