@@ -164,7 +164,8 @@ class ModelRunner:
         self.graph_staging = {k: torch.zeros(v.shape, dtype=v.dtype).pin_memory() for k, v in
                               self.graph_inputs.items()}
         empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
-        before = torch.cuda.memory_reserved()
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
         pool = None
         for b in reversed(self.graph_batch_sizes()):
             g = self.graph_inputs
@@ -181,7 +182,7 @@ class ModelRunner:
         self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch 1..%d) using %.2f GiB", len(self.graphs),
-                    self.max_graph_batch, (torch.cuda.memory_reserved() - before) / 2**30)
+                    self.max_graph_batch, (free_before - torch.cuda.mem_get_info()[0]) / 2**30)
 
     def _run_decode_graph(self, decodes: list[ScheduledSeq]) -> torch.Tensor:
         """Fills the static inputs for a decode-only batch and replays the fitting graph."""
