@@ -50,6 +50,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", required=True)
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--profile", default=None, help="write a cProfile of a Qwen3-0.6B run here")
     args = ap.parse_args()
     lines = []
@@ -63,7 +64,7 @@ if __name__ == "__main__":
         ("llama-3-8b", 64, 256, 128, {}), ("qwen3-0.6b", 256, 256, 256, {}),
         ("qwen3-0.6b", 256, 256, 256, {"enforce_eager": True}),
     ]
-    for model, batch, inp, outp, kw in runs:
+    for model, batch, inp, outp, kw in [] if args.skip_speed else runs:
         lines.append(speed(model, batch, inp, outp, max_model_len=4096, **kw))
         print(lines[-1], flush=True)
     if args.profile:

@@ -45,6 +45,7 @@ class EngineConfig:
     load_format: str = "auto"
     kernel_backend: str = "auto"
     static_batching: bool = False
+    async_scheduling: bool = True  # queue step N+1 before reading step N's tokens (see engine.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

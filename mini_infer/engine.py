@@ -2,6 +2,12 @@
 
 step() = scheduler.schedule() -> model_runner.execute() -> append tokens, detokenize, check
 stops -> free what finished. Everything a request does happens inside this loop.
+
+With async scheduling (the default) a step queues its forward pass and then reads back the tokens
+of the step before it, so the host's bookkeeping overlaps the GPU's work. Sequences plan with their
+pending token counted (Sequence.num_pending); one that stops on a token the host had not read yet
+costs one discarded decode. Penalties need every earlier token, so while a request uses them the
+engine reads each step back before scheduling the next.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import AutoTokenizer
@@ -26,7 +33,7 @@ from mini_infer.model_loader import (
     load_model,
     resolve_model_path,
 )
-from mini_infer.model_runner import ModelRunner
+from mini_infer.model_runner import ModelRunner, PendingStep
 from mini_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import Scheduler
@@ -51,6 +58,25 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+
+
+class StepTiming(NamedTuple):
+    """One step: seconds outside ModelRunner.execute, seconds of execute timed by CUDA events (None on
+    CPU; it includes execute's own input preparation, so it bounds GPU time from above), and what ran."""
+
+    host_seconds: float
+    gpu_seconds: float | None
+    num_decodes: int
+    num_prefill_tokens: int
+
+
+@dataclass
+class _InFlight:
+    """A step whose forward pass is queued and whose tokens the host has not read yet."""
+
+    sampling: list[Sequence]
+    pending: PendingStep
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None
 
 
 @dataclass
@@ -118,11 +144,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        # per step: (seconds outside ModelRunner.execute, seconds of execute timed by CUDA events, None on
-        # CPU). The second includes execute's own input preparation, so it bounds GPU time from above.
-        self.step_timings: list[tuple[float, float | None]] = []
-        self._timing_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
-            if device.type == "cuda" else None
+        self.step_timings: list[StepTiming] = []
+        self._timed = device.type == "cuda"
+        self.in_flight: _InFlight | None = None
+        self.num_penalty_requests = 0  # while any, steps run synchronously (see the module docstring)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
@@ -175,6 +200,8 @@ class LLMEngine:
                 f"({self.block_manager.num_blocks} of {self.config.block_size} tokens)"
             )
         params = dataclasses.replace(params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
+        if params.uses_penalties:
+            self.num_penalty_requests += 1
         seqs = [Sequence(request_id, i, ids, params, priority) for i in range(params.n)]
         self.requests[request_id] = _Request(request_id, text, ids, seqs, time.monotonic(),
                                              final_only=params.output_kind == "final_only")
@@ -188,6 +215,7 @@ class LLMEngine:
             request = self.requests.pop(rid, None)
             if request is None:
                 continue
+            self._forget(request)
             for seq in request.seqs:
                 if not seq.is_finished:
                     seq.finish_reason = "abort"
@@ -201,36 +229,74 @@ class LLMEngine:
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedules one batch, runs it, and returns an output for every request that moved."""
+        """Queues one batch, then returns an output for every request that moved in the step before it
+        (in the same step when async scheduling is off or penalties are in use)."""
         start = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        waited = gpu = 0.0
+        if self.in_flight is not None and (not self.config.async_scheduling or self.num_penalty_requests):
+            waited, gpu = self._finish_step(self.in_flight, outputs)
+            self.in_flight = None
         out = self.scheduler.schedule()
-        if not out:
-            return []
-        sampling = [s.seq for s in out.seqs if s.samples]
-        events = self._timing_events
-        if events:
-            events[0].record()
-        result = self.model_runner.execute(out)
-        if events:
-            events[1].record()
-        self.scheduler.advance(out)
-        moved: dict[str, _Request] = {}
-        for i, seq in enumerate(sampling):
-            self._append_token(seq, result.token_ids[i], result.logprobs[i] if result.logprobs else None)
-            moved[seq.request_id] = self.requests[seq.request_id]
-        outputs = []
-        for r in moved.values():
-            if r.finished:
-                del self.requests[r.request_id]
-                outputs.append(self._make_output(r))
-            elif not r.final_only:
-                outputs.append(self._make_output(r))
-        wall = time.perf_counter() - start
-        gpu = events[0].elapsed_time(events[1]) / 1e3 if events else None
-        self.step_timings.append((wall - gpu if gpu is not None else wall, gpu))
+        launched = None
+        if out:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
+                if self._timed else None
+            if events:
+                events[0].record()
+            sampling = [s.seq for s in out.seqs if s.samples]
+            pending = self.model_runner.execute(out)
+            if events:
+                events[1].record()
+            self.scheduler.advance(out)
+            for seq in sampling:
+                seq.num_pending += 1
+            launched = _InFlight(sampling, pending, events)
+        if self.in_flight is not None:
+            waited, gpu = self._finish_step(self.in_flight, outputs)
+        self.in_flight = launched
+        if not self.config.async_scheduling and launched is not None:
+            w, gpu = self._finish_step(launched, outputs)
+            waited += w
+            self.in_flight = None
+        if out or gpu:
+            self.step_timings.append(StepTiming(time.perf_counter() - start - waited, gpu if self._timed else None,
+                                                len(out.decodes), sum(s.num_new_tokens for s in out.prefills)))
         if len(self.step_timings) > 1_000_000:  # a long-running server keeps the newest half
             del self.step_timings[:500_000]
         return outputs
+
+    def _finish_step(self, step: _InFlight, outputs: list[RequestOutput]) -> tuple[float, float]:
+        """Reads a step's tokens back, appends them, and adds the outputs of the requests that moved.
+        Returns (seconds spent waiting for the GPU, the step's GPU seconds)."""
+        t = time.perf_counter()
+        result = step.pending.result()
+        waited = time.perf_counter() - t
+        gpu = 0.0
+        if step.events:
+            step.events[1].synchronize()
+            gpu = step.events[0].elapsed_time(step.events[1]) / 1e3
+        moved: dict[str, _Request] = {}
+        for i, seq in enumerate(step.sampling):
+            seq.num_pending -= 1
+            if seq.is_finished:  # stopped or aborted while this step ran: its token is dropped
+                continue
+            self._append_token(seq, result.token_ids[i], result.logprobs[i] if result.logprobs else None)
+            if not seq.is_finished:  # publish the block its token completed, held back while pending
+                self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens))
+            moved[seq.request_id] = self.requests[seq.request_id]
+        for r in moved.values():
+            if r.finished:
+                del self.requests[r.request_id]
+                self._forget(r)
+                outputs.append(self._make_output(r))
+            elif not r.final_only:
+                outputs.append(self._make_output(r))
+        return waited, gpu
+
+    def _forget(self, request: _Request) -> None:
+        if request.seqs[0].params.uses_penalties:
+            self.num_penalty_requests -= 1
 
     def _append_token(self, seq: Sequence, token: int, logprobs: tuple | None) -> None:
         seq.token_ids.append(token)

@@ -3,6 +3,11 @@
 The batch is flat, with no padding: the ids of every scheduled token, their positions, the cache
 slot each one writes, and per sequence its block table and key count. Only the rows that
 sample get logits.
+
+`execute` only queues work: every host-to-device copy is pinned and non-blocking, and the sampled
+tokens come back through a `PendingStep`, so the engine can queue the next step before it reads
+this one. A decode whose input token the host has not read yet takes it from the previous step's
+sampled tokens on the device.
 """
 
 from __future__ import annotations
@@ -16,11 +21,46 @@ from transformers import PretrainedConfig
 
 from mini_infer.config import EngineConfig
 from mini_infer.forward_context import AttentionMetadata, forward_context
-from mini_infer.sampler import SamplerOutput, build_sampling_batch, sample
+from mini_infer.sampler import (
+    DeviceSample,
+    SamplerOutput,
+    build_sampling_batch,
+    sample,
+    sample_on_device,
+    to_device,
+)
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+class PendingStep:
+    """A queued step's sampled tokens on their way to the host. They are copied into pinned memory
+    without blocking and an event marks the copy, so `result()` waits for this step only, not for
+    the steps queued after it."""
+
+    def __init__(self, sample: DeviceSample | None) -> None:
+        self.event: torch.cuda.Event | None = None
+        self.tensors: list[torch.Tensor] = []
+        if sample is None:
+            return
+        tensors = sample.tensors()
+        if tensors[0].is_cuda:
+            self.tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, dev in zip(self.tensors, tensors):
+                host.copy_(dev, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tensors = tensors
+
+    def result(self) -> SamplerOutput:
+        if not self.tensors:
+            return SamplerOutput([], None)
+        if self.event is not None:
+            self.event.synchronize()
+        return DeviceSample.to_output(self.tensors)
 
 
 class ModelRunner:
@@ -35,11 +75,15 @@ class ModelRunner:
         first = self.attn_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         self.generators: dict[int, torch.Generator] = {}
+        self.seed_rng = np.random.default_rng(config.seed)  # Philox seeds of unseeded rows (fused sampler)
         self.kv_cache = torch.empty(0)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_reserve_bytes = 0  # set by profiling: memory kept back for the CUDA graphs
         self.use_cuda_graphs = (device.type == "cuda" and not config.enforce_eager
                                 and model.attention_layers()[0].ops.name == "triton")
+        # the last step's sampled tokens, still on the device, and the row of each sequence in them
+        self.last_tokens: torch.Tensor | None = None
+        self.last_rows: dict[int, int] = {}
 
     # -- KV pool ------------------------------------------------------------------------------
     @property
@@ -160,9 +204,11 @@ class ModelRunner:
             "seq_lens": torch.zeros(n, dtype=torch.int32, device=dev),
             "tables": torch.zeros(n, width, dtype=torch.int32, device=dev),
         }
-        # pinned host copies, filled each step and sent with one non-blocking copy per buffer
-        self.graph_staging = {k: torch.zeros(v.shape, dtype=v.dtype).pin_memory() for k, v in
-                              self.graph_inputs.items()}
+        # pinned host copies, filled each step and sent with one non-blocking copy per buffer. Two sets,
+        # used in turn: a step fills its set while the copies of the step before may still be queued.
+        self.graph_staging = [{k: torch.zeros(v.shape, dtype=v.dtype).pin_memory() for k, v in
+                               self.graph_inputs.items()} for _ in range(2)]
+        self.graph_steps = 0
         empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
@@ -188,13 +234,19 @@ class ModelRunner:
         """Fills the static inputs for a decode-only batch and replays the fitting graph."""
         n = len(decodes)
         size = next(b for b in self.graphs if b >= n)  # captured sizes, kept in ascending order
-        st = self.graph_staging
+        st = self.graph_staging[self.graph_steps % 2]
+        self.graph_steps += 1
         ids, pos, slots, lens, tables = (st[k].numpy() for k in ("ids", "positions", "slots", "seq_lens", "tables"))
         bs = self.block_size
+        pending: list[tuple[int, int]] = []
         for i, s in enumerate(decodes):
             seq, p = s.seq, s.seq.num_computed_tokens
             table = seq.block_table
-            ids[i], pos[i], lens[i] = seq.token_ids[p], p, p + 1
+            if p < len(seq.token_ids):
+                ids[i] = seq.token_ids[p]
+            else:
+                pending.append((i, self.last_rows[seq.seq_id]))
+            pos[i], lens[i] = p, p + 1
             slots[i] = table[p // bs] * bs + p % bs
             tables[i, : len(table)] = table
         slots[n:size], lens[n:size] = -1, 0
@@ -203,16 +255,26 @@ class ModelRunner:
             g[key][:size].copy_(st[key][:size], non_blocking=True)
         width = max(len(s.seq.block_table) for s in decodes)
         g["tables"][:n, :width].copy_(st["tables"][:n, :width], non_blocking=True)
+        self._fill_pending(g["ids"], pending)
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[:n]
+
+    def _fill_pending(self, ids: torch.Tensor, pending: list[tuple[int, int]]) -> None:
+        """ids[row] = the token the last step sampled for that sequence, for (row, last row) pairs."""
+        if not pending:
+            return
+        rows = np.array(pending, dtype=np.int64)
+        dst = to_device(rows[:, 0], torch.int64, self.device)
+        src = to_device(rows[:, 1], torch.int64, self.device)
+        ids.index_copy_(0, dst, self.last_tokens.index_select(0, src))
 
     # -- one step -----------------------------------------------------------------------------
     def _attention_metadata(self, decodes: list[tuple[int, int]], prefills: list[tuple[int, int]],
                             block_tables: list[list[int]], slots: list[int] | np.ndarray) -> AttentionMetadata:
         """decodes/prefills: (query tokens, keys) per sequence in batch order; block_tables alike."""
         def tensor(data, dtype=torch.int32) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(data), dtype=dtype).to(self.device, non_blocking=True)
+            return to_device(data, dtype, self.device)
 
         width = max((len(t) for t in block_tables), default=1) or 1
         tables = np.zeros((len(block_tables), width), dtype=np.int32)
@@ -237,12 +299,18 @@ class ModelRunner:
                                                               torch.Tensor]:
         bs = self.block_size
         ids, positions, slots, tables, sample_rows = [], [], [], [], []
+        pending: list[tuple[int, int]] = []
         offset = 0
         for s in out.seqs:
             seq, start, n = s.seq, s.start, s.num_new_tokens
             pos = np.arange(start, start + n)
             table = np.asarray(seq.block_table, dtype=np.int64)
-            ids.append(np.asarray(seq.token_ids[start : start + n]))
+            known = seq.token_ids[start : start + n]
+            if len(known) < n:  # only the last input can be pending: the token the last step sampled
+                assert len(known) == n - 1, "more than one pending input token"
+                pending.append((offset + n - 1, self.last_rows[seq.seq_id]))
+                known = [*known, 0]
+            ids.append(np.asarray(known, dtype=np.int64))
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             tables.append(seq.block_table)
@@ -251,9 +319,10 @@ class ModelRunner:
                 sample_rows.append(offset - 1)
         spans = lambda group: [(s.num_new_tokens, s.start + s.num_new_tokens) for s in group]  # noqa: E731
         meta = self._attention_metadata(spans(out.decodes), spans(out.prefills), tables, np.concatenate(slots))
-        to_dev = lambda a: torch.from_numpy(np.concatenate(a)).to(self.device, non_blocking=True)  # noqa: E731
-        rows = torch.tensor(sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        return to_dev(ids), to_dev(positions), meta, rows
+        input_ids = to_device(np.concatenate(ids), torch.int64, self.device)
+        self._fill_pending(input_ids, pending)
+        rows = to_device(sample_rows, torch.int64, self.device)
+        return input_ids, to_device(np.concatenate(positions), torch.int64, self.device), meta, rows
 
     def _generator(self, s: ScheduledSeq) -> torch.Generator | None:
         seed = s.seq.params.seed
@@ -265,30 +334,51 @@ class ModelRunner:
             self.generators[s.seq.seq_id] = gen
         return gen
 
+    def _philox_seeds(self, sampling: list[ScheduledSeq]) -> list[int]:
+        """Per-row seeds for the fused sampler: a seeded request's depend only on its seed, which of its
+        n samples it is, and how many tokens it has made; the others are fresh random draws."""
+        fresh = self.seed_rng.integers(0, 2**63 - 1, size=len(sampling))
+        seeds = []
+        for s, r in zip(sampling, fresh.tolist()):
+            seq = s.seq
+            seed = seq.params.seed
+            seeds.append(r if seed is None else
+                         hash((seed, seq.index, seq.num_total_tokens - seq.num_prompt_tokens)) & (2**63 - 1))
+        return seeds
+
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> SamplerOutput:
-        """Runs one step; returns the sampled token (and logprobs) of each sequence that samples."""
+    def execute(self, out: SchedulerOutput) -> PendingStep:
+        """Queues one step; the returned PendingStep yields the sampled token (and logprobs) of each
+        sequence that samples, in batch order."""
         sampling = [s for s in out.seqs if s.samples]
         if self.graphs and not out.prefills and len(out.decodes) <= self.max_graph_batch:
             hidden = self._run_decode_graph(out.decodes)
-            rows = None if len(sampling) == len(out.decodes) else torch.tensor(
-                [i for i, s in enumerate(out.decodes) if s.samples], device=self.device)
+            rows = None if len(sampling) == len(out.decodes) else to_device(
+                [i for i, s in enumerate(out.decodes) if s.samples], torch.int64, self.device)
         else:
             ids, positions, meta, rows = self.prepare_inputs(out)
             with forward_context(meta):
                 hidden = self.model(ids, positions)
         if not sampling:
-            return SamplerOutput([], None)
+            self.last_tokens, self.last_rows = None, {}
+            return PendingStep(None)
         logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
+        params = [s.seq.params for s in sampling]
+        penalties = any(p.uses_penalties for p in params)
         batch = build_sampling_batch(
-            [s.seq.params for s in sampling],
+            params,
             [s.seq.prompt_token_ids for s in sampling],
-            [s.seq.output_token_ids for s in sampling],
+            [s.seq.output_token_ids for s in sampling] if penalties else [[]] * len(sampling),
             [self._generator(s) for s in sampling],
             self.vocab_size,
             self.device,
+            num_outputs=[s.seq.num_total_tokens - s.seq.num_prompt_tokens for s in sampling],
+            seeds=self._philox_seeds(sampling) if self.device.type == "cuda" else None,
         )
-        return sample(logits, batch)
+        result = sample_on_device(logits, batch)
+        self.last_tokens = result.tokens
+        self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
+        return PendingStep(result)

@@ -3,15 +3,20 @@
 One call handles the whole batch. Rows that are greedy take the argmax; the others draw with
 the exponential-race trick (argmax of p / q with q ~ Exp(1)), which needs no multinomial call
 and lets a seeded row draw its noise from its own generator, so its tokens do not depend on
-what else is in the batch.
+what else is in the batch. On CUDA, a batch with no top-k/top-p/min-p takes the fused kernel in
+kernels/sampling.py instead (the same distribution by the Gumbel-max trick, one read of the logits),
+with a per-row Philox seed: derived from the request's seed and position when it has one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from mini_infer.kernels._triton import HAS_TRITON
+from mini_infer.kernels.sampling import sample_tokens_triton
 from mini_infer.sampling_params import SamplingParams
 
 
@@ -28,6 +33,7 @@ class SamplingBatch:
     prompt_mask: torch.Tensor | None  # [N, V] True where the token appears in the prompt
     banned: list[tuple[int, list[int]]]  # (row, ids masked out: EOS before min_tokens)
     generators: list[torch.Generator | None]  # per row: a seeded generator or None
+    seeds: torch.Tensor | None  # [N] int64 Philox seeds for the fused kernel (CUDA), None elsewhere
     all_greedy: bool
     max_logprobs: int  # 0 = none asked for; else top-N to return
 
@@ -39,6 +45,36 @@ class SamplerOutput:
     logprobs: list[tuple[float, int, list[int], list[float]]] | None
 
 
+@dataclass
+class DeviceSample:
+    """What sampling leaves on the device, before anything is read back: the engine copies it to the
+    host without blocking and reads it one step later."""
+
+    tokens: torch.Tensor  # [N] int64
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # sampled, rank, top ids/values
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tokens, *(self.logprobs or ())]
+
+    @staticmethod
+    def to_output(tensors: list[torch.Tensor]) -> SamplerOutput:
+        """SamplerOutput from `tensors()` (or host copies of them)."""
+        tokens = tensors[0].tolist()
+        if len(tensors) == 1:
+            return SamplerOutput(tokens, None)
+        sampled, ranks, top_ids, top_values = (t.tolist() for t in tensors[1:])
+        return SamplerOutput(tokens, list(zip(sampled, ranks, top_ids, top_values)))
+
+
+def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list/array on the device without a stream sync: a copy from pageable memory would wait for
+    all queued GPU work, so CUDA copies go through pinned memory, non-blocking."""
+    t = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def build_sampling_batch(
     params: list[SamplingParams],
     prompt_ids: list[list[int]],
@@ -46,9 +82,13 @@ def build_sampling_batch(
     generators: list[torch.Generator | None],
     vocab_size: int,
     device: torch.device,
+    num_outputs: list[int] | None = None,
+    seeds: list[int] | None = None,
 ) -> SamplingBatch:
+    """num_outputs: tokens generated so far per row, where the host has not read them all (async steps);
+    defaults to len(output_ids). seeds: per-row seeds for the fused CUDA kernel (see `sample_on_device`)."""
     n = len(params)
-    temperature = torch.tensor([0.0 if p.greedy else p.temperature for p in params], device=device)
+    temperature = to_device([0.0 if p.greedy else p.temperature for p in params], torch.float32, device)
     need_top_k = any(p.top_k > 0 for p in params)
     need_top_p = any(p.top_p < 1.0 for p in params)
     need_min_p = any(p.min_p > 0 for p in params)
@@ -70,22 +110,24 @@ def build_sampling_batch(
                 output_counts[i].index_add_(0, ids, torch.ones(len(oids), device=device))
             prompt_mask[i, torch.tensor(pids, device=device)] = True
     banned = []
-    for i, (p, oids) in enumerate(zip(params, output_ids)):
-        if len(oids) < p.min_tokens:
+    counts = num_outputs if num_outputs is not None else [len(o) for o in output_ids]
+    for i, (p, count) in enumerate(zip(params, counts)):
+        if count < p.min_tokens:
             ids = sorted(({*p.eos_token_ids} if not p.ignore_eos else set()) | set(p.stop_token_ids))
             if ids:
                 banned.append((i, ids))
     return SamplingBatch(
         temperature=temperature,
-        top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
+        top_k=to_device([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device)
         if need_top_k else None,
-        top_p=torch.tensor([p.top_p for p in params], device=device) if need_top_p else None,
-        min_p=torch.tensor([p.min_p for p in params], device=device) if need_min_p else None,
+        top_p=to_device([p.top_p for p in params], torch.float32, device) if need_top_p else None,
+        min_p=to_device([p.min_p for p in params], torch.float32, device) if need_min_p else None,
         penalties=penalties,
         output_counts=output_counts,
         prompt_mask=prompt_mask,
         banned=banned,
         generators=generators,
+        seeds=to_device(seeds, torch.int64, device) if seeds is not None else None,
         all_greedy=all(p.greedy for p in params),
         max_logprobs=max((p.logprobs or 0) + 1 if p.logprobs is not None else 0 for p in params),
     )
@@ -125,13 +167,28 @@ def filter_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Te
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
-    """logits: [N, V] float32 for the rows that sample this step."""
+    """logits: [N, V] for the rows that sample this step; reads the result back to the host."""
+    return DeviceSample.to_output(sample_on_device(logits, b).tensors())
+
+
+def sample_on_device(logits: torch.Tensor, b: SamplingBatch) -> DeviceSample:
+    """Samples every row without a host sync; the result stays on the device."""
+    fused = (b.seeds is not None and HAS_TRITON and logits.is_cuda and b.top_k is None and b.top_p is None
+             and b.min_p is None)
+    if fused and b.penalties is None and not b.banned and not b.max_logprobs:  # straight from bf16 logits
+        return DeviceSample(sample_tokens_triton(logits, b.temperature, b.seeds), None)
     logits = logits.float()
     raw_logprobs = logits.log_softmax(dim=-1) if b.max_logprobs else None
     if b.penalties is not None:
         logits = apply_penalties(logits, b)
-    for row, ids in b.banned:
-        logits[row, ids] = float("-inf")
+    if b.banned:
+        rows = [row for row, ids in b.banned for _ in ids]
+        cols = [i for _, ids in b.banned for i in ids]
+        index = (to_device(rows, torch.int64, logits.device), to_device(cols, torch.int64, logits.device))
+        logits = logits.index_put(index, logits.new_full((), float("-inf")))
+    if fused:  # one read of the logits instead of ~7 torch passes
+        tokens = sample_tokens_triton(logits, b.temperature, b.seeds)
+        return _with_logprobs(tokens, raw_logprobs, b)
     greedy_tokens = logits.argmax(dim=-1)
     if b.all_greedy:
         tokens = greedy_tokens
@@ -144,11 +201,14 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
                 noise[row].exponential_(generator=gen)
         random_tokens = (probs / noise).argmax(dim=-1)
         tokens = torch.where(b.temperature == 0, greedy_tokens, random_tokens)
+    return _with_logprobs(tokens, raw_logprobs, b)
+
+
+def _with_logprobs(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, b: SamplingBatch) -> DeviceSample:
     if raw_logprobs is None:
-        return SamplerOutput(tokens.tolist(), None)
+        return DeviceSample(tokens, None)
     sampled = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     ranks = (raw_logprobs > sampled.unsqueeze(1)).sum(dim=-1) + 1
     top_values, top_ids = raw_logprobs.topk(b.max_logprobs - 1, dim=-1) if b.max_logprobs > 1 else (
         raw_logprobs[:, :0], tokens[:, None][:, :0])
-    rows = zip(sampled.tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist())
-    return SamplerOutput(tokens.tolist(), list(rows))
+    return DeviceSample(tokens, (sampled, ranks, top_ids, top_values))

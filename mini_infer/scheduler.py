@@ -28,7 +28,7 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence, so its last logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_total_tokens
 
 
 @dataclass
@@ -75,7 +75,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = seq.num_tokens - seq.num_computed_tokens
+            if seq.num_pending and seq.reached_max_tokens:  # done once its last token lands
+                i += 1
+                continue
+            num_new = seq.num_total_tokens - seq.num_computed_tokens
             if num_new > budget and not chunked:
                 i += 1
                 continue
@@ -101,6 +104,8 @@ class Scheduler:
             if static and self.static_slots == 0:
                 break
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted before its last token landed: recompute needs that token
+                break
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
             num_new = seq.num_tokens - seq.num_computed_tokens
@@ -133,9 +138,10 @@ class Scheduler:
     def _schedule(self, scheduled: list[ScheduledSeq], seq: Sequence, num_new: int) -> None:
         """Adds a sequence to this step and publishes the blocks its chunk fills to the prefix
         cache at once: the forward pass stores every token's K/V before any attention reads,
-        so a sequence admitted later in this same step (another of n samples) may share them."""
+        so a sequence admitted later in this same step (another of n samples) may share them.
+        A block holding a pending token waits until the token lands (the engine publishes it then)."""
         scheduled.append(ScheduledSeq(seq, num_new))
-        self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
+        self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens + num_new, seq.num_tokens))
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the KV, requeue; the tokens so far are kept."""

@@ -31,6 +31,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_pending: int = 0  # tokens sampled on the device that the host has not read yet (async steps)
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at first admission
     prefix_looked_up: bool = False
     block_table: list[int] = field(default_factory=list)
@@ -57,6 +58,16 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_total_tokens(self) -> int:
+        """Tokens the host knows plus those still pending on the device: what the scheduler plans with."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def reached_max_tokens(self) -> bool:
+        """Its pending tokens take it to max_tokens: nothing more to compute, it finishes when they land."""
+        return self.num_total_tokens - len(self.prompt_token_ids) >= self.params.max_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

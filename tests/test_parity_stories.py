@@ -89,3 +89,33 @@ def test_triton_kernels_end_to_end(stories_path, expected):
     outs = llm.generate(PROMPTS[:4], short, use_tqdm=False)
     for out, (ids, _) in zip(outs, expected[:4]):
         assert out.outputs[0].token_ids == ids[:12]
+
+
+def test_sync_scheduling_matches(stories_path, expected):
+    # async_scheduling=False reads every step back before scheduling the next: the same tokens
+    llm = LLM(stories_path, dtype="float32", async_scheduling=False, num_gpu_blocks_override=8, max_model_len=128)
+    check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected)
+    assert llm.llm_engine.stats.num_preemptions > 0
+
+
+def test_async_and_sync_agree_on_sampling_stops_and_penalties(stories_path):
+    # Seeded sampling, stop strings, min_tokens, n > 1, logprobs and penalties: the one-step lag of async
+    # scheduling must change nothing a user sees (penalties switch the engine to synchronous steps).
+    params = [
+        SamplingParams(temperature=0.8, seed=7, max_tokens=40, n=2, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=40, stop=[" the"], min_tokens=3),
+        SamplingParams(temperature=1.0, seed=3, top_p=0.9, max_tokens=30, repetition_penalty=1.3,
+                       frequency_penalty=0.2),
+        SamplingParams(temperature=0.0, max_tokens=60),
+    ]
+    prompts = PROMPTS[: len(params)]
+    results = []
+    for async_scheduling in (True, False):
+        llm = LLM(stories_path, dtype="float32", async_scheduling=async_scheduling, max_num_batched_tokens=16)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([[(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+                          [{t: round(lp.logprob, 5) for t, lp in e.items()} for e in c.logprobs or []])
+                         for c in o.outputs] for o in outs])
+        assert llm.llm_engine.stats.num_kv_blocks_used == 0
+        assert llm.llm_engine.num_penalty_requests == 0
+    assert results[0] == results[1]

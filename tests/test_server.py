@@ -463,7 +463,8 @@ def test_tokenizer_less_model_takes_token_ids(tmp_path):
         chunks = list(client.completions.create(model="dummy", prompt=[5, 6, 7], max_tokens=5, stream=True,
                                                 stream_options={"include_usage": True},
                                                 extra_body={"ignore_eos": True}))
-        assert len([c for c in chunks if c.choices]) == 5 and chunks[-1].usage.completion_tokens == 5
+        # one chunk per step, unless the client reads slower than the engine steps: then deltas merge
+        assert 1 <= len([c for c in chunks if c.choices]) <= 5 and chunks[-1].usage.completion_tokens == 5
         with pytest.raises(openai.BadRequestError, match="tokenizer"):
             client.completions.create(model="dummy", prompt="text", max_tokens=2)
         with pytest.raises(openai.BadRequestError, match="tokenizer"):

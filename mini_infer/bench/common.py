@@ -126,10 +126,16 @@ def mean_step_timings(timings: Any) -> dict[str, float | None]:
             host.append(pair[0])
         if pair[1] is not None:
             gpu.append(pair[1])
-    return {
+    result: dict[str, float | None] = {
         "mean_step_host_ms": 1e3 * sum(host) / len(host) if host else None,
         "mean_step_gpu_ms": 1e3 * sum(gpu) / len(gpu) if gpu else None,
     }
+    # where the engine says what each step ran: the time of steps with prefill tokens apart
+    with_prefill = [t for t in timings if getattr(t, "num_prefill_tokens", 0)]
+    if with_prefill:
+        result["prefill_steps"] = len(with_prefill)
+        result["prefill_steps_seconds"] = sum(t.host_seconds + (t.gpu_seconds or 0.0) for t in with_prefill)
+    return result
 
 
 def fmt_pct(value: float | None) -> str:

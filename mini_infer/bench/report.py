@@ -65,7 +65,10 @@ def throughput_lines(name: str, record: dict[str, Any]) -> list[str]:
         extra = r.get("extra", {})
         if extra.get("mean_step_host_ms") is not None:
             host, gpu = _ms(extra["mean_step_host_ms"]), _ms(extra.get("mean_step_gpu_ms"))
-            lines.append(f"\n{r['backend']}: {extra['steps']} steps, host {host} ms/step, GPU {gpu} ms/step")
+            line = f"\n{r['backend']}: {extra['steps']} steps, host {host} ms/step, GPU {gpu} ms/step"
+            if extra.get("prefill_steps"):
+                line += f"; {extra['prefill_steps']} steps with prefill took {extra['prefill_steps_seconds']:.2f} s"
+            lines.append(line)
     for ratio, value in record.get("ratios", {}).items():
         lines.append(f"\nratio {ratio}: **{value:.2f}x**")
     return lines

@@ -47,7 +47,7 @@ from mini_infer.bench.roofline import (
 
 NANO_VLLM_TOKEN_ID_MAX = 10000
 BACKENDS = ("mini-infer", "hf", "hf-static")
-COMPARE_CHOICES = ("continuous", "static", "hf", "hf-static")
+COMPARE_CHOICES = ("continuous", "static", "sync", "hf", "hf-static")
 
 
 @dataclass
@@ -365,10 +365,11 @@ class Plan:
     backend: str
     num_requests: int
     static_batching: bool = False
+    sync: bool = False  # async_scheduling off: each step read back before the next is queued
 
 
-def _mini_infer_label(static_batching: bool) -> str:
-    return "mini-infer-static" if static_batching else "mini-infer"
+def _mini_infer_label(static_batching: bool, sync: bool = False) -> str:
+    return "mini-infer" + ("-static" if static_batching else "") + ("-sync" if sync else "")
 
 
 def make_plan(args: argparse.Namespace, num_prompts: int) -> tuple[str, list[Plan]]:
@@ -390,13 +391,16 @@ def make_plan(args: argparse.Namespace, num_prompts: int) -> tuple[str, list[Pla
         if name in ("continuous", "static"):
             static = name == "static"
             plans.append(Plan(_mini_infer_label(static), "mini-infer", num_prompts, static))
+        elif name == "sync":
+            plans.append(Plan(_mini_infer_label(main_static, True), "mini-infer", num_prompts, main_static, True))
         else:
             if hf_n < num_prompts and args.backend == "mini-infer":
                 plans.append(Plan(f"{main.label}@{hf_n}", "mini-infer", hf_n, main_static))
             plans.append(Plan(name if hf_n == num_prompts else f"{name}@{hf_n}", name, hf_n))
     unique = list({p.label: p for p in plans}.values())
     order = {"mini-infer": 0, "hf": 1, "hf-static": 1}
-    return main.label, sorted(unique, key=lambda p: (order[p.backend], p.static_batching, -p.num_requests))
+    return main.label, sorted(unique, key=lambda p: (order[p.backend], p.static_batching, p.sync,
+                                                     -p.num_requests))
 
 
 def _ratios(results: list[RunResult], main_label: str) -> dict[str, float]:
@@ -467,7 +471,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         record["roofline_ideal"] = {str(n): est.to_dict() for n, est in ideals.items()}
 
     results: list[RunResult] = []
-    engine, engine_static = None, None
+    engine, engine_kind = None, None
     hf_model = None
     for plan in plans:
         sub = workload.head(plan.num_requests)
@@ -475,13 +479,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               flush=True)
         try:
             if plan.backend == "mini-infer":
-                if engine is None or engine_static != plan.static_batching:
+                kind = (plan.static_batching, plan.sync)
+                if engine is None or engine_kind != kind:
                     if engine is not None:
                         shut_down(engine)
                         engine = None
                         free_device_memory()
-                    engine = build_engine(args, static_batching=plan.static_batching)
-                    engine_static = plan.static_batching
+                    overrides = {"static_batching": plan.static_batching}
+                    if plan.sync:
+                        overrides["async_scheduling"] = False
+                    engine = build_engine(args, **overrides)
+                    engine_kind = kind
                     warm_up_engine(engine, workload)
                 result = run_mini_infer(engine, sub, args.temperature, label=plan.label)
             else:

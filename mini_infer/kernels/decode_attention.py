@@ -7,7 +7,11 @@ GPU full when there are few, long sequences; a small reduce kernel merges the sp
 log-sum-exp. The reference is `decode_attention_ref` in paged_attention.py.
 
 The number of splits depends only on tensor shapes (batch, KV heads, block-table width), never on
-the values in `seq_lens`, so the op does no host sync and can be captured in a CUDA graph.
+the values in `seq_lens`, so the op does no host sync and can be captured in a CUDA graph. The
+table is as wide as the longest sequence the model allows, usually far longer than the contexts in
+the batch, so a split also has a maximum length: the work of a program stays short and the GPU
+full whatever the real lengths, and splits past a sequence's end cost an early exit. The reduce
+merges only the splits that hold keys.
 """
 
 from dataclasses import dataclass
@@ -34,14 +38,17 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 4  # split until batch * kv_heads * splits reaches this many programs per SM
-    min_split_tokens: int = 256  # never split the context finer than this
+    min_split_tokens: int = 64  # never split the context finer than this (one tile: batch 1 wants many)
+    max_split_tokens: int | None = None  # nor coarser (None: no bound); see benchmarks/decode_sweep.py
     num_splits: int | None = None  # force a split count (tests, tuning)
 
 
 DEFAULT_DECODE_CONFIG = DecodeConfig()
 
 
-@triton.jit
+# Sizes that vary from step to step are not specialised on, so an eager step of a new batch size never
+# waits for a compile (Triton would otherwise build a variant per value class: 1, multiples of 16, others).
+@triton.jit(do_not_specialize=["block_table_stride", "split_len", "num_splits"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -61,8 +68,8 @@ def _decode_split_kernel(
     out_batch_stride,
     out_head_stride,
     split_len,
+    num_splits,
     NUM_Q_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -118,42 +125,45 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
         m_i = m_new
 
-    # An empty split (or a seq_len-0 padding row) has l_i == 0: it writes zeros and lse = -inf.
+    # A seq_len-0 padding row has l_i == 0: it writes zeros.
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     result = acc / safe_l[:, None]
     out_mask = h_mask[:, None] & d_mask[None, :]
     if WRITE_OUT:
         out_ptrs = out_ptr + batch * out_batch_stride + heads[:, None] * out_head_stride + offs_d[None, :]
         tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        part = (batch * NUM_Q_HEADS + heads) * NUM_SPLITS + split
+    elif start < seq_len:  # the reduce reads only the splits that hold keys
+        part = (batch * NUM_Q_HEADS + heads) * num_splits + split
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], result, mask=out_mask)
-        tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=h_mask)  # -inf when empty
+        tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_len", "num_splits"])
 def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
+    seq_lens_ptr,
     out_ptr,
     out_batch_stride,
     out_head_stride,
+    split_len,
+    num_splits,
     NUM_Q_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     batch = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + batch)
     offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s * split_len < seq_len  # splits past the end were never written
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    part = (batch * NUM_Q_HEADS + head) * NUM_SPLITS + offs_s
+    part = (batch * NUM_Q_HEADS + head) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: seq_len 0
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no split holds keys: seq_len 0
     weights = tl.exp2(lse - lse_max)
     part_mask = s_mask[:, None] & d_mask[None, :]
     parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=part_mask, other=0.0)
@@ -174,6 +184,8 @@ def decode_num_splits(
         target_programs = config.programs_per_sm * num_sms(device)
         wanted = triton.cdiv(target_programs, max(1, batch * num_kv_heads))
         wanted = min(wanted, triton.cdiv(max_context, config.min_split_tokens))
+        if config.max_split_tokens is not None:
+            wanted = max(wanted, triton.cdiv(max_context, config.max_split_tokens))
     wanted = max(1, min(wanted, tiles))
     split_len = triton.cdiv(tiles, wanted) * config.block_n
     return triton.cdiv(tiles * config.block_n, split_len), split_len
@@ -228,8 +240,8 @@ def decode_attention_triton(
         out.stride(0),
         out.stride(1),
         split_len,
+        num_splits,
         NUM_Q_HEADS=num_q_heads,
-        NUM_SPLITS=num_splits,
         GROUP=group,
         PAGE_SIZE=page_size,
         HEAD_DIM=head_dim,
@@ -246,13 +258,15 @@ def decode_attention_triton(
         _decode_reduce_kernel[(batch, num_q_heads)](
             part_out,
             part_lse,
+            seq_lens,
             out,
             out.stride(0),
             out.stride(1),
+            split_len,
+            num_splits,
             NUM_Q_HEADS=num_q_heads,
-            NUM_SPLITS=num_splits,
             HEAD_DIM=head_dim,
-            BLOCK_S=next_pow2(num_splits),
+            BLOCK_S=max(16, next_pow2(num_splits)),  # one variant up to 16 splits
             BLOCK_D=next_pow2(head_dim),
             num_warps=4,
         )

@@ -91,7 +91,7 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_table_stride", "num_m_tiles"])  # step-to-step sizes: no recompiles
 def _prefill_attention_kernel(
     q_ptr,
     k_cache_ptr,

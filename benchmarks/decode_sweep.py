@@ -1,0 +1,108 @@
+"""Decode attention at the shapes the engine really runs: short contexts in a wide block table.
+
+The engine's block tables are as wide as max_model_len, the KV pool fills most of the GPU, and
+contexts are far shorter than the table. This sweeps split policies and tile configs over such
+shapes and prints % of the measured copy bandwidth.
+
+    python benchmarks/decode_sweep.py [--output-json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton.testing
+
+from mini_infer.kernels.decode_attention import DecodeConfig, decode_attention_triton, decode_num_splits
+
+PAGE, HEAD_DIM, DTYPE = 16, 128, torch.bfloat16
+
+
+def copy_gbps() -> float:
+    a = torch.empty(2**30 // 2, dtype=DTYPE, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=50)
+    return 2 * a.nbytes / (ms * 1e-3) / 1e9
+
+
+def graph_ms(fn, calls: int = 20) -> float:
+    """Milliseconds per call replayed from a CUDA graph, as the engine runs it (no launch overhead)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=50) / calls
+
+
+def case(batch: int, context: int, q_heads: int, kv_heads: int, width_tokens: int, pool_blocks: int,
+         scatter: bool, configs: dict[str, DecodeConfig], gbps: float) -> dict:
+    width = width_tokens // PAGE
+    k_cache = torch.randn(pool_blocks, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    per_seq = min(width, triton.cdiv(context, PAGE))
+    used = batch * per_seq
+    ids = torch.randperm(pool_blocks, device="cuda")[:used] if scatter else torch.arange(used, device="cuda")
+    tables = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
+    tables[:, :per_seq] = ids.view(batch, per_seq).int()
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, q_heads, HEAD_DIM, device="cuda", dtype=DTYPE)
+    moved = 2 * batch * context * kv_heads * HEAD_DIM * 2
+    ref = decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, DecodeConfig(num_splits=1))
+    out = {}
+    for name, cfg in configs.items():
+        got = decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg)
+        err = (got.float() - ref.float()).abs().max().item()
+        ms = graph_ms(lambda cfg=cfg: decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg))
+        splits = decode_num_splits(batch, kv_heads, width * PAGE, q.device, cfg)
+        out[name] = {"us": ms * 1e3, "pct_copy_bw": 100 * moved / (ms * 1e-3) / 1e9 / gbps, "splits": splits,
+                     "max_abs_err": err}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args()
+    gbps = copy_gbps()
+    configs = {
+        "default (no cap)": DecodeConfig(),
+        "cap 512": DecodeConfig(max_split_tokens=512),
+        "cap 256": DecodeConfig(max_split_tokens=256),
+        "cap 1024": DecodeConfig(max_split_tokens=1024),
+        "cap 512 bn32 w4 s4": DecodeConfig(block_n=32, num_stages=4, max_split_tokens=512),
+        "bn64 s4": DecodeConfig(num_stages=4),
+        "bn32 s4": DecodeConfig(block_n=32, num_stages=4),
+        "programs/SM 8": DecodeConfig(programs_per_sm=8),
+        "cap 256 bn32 w2 s3": DecodeConfig(block_n=32, num_warps=2, max_split_tokens=256),
+        "cap 128 bn32": DecodeConfig(block_n=32, max_split_tokens=128),
+        "min split 256 (old default)": DecodeConfig(min_split_tokens=256),
+    }
+    # (label, batch, context, q heads, kv heads, table width in tokens, pool blocks, scattered pages)
+    shapes = [
+        ("qwen3-0.6b b256 ctx800 w4096 pool37k", 256, 800, 16, 8, 4096, 37_000, False),
+        ("qwen3-0.6b b256 ctx800 w4096 pool37k scattered", 256, 800, 16, 8, 4096, 37_000, True),
+        ("qwen3-0.6b b256 ctx800 w832 small pool", 256, 800, 16, 8, 832, 256 * 51, False),
+        ("llama-3-8b b64 ctx512 w4096", 64, 512, 32, 8, 4096, 26_000, False),
+        ("llama-3-8b b1 ctx512 w4096", 1, 512, 32, 8, 4096, 26_000, False),
+        ("llama-3-8b b64 ctx4096 w4096 scattered", 64, 4096, 32, 8, 4096, 26_000, True),
+        ("llama-3-8b b256 ctx200 w4096", 256, 200, 32, 8, 4096, 26_000, False),
+    ]
+    results = {"copy_gbps": gbps, "cases": {}}
+    for label, *shape in shapes:
+        res = case(*shape, configs=configs, gbps=gbps)
+        results["cases"][label] = res
+        torch.cuda.empty_cache()
+        print(f"\n== {label}")
+        for name, r in res.items():
+            print(f"  {name:28s} {r['us']:9.1f} us {r['pct_copy_bw']:6.1f}% splits {r['splits']} "
+                  f"err {r['max_abs_err']:.1e}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

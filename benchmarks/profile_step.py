@@ -1,0 +1,135 @@
+"""Where a decode step's time goes: host phases, GPU kernels by name, and GPU idle time.
+
+Runs a steady decode batch (every request past its prefill) and reports, per step:
+  * wall time, and the GPU busy time from the profiler's kernel records (idle = wall - busy);
+  * the host time of each engine phase (schedule, input fill + graph replay launch, sampling
+    inputs, sampling + device->host copy, token bookkeeping);
+  * the kernels that took the GPU time, summed by name.
+
+    python benchmarks/profile_step.py --model qwen3-0.6b --batch-size 256 --context-len 800
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mini_infer import SamplingParams
+from mini_infer.config import EngineConfig
+from mini_infer.engine import LLMEngine
+
+
+def timed(phases: dict[str, float], name: str, obj: object, attr: str) -> None:
+    """Wraps obj.attr so each call adds its host seconds to phases[name]."""
+    fn = getattr(obj, attr)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] += time.perf_counter() - t
+
+    setattr(obj, attr, wrapper)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-0.6b")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--context-len", type=int, default=800, help="prompt tokens of each request")
+    ap.add_argument("--steps", type=int, default=20, help="decode steps profiled")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--top", type=int, default=25, help="kernels listed")
+    ap.add_argument("--trace", default=None, help="write a chrome trace here")
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args()
+
+    config = EngineConfig(model=args.model, load_format="dummy", max_model_len=args.max_model_len,
+                          max_num_seqs=args.batch_size, enforce_eager=args.enforce_eager)
+    engine = LLMEngine(config)
+    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.max_model_len
+                            - args.context_len)
+    gen = torch.Generator().manual_seed(0)
+    vocab = engine.model_config.vocab_size
+    for i in range(args.batch_size):
+        ids = torch.randint(0, vocab, (args.context_len,), generator=gen).tolist()
+        engine.add_request(str(i), ids, params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
+            or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(5):  # warm decode steps
+        engine.step()
+    sync()
+
+    phases: dict[str, float] = defaultdict(float)
+    runner = engine.model_runner
+    timed(phases, "schedule", engine.scheduler, "schedule")
+    timed(phases, "execute (all)", runner, "execute")
+    timed(phases, "  fill inputs + replay launch", runner, "_run_decode_graph")
+    timed(phases, "  prepare_inputs (eager)", runner, "prepare_inputs")
+    import mini_infer.model_runner as mr
+    timed(phases, "  build_sampling_batch", mr, "build_sampling_batch")
+    timed(phases, "  sample (+ wait for GPU)", mr, "sample")
+    timed(phases, "advance + append tokens", engine, "_append_token")
+
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    sync()
+    plain_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    for k in phases:
+        phases[k] = 0.0
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        sync()
+        wall = time.perf_counter() - t0
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    busy = 0.0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name not in ("", None):
+            us = e.device_time if hasattr(e, "device_time") else e.cuda_time
+            kernels[e.name][0] += us
+            kernels[e.name][1] += 1
+            busy += us
+    n = args.steps
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    print(f"\n== {args.model} batch {args.batch_size} context {args.context_len}"
+          f" {'eager' if args.enforce_eager else 'cuda graphs'} temperature {args.temperature}")
+    print(f"step wall {plain_ms:.3f} ms unprofiled, {wall / n * 1e3:.3f} ms profiled; GPU kernels busy "
+          f"{busy / n / 1e3:.3f} ms/step, idle {wall / n * 1e3 - busy / n / 1e3:.3f} ms/step")
+    print("host phases (ms/step, profiled run):")
+    for k, v in phases.items():
+        print(f"  {k:34s} {v / n * 1e3:8.3f}")
+    print(f"kernels (ms/step, calls/step), top {args.top} of {len(rows)}:")
+    for name, (us, calls) in rows[: args.top]:
+        print(f"  {us / n / 1e3:8.3f} {calls / n:6.1f}  {name[:110]}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"args": vars(args), "step_ms": plain_ms, "profiled_step_ms": wall / n * 1e3,
+                       "gpu_busy_ms": busy / n / 1e3, "host_phases_ms": {k: v / n * 1e3 for k, v in phases.items()},
+                       "kernels_ms": {k: v[0] / n / 1e3 for k, v in rows}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
