@@ -10,8 +10,8 @@
 # Steps (timeouts in seconds; the heaviest last, so a budget overrun costs the least):
 #   1. latency   Llama-3-8B: decode step time, tok/s, GB/s and % HBM at batch 1..256   (120)
 #   2. throughput Qwen3-0.6B: 256 nano-vllm requests, with async scheduling and without (sync);
-#      transformers generate_batch's continuous batching and padded static generate on the first 16
-#      of them, mini-infer rerun on those 16 (200)
+#      transformers generate_batch's continuous batching and padded static generate on the first 8
+#      of them, mini-infer rerun on those 8 (240)
 #   3. static vs continuous, Qwen3-0.6B: the same 256 requests, max_num_seqs 64            (100)
 #   4. throughput Llama-3-8B: 256 requests; transformers generate_batch on the first 32      (170)
 # With all 256 requests in one batch (max_num_seqs 256) static and continuous batching schedule the
@@ -30,7 +30,7 @@ BENCH=("$PY" -m mini_infer.cli bench)
 COMMON=(--load-format dummy --max-model-len 4096)
 SMALL=qwen3-0.6b LARGE=llama-3-8b
 BATCHES=1,2,4,8,16,32,64,128,256 LAT_LEN=(--input-len 128 --output-len 128)
-WORK=() HF_SMALL=16 HF_LARGE=32 STATIC_SEQS=64
+WORK=() HF_SMALL=8 HF_LARGE=32 STATIC_SEQS=64
 if [[ "${SMOKE:-0}" == 1 ]]; then  # plumbing check on a CPU: tiny model, tiny workload
     SMALL=tiny-llama LARGE=tiny-llama BATCHES=1,2,4 LAT_LEN=(--input-len 16 --output-len 8)
     WORK=(--num-prompts 8 --min-input-len 8 --max-input-len 32 --min-output-len 4 --max-output-len 16)
@@ -75,7 +75,7 @@ want() { [[ -z "${STEPS:-}" || ",$STEPS," == *",$1,"* ]]; }
 want latency && step "latency_$LARGE" 120 "${BENCH[@]}" latency --model "$LARGE" "${COMMON[@]}" \
     --batch-sizes "$BATCHES" "${LAT_LEN[@]}" --output-json "$OUT/latency_$LARGE.json"
 
-want throughput_small && step "throughput_$SMALL" 200 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
+want throughput_small && step "throughput_$SMALL" 240 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
     --compare sync,hf,hf-static --hf-num-prompts "$HF_SMALL" --output-json "$OUT/throughput_$SMALL.json"
 
 want static && step "static_vs_continuous_$SMALL" 100 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
