@@ -36,7 +36,7 @@ from mini_infer.model_loader import (
 from mini_infer.model_runner import ModelRunner, PendingStep
 from mini_infer.outputs import CompletionOutput, Logprob, RequestOutput
 from mini_infer.sampling_params import SamplingParams
-from mini_infer.scheduler import Scheduler
+from mini_infer.scheduler import Scheduler, SchedulerOutput
 from mini_infer.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,9 @@ class EngineStats:
 
 
 class StepTiming(NamedTuple):
-    """One step: seconds outside ModelRunner.execute, seconds of execute timed by CUDA events (None on
-    CPU; it includes execute's own input preparation, so it bounds GPU time from above), and what ran."""
+    """One step: the engine's CPU seconds in step() other than waiting for the GPU; the CUDA-event seconds
+    of the ModelRunner.execute read back in that call (None on CPU; it includes any wait for the host to
+    launch the work); and what the step queued."""
 
     host_seconds: float
     gpu_seconds: float | None
@@ -230,41 +231,43 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Queues one batch, then returns an output for every request that moved in the step before it
-        (in the same step when async scheduling is off or penalties are in use)."""
+        (in the same step when async scheduling is off or a request uses penalties)."""
         start = time.perf_counter()
+        sync = not self.config.async_scheduling or self.num_penalty_requests > 0
         outputs: list[RequestOutput] = []
         waited = gpu = 0.0
-        if self.in_flight is not None and (not self.config.async_scheduling or self.num_penalty_requests):
+        if sync and self.in_flight is not None:  # turned synchronous with a step in flight: read it first
             waited, gpu = self._finish_step(self.in_flight, outputs)
             self.in_flight = None
         out = self.scheduler.schedule()
-        launched = None
-        if out:
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
-                if self._timed else None
-            if events:
-                events[0].record()
-            sampling = [s.seq for s in out.seqs if s.samples]
-            pending = self.model_runner.execute(out)
-            if events:
-                events[1].record()
-            self.scheduler.advance(out)
-            for seq in sampling:
-                seq.num_pending += 1
-            launched = _InFlight(sampling, pending, events)
+        launched = self._launch(out) if out else None
         if self.in_flight is not None:
             waited, gpu = self._finish_step(self.in_flight, outputs)
         self.in_flight = launched
-        if not self.config.async_scheduling and launched is not None:
+        if sync and launched is not None:
             w, gpu = self._finish_step(launched, outputs)
             waited += w
             self.in_flight = None
-        if out or gpu:
+        if out:
             self.step_timings.append(StepTiming(time.perf_counter() - start - waited, gpu if self._timed else None,
                                                 len(out.decodes), sum(s.num_new_tokens for s in out.prefills)))
         if len(self.step_timings) > 1_000_000:  # a long-running server keeps the newest half
             del self.step_timings[:500_000]
         return outputs
+
+    def _launch(self, out: SchedulerOutput) -> _InFlight:
+        """Queues the batch's forward pass and sampling; counts each sampling sequence's token as pending."""
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self._timed else None
+        if events:
+            events[0].record()
+        sampling = [s.seq for s in out.seqs if s.samples]
+        pending = self.model_runner.execute(out)
+        if events:
+            events[1].record()
+        self.scheduler.advance(out)
+        for seq in sampling:
+            seq.num_pending += 1
+        return _InFlight(sampling, pending, events)
 
     def _finish_step(self, step: _InFlight, outputs: list[RequestOutput]) -> tuple[float, float]:
         """Reads a step's tokens back, appends them, and adds the outputs of the requests that moved.
