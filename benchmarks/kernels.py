@@ -1,6 +1,7 @@
 """Kernel benchmark on one GPU: Triton vs eager PyTorch vs torch.compile vs the hardware ceilings.
 
-Llama-3-8B shapes (hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336). For
+Llama-3-8B shapes (hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, vocabulary
+128256; the GEMV rows are its batch-1 and batch-2 decode projections against cuBLAS). For
 each kernel: median time (`triton.testing.do_bench`, L2 flushed before every run), achieved GB/s or
 TFLOP/s, the share of the HBM bandwidth or bf16 tensor peak measured in this same run, speed-ups
 over the eager reference and over `torch.compile` of it, and the error against a float32 reference
@@ -8,7 +9,7 @@ on fresh random inputs. Attention baselines are vectorised (gather the pages, th
 per-sequence loop of the references; prefill is also compared with SDPA's flash kernel on
 contiguous K/V. Writes benchmarks/results/kernels_<gpu>.json (or --out DIR) and prints a table last.
 
-    PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--sweep]     (from the repository root)
+    PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--sweep] [--only gemv,decode]   (from the repo root)
 """
 
 import argparse
@@ -29,6 +30,7 @@ from triton.testing import do_bench
 
 from mini_infer.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from mini_infer.kernels.decode_attention import DEFAULT_DECODE_CONFIG, DecodeConfig, decode_attention_triton
+from mini_infer.kernels.gemv import GemvConfig, gemv_triton, linear_ref
 from mini_infer.kernels.kv_cache import store_kv_cache_ref, store_kv_cache_triton
 from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
 from mini_infer.kernels.prefill_attention import (
@@ -46,6 +48,7 @@ from mini_infer.kernels.rmsnorm import (
 from mini_infer.kernels.rotary import rotary_ref, rotary_triton
 
 HIDDEN, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336
+VOCAB = 128256
 TOKENS = 4096
 PAGE = 16
 EPS = 1e-5
@@ -269,6 +272,31 @@ def bench_silu_and_mul(report: Report, sweep: dict | None) -> None:
             )
 
 
+def bench_gemv(report: Report, rows: int, sweep: dict | None) -> None:
+    """Batch-1 (or 2) decode projections: each weight read once, so the rate is the weight bytes over time."""
+    shapes = {
+        "qkv_proj": ((NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, HIDDEN),
+        "o_proj": (HIDDEN, NUM_Q_HEADS * HEAD_DIM),
+        "gate_up_proj": (2 * INTERMEDIATE, HIDDEN),
+        "down_proj": (HIDDEN, INTERMEDIATE),
+        "lm_head": (VOCAB, HIDDEN),
+    }
+    for name, (n, k) in shapes.items():
+        x = torch.randn(rows, k, device=DEVICE, dtype=DTYPE)
+        w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) / k**0.5
+        err = rel_err(gemv_triton(x, w), linear_ref(x.float(), w.float()))
+        fns = {"triton": lambda x=x, w=w: gemv_triton(x, w), "eager": lambda x=x, w=w: linear_ref(x, w)}
+        measure(report, f"gemv {name}", f"{rows}x{k} @ {n}x{k}", fns, err, bytes_moved=w.nbytes + x.nbytes)
+        if sweep is not None:
+            for bn, bk, warps, stages in ((4, 1024, 4, 3), (4, 1024, 4, 4), (8, 1024, 4, 3), (8, 512, 4, 3),
+                                          (4, 2048, 8, 3), (2, 2048, 4, 3), (16, 512, 4, 4)):
+                config = GemvConfig(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+                sweep.setdefault(f"gemv_{name}_{rows}_rows", {})[f"{bn}/{bk}/{warps}/{stages}"] = median_ms(
+                    lambda x=x, w=w, config=config: gemv_triton(x, w, config=config)
+                )
+        del w
+
+
 def bench_store_kv_cache(report: Report) -> None:
     qkv = torch.randn(TOKENS, (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, device=DEVICE, dtype=DTYPE)
     _, k, v = qkv_views(qkv)
@@ -451,6 +479,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated steps: rms_norm,rotary,silu_and_mul,store_kv_cache,gemv,decode,prefill")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.time()
@@ -474,17 +504,22 @@ def main() -> None:
     report = Report(ceilings)
     sweep: dict | None = {} if args.sweep else None
     steps = [
-        lambda: bench_rms_norm(report, sweep),
-        lambda: bench_rotary(report),
-        lambda: bench_silu_and_mul(report, sweep),
-        lambda: bench_store_kv_cache(report),
-        lambda: bench_decode(report, 64, 4096, sweep),
-        lambda: bench_decode(report, 4, 32768, sweep),
-        lambda: bench_prefill(report, 0, sweep),
-        lambda: bench_prefill(report, 4096, sweep),
+        ("rms_norm", lambda: bench_rms_norm(report, sweep)),
+        ("rotary", lambda: bench_rotary(report)),
+        ("silu_and_mul", lambda: bench_silu_and_mul(report, sweep)),
+        ("store_kv_cache", lambda: bench_store_kv_cache(report)),
+        ("gemv", lambda: bench_gemv(report, 1, sweep)),
+        ("gemv", lambda: bench_gemv(report, 2, sweep)),
+        ("decode", lambda: bench_decode(report, 64, 4096, sweep)),
+        ("decode", lambda: bench_decode(report, 4, 32768, sweep)),
+        ("prefill", lambda: bench_prefill(report, 0, sweep)),
+        ("prefill", lambda: bench_prefill(report, 4096, sweep)),
     ]
+    if args.only:
+        wanted = set(args.only.split(","))
+        steps = [(name, step) for name, step in steps if name in wanted]
     errors = []
-    for step in steps:
+    for _, step in steps:
         try:
             step()
         except Exception:  # keep measuring the other kernels; the failure is reported below

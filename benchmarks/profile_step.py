@@ -1,19 +1,23 @@
-"""Where a decode step's time goes: host phases, GPU kernels by name, and GPU idle time.
+"""Where a step's time goes: host phases, GPU kernels by name, and GPU idle time.
 
-Runs a steady decode batch (every request past its prefill) and reports, per step:
+Runs a steady decode batch (every request past its prefill); with --new-prompt-len each profiled step
+also takes one new request's prompt, so every step mixes decodes with a prefill chunk. Reports, per step:
   * wall time, and the GPU busy time from the profiler's kernel records (idle = wall - busy);
   * the host time of each engine phase (schedule, input fill + graph replay launch, sampling
     inputs, sampling + device->host copy, token bookkeeping);
   * the kernels that took the GPU time, summed by name.
 
     python benchmarks/profile_step.py --model qwen3-0.6b --batch-size 256 --context-len 800
+    python benchmarks/profile_step.py --model qwen3-0.6b --batch-size 63 --new-prompt-len 562 --cprofile 25
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import json
+import pstats
 import time
 from collections import defaultdict
 
@@ -57,23 +61,37 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25, help="kernels listed")
     ap.add_argument("--trace", default=None, help="write a chrome trace here")
     ap.add_argument("--output-json", default=None)
+    ap.add_argument("--new-prompt-len", type=int, default=0,
+                    help="each profiled step also prefills one new request of this many prompt tokens")
+    ap.add_argument("--cprofile", type=int, default=0, help="list this many functions by host self-time")
     args = ap.parse_args()
 
+    # room for the requests the mixed steps add (warm-up, timed and profiled steps)
+    max_num_seqs = args.batch_size + (3 * args.steps + 10 if args.new_prompt_len else 0)
     config = EngineConfig(model=args.model, load_format="dummy", max_model_len=args.max_model_len,
-                          max_num_seqs=args.batch_size, enforce_eager=args.enforce_eager)
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max(8192, args.new_prompt_len
+                                                                                + max_num_seqs),
+                          enforce_eager=args.enforce_eager)
     engine = LLMEngine(config)
     params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.max_model_len
-                            - args.context_len)
+                            - max(args.context_len, args.new_prompt_len))
     gen = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
     for i in range(args.batch_size):
         ids = torch.randint(0, vocab, (args.context_len,), generator=gen).tolist()
         engine.add_request(str(i), ids, params)
+    added = iter(range(args.batch_size, 10**9))
+
+    def step() -> None:
+        if args.new_prompt_len:
+            ids = torch.randint(0, vocab, (args.new_prompt_len,), generator=gen).tolist()
+            engine.add_request(str(next(added)), ids, params)
+        engine.step()
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
             or engine.scheduler.waiting:
         engine.step()
-    for _ in range(5):  # warm decode steps
-        engine.step()
+    for _ in range(5):  # warm steps
+        step()
     sync()
 
     phases: dict[str, float] = defaultdict(float)
@@ -84,21 +102,28 @@ def main() -> None:
     timed(phases, "  prepare_inputs (eager)", runner, "prepare_inputs")
     import mini_infer.model_runner as mr
     timed(phases, "  build_sampling_batch", mr, "build_sampling_batch")
-    timed(phases, "  sample (+ wait for GPU)", mr, "sample")
-    timed(phases, "advance + append tokens", engine, "_append_token")
+    timed(phases, "  sample_on_device", mr, "sample_on_device")
+    timed(phases, "read back (+ wait for GPU) + append", engine, "_finish_step")
 
+    prof_host = cProfile.Profile() if args.cprofile else None
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        engine.step()
+        step()
     sync()
     plain_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    if prof_host is not None:  # a separate pass: cProfile slows the host several-fold
+        prof_host.enable()
+        for _ in range(args.steps):
+            step()
+        sync()
+        prof_host.disable()
     for k in phases:
         phases[k] = 0.0
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            engine.step()
+            step()
         sync()
         wall = time.perf_counter() - t0
     if args.trace:
@@ -114,7 +139,7 @@ def main() -> None:
             busy += us
     n = args.steps
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-    print(f"\n== {args.model} batch {args.batch_size} context {args.context_len}"
+    print(f"\n== {args.model} batch {args.batch_size} context {args.context_len} new prompt {args.new_prompt_len}"
           f" {'eager' if args.enforce_eager else 'cuda graphs'} temperature {args.temperature}")
     print(f"step wall {plain_ms:.3f} ms unprofiled, {wall / n * 1e3:.3f} ms profiled; GPU kernels busy "
           f"{busy / n / 1e3:.3f} ms/step, idle {wall / n * 1e3 - busy / n / 1e3:.3f} ms/step")
@@ -124,6 +149,9 @@ def main() -> None:
     print(f"kernels (ms/step, calls/step), top {args.top} of {len(rows)}:")
     for name, (us, calls) in rows[: args.top]:
         print(f"  {us / n / 1e3:8.3f} {calls / n:6.1f}  {name[:110]}")
+    if prof_host is not None:
+        print(f"host functions by self time over {n} steps (cProfile pass, slowed by the profiler):")
+        pstats.Stats(prof_host).sort_stats("tottime").print_stats(args.cprofile)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"args": vars(args), "step_ms": plain_ms, "profiled_step_ms": wall / n * 1e3,

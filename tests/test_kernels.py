@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 from mini_infer.kernels import get_ops  # noqa: E402
 from mini_infer.kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
 from mini_infer.kernels.decode_attention import DecodeConfig, decode_attention_triton  # noqa: E402
+from mini_infer.kernels.gemv import GemvConfig, gemv_triton, linear_ref, linear_triton  # noqa: E402
 from mini_infer.kernels.kv_cache import store_kv_cache_ref, store_kv_cache_triton  # noqa: E402
 from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref  # noqa: E402
 from mini_infer.kernels.prefill_attention import PrefillConfig, prefill_attention_triton  # noqa: E402
@@ -61,6 +62,7 @@ def test_triton_ops_table():
     assert ops.name == "triton"
     assert ops.decode_attention is decode_attention_triton
     assert ops.prefill_attention is prefill_attention_triton
+    assert ops.linear is linear_triton
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -111,6 +113,29 @@ def test_rotary_on_fused_qkv_views(num_q_heads, num_k_heads, head_dim, dtype):
     torch.testing.assert_close(q, q_ref, **TOLERANCE[dtype])
     torch.testing.assert_close(k, k_ref, **TOLERANCE[dtype])
     torch.testing.assert_close(v, v_ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("n,k,bias,config", [
+    (37, 200, False, None),  # ragged N and K: masked tails on both
+    (48, 256, True, None),  # even K, with a bias (Qwen2's QKV)
+    (10, 96, False, GemvConfig(block_n=4, block_k=32, num_stages=2)),
+])  # fmt: skip
+def test_gemv(rows, n, k, bias, config, dtype):
+    x = _randn(rows, k, dtype=dtype)
+    w = _randn(n, k, dtype=dtype) / k**0.5
+    b = _randn(n, dtype=dtype) if bias else None
+    torch.testing.assert_close(gemv_triton(x, w, b, config), linear_ref(x, w, b), **TOLERANCE[dtype])
+
+
+def test_linear_triton_takes_the_gemv_only_for_few_rows():
+    w = _randn(24, 64)
+    for rows in (1, 2, 5):
+        x = _randn(rows, 64)
+        torch.testing.assert_close(linear_triton(x, w), linear_ref(x, w), **TOLERANCE[torch.float32])
+    with pytest.raises(ValueError, match="at most 2 rows"):
+        gemv_triton(_randn(3, 64), w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

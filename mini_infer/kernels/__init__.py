@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mini_infer.kernels.activation import silu_and_mul_ref
+from mini_infer.kernels.gemv import linear_ref
 from mini_infer.kernels.kv_cache import store_kv_cache_ref
 from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
@@ -25,6 +26,7 @@ class KernelOps:
     store_kv_cache: Callable
     prefill_attention: Callable
     decode_attention: Callable
+    linear: Callable
 
 
 TORCH_OPS = KernelOps(
@@ -36,6 +38,7 @@ TORCH_OPS = KernelOps(
     store_kv_cache=store_kv_cache_ref,
     prefill_attention=prefill_attention_ref,
     decode_attention=decode_attention_ref,
+    linear=linear_ref,
 )
 
 

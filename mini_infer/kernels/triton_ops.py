@@ -4,6 +4,7 @@ from mini_infer.kernels import KernelOps
 from mini_infer.kernels._triton import require_triton
 from mini_infer.kernels.activation import silu_and_mul_triton
 from mini_infer.kernels.decode_attention import decode_attention_triton
+from mini_infer.kernels.gemv import linear_triton
 from mini_infer.kernels.kv_cache import store_kv_cache_triton
 from mini_infer.kernels.prefill_attention import prefill_attention_triton
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_triton, rms_norm_triton
@@ -20,4 +21,5 @@ TRITON_OPS = KernelOps(
     store_kv_cache=store_kv_cache_triton,
     prefill_attention=prefill_attention_triton,
     decode_attention=decode_attention_triton,
+    linear=linear_triton,
 )

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mini_infer.distributed import get_tp_rank, get_tp_size
+from mini_infer.kernels import TORCH_OPS, KernelOps
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -35,8 +36,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits; shares its weight with the embedding when tied."""
 
+    def __init__(self, vocab_size: int, hidden: int, ops: KernelOps = TORCH_OPS) -> None:
+        super().__init__(vocab_size, hidden)
+        self.linear = ops.linear
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = self.linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)

@@ -3,15 +3,16 @@
 Column-parallel layers split their output features across ranks, row-parallel layers their input
 features (followed by an all-reduce). Each parameter carries a `weight_loader` that copies this
 rank's slice of a checkpoint tensor, so models never index weights themselves. With one rank the
-slices are whole tensors.
+slices are whole tensors. The matrix product itself is the kernel set's `linear` (cuBLAS, or a
+Triton GEMV for one or two rows).
 """
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from mini_infer.distributed import get_tp_rank, get_tp_size
+from mini_infer.kernels import TORCH_OPS, KernelOps
 
 
 def _divide(a: int, b: int) -> int:
@@ -21,8 +22,9 @@ def _divide(a: int, b: int) -> int:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: KernelOps) -> None:
         super().__init__()
+        self.linear = ops.linear
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -32,15 +34,15 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; no communication."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, ops: KernelOps = TORCH_OPS) -> None:
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        super().__init__(in_features, _divide(out_features, self.tp_size), bias)
+        super().__init__(in_features, _divide(out_features, self.tp_size), bias, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         rows = param.shape[0]
@@ -50,9 +52,9 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matrix (gate and up): loaded shard by shard."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, ops: KernelOps = TORCH_OPS) -> None:
         self.out_sizes = out_sizes
-        super().__init__(in_features, sum(out_sizes), bias)
+        super().__init__(in_features, sum(out_sizes), bias, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         assert isinstance(shard_id, int)
@@ -65,13 +67,14 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value projections in one matrix; heads split across ranks (KV heads are
     replicated when there are fewer of them than ranks)."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 ops: KernelOps = TORCH_OPS) -> None:
         tp = get_tp_size()
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp)
         self.num_kv_heads = max(1, num_kv_heads // tp)
         self.kv_replicas = max(1, tp // num_kv_heads)
-        super().__init__(hidden, (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp, bias)
+        super().__init__(hidden, (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp, bias, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -83,9 +86,9 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs are summed with an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, ops: KernelOps = TORCH_OPS) -> None:
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        super().__init__(_divide(in_features, self.tp_size), out_features, bias)
+        super().__init__(_divide(in_features, self.tp_size), out_features, bias, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 1:  # the bias is added once, on every rank after the reduce
@@ -95,7 +98,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y

@@ -41,10 +41,10 @@ class LlamaAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         self.ops = ops
         bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=bias)
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=bias, ops=ops)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=False)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=False, ops=ops)
         self.cos_sin_cache = cos_sin_cache
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
@@ -67,8 +67,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: PretrainedConfig, ops: KernelOps) -> None:
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=False)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=False, ops=ops)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False, ops=ops)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, ops, self.layer_cls)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ops)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
