@@ -17,7 +17,11 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from mini_infer.kernels.sampling import sample_tokens_ref, sample_tokens_triton  # noqa: E402
+from mini_infer.kernels.sampling import (  # noqa: E402
+    default_num_chunks,
+    sample_tokens_ref,
+    sample_tokens_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -130,6 +134,82 @@ def test_mixed_greedy_and_sampled_rows() -> None:
     # the sampled rows draw the same tokens alone, and with another chunk size (1024 here)
     alone = sample_tokens_triton(logits[~greedy], temperature[~greedy], seeds[~greedy])
     assert torch.equal(alone, got[~greedy])
+
+
+SPLITS = [(block_v, chunks) for block_v in (64, 256) for chunks in (1, 2, 3, 7)]
+
+
+def test_tokens_do_not_depend_on_the_split() -> None:
+    """Chunks of 64 and 256 over 1000 tokens (neither divides it): 16 and 4 blocks a row, split into 1, 2,
+    3 and 7 slices (7 of 4 blocks clamps to 4, 7 of 16 to 6 slices of 3 blocks); greedy and sampled rows
+    mixed."""
+    logits = (3 * torch.randn(6, 1000, generator=torch.Generator().manual_seed(5))).to(torch.bfloat16).to(DEVICE)
+    temperature = _temperature([0.0, 0.7, 1.0, 0.0, 2.0, 0.0])
+    seeds = _seeds(6, 500)
+    want = sample_tokens_triton(logits, temperature, seeds, num_chunks=1)  # one program a row
+    greedy = temperature == 0
+    assert torch.equal(want[greedy], logits[greedy].argmax(dim=-1))
+    for block_v, chunks in SPLITS:
+        got = sample_tokens_triton(logits, temperature, seeds, block_v=block_v, num_chunks=chunks)
+        assert torch.equal(got, want), (block_v, chunks)
+    out = torch.full((6,), -1, dtype=torch.int64, device=DEVICE)  # the partials get their own buffer
+    assert sample_tokens_triton(logits, temperature, seeds, out=out, block_v=64, num_chunks=5) is out
+    assert torch.equal(out, want)
+    assert torch.equal(sample_tokens_triton(logits, temperature, seeds), want)  # the default split
+
+
+def test_ties_across_slices_go_to_the_lowest_index() -> None:
+    vocab = 300  # 19 blocks of 16 (the last one partial)
+    logits = torch.randn(7, vocab, generator=torch.Generator().manual_seed(6)).clamp(max=3.0)
+    logits[0, [40, 100, 250, 299]] = 5.0  # the top value in several slices
+    logits[1] = float("-inf")
+    logits[1, [33, 150, 290]] = -3.5  # a negative top: the keys must order negative scores too
+    logits[2] = -(torch.rand(vocab, generator=torch.Generator().manual_seed(7)) + 0.1) * 100
+    logits[3] = float("-inf")
+    logits[3, [70, 200]] = 0.0
+    logits[3, [20, 280]] = -0.0  # -0.0 == +0.0: index 20 wins
+    logits[4, [90, 91, 260]] = float("inf")
+    logits[5] = torch.arange(vocab) % 17 == 16  # 1.0 at 16, 33, ...: ties inside and across blocks
+    logits[6, 150:] = 7.0  # the top from a slice boundary on
+    logits = logits.to(DEVICE)
+    want = [40, 33, logits[2].argmax().item(), 20, 90, 16, 150]
+    assert logits.argmax(dim=-1).tolist() == want
+    for dtype in (torch.float32, torch.bfloat16):
+        for chunks in (1, 2, 3, 7, 19):
+            got = sample_tokens_triton(logits.to(dtype), _temperature(0.0, 7), _seeds(7), block_v=16, num_chunks=chunks)
+            assert got.tolist() == want, (dtype, chunks)
+
+
+def test_nan_and_all_masked_rows_across_slices() -> None:
+    vocab = 500
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(8))
+    logits[0, 3] = float("nan")  # NaN in the first slice, the top in the last
+    logits[0, 480] = 9.0
+    logits[1] = float("-inf")  # all masked, greedy
+    logits[2] = float("-inf")  # all masked, sampled
+    logits[3] = float("nan")  # nothing but NaN
+    logits[4] = float("-inf")
+    logits[4, ::7] = float("nan")  # NaN and -inf only
+    logits[5] = float("-inf")
+    logits[5, 499] = -1e30  # the one finite logit is the last
+    logits = logits.to(DEVICE)
+    temperature = _temperature([0.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    for block_v, chunks in [(None, None), *SPLITS]:
+        got = sample_tokens_triton(logits, temperature, _seeds(6), block_v=block_v, num_chunks=chunks)
+        assert got.tolist() == [480, 0, 0, 0, 0, 499], (block_v, chunks)
+    greedy = temperature == 0
+    assert torch.equal(sample_tokens_ref(logits, temperature, _seeds(6))[greedy], got[greedy])
+
+
+def test_default_num_chunks() -> None:
+    # an H100 (132 SMs), BLOCK_V 2048: a 151936-token row is 75 blocks
+    assert [default_num_chunks(n, 151936, 2048, 132) for n in (1, 8, 64, 256, 528, 4096)] == [75, 66, 9, 3, 1, 1]
+    assert default_num_chunks(1, 100, 2048, 132) == 1  # one block: nothing to split
+    assert default_num_chunks(0, 151936, 2048, 132) == 75
+    logits = torch.zeros(0, 64, device=DEVICE)
+    assert sample_tokens_triton(logits, _temperature(0.0, 0), _seeds(0)).shape == (0,)
+    with pytest.raises(ValueError, match="num_chunks"):
+        sample_tokens_triton(torch.zeros(1, 64, device=DEVICE), _temperature(0.0, 1), _seeds(1), num_chunks=0)
 
 
 def test_triton_distribution_matches_softmax() -> None:

@@ -7,16 +7,23 @@ of the logits; the others keep a running argmax of logits / temperature + g with
 g = -log(-log(u)), which picks token i with probability softmax(logits / temperature)[i] (the Gumbel-max
 trick) without ever forming the softmax.
 
+The vocabulary of a row is split across programs: a grid of (rows, slices), each program walking one
+contiguous slice of one row, and a second small launch reducing each row's slice winners to its token
+(the max score, ties to the lowest index). One program per row left all but a few SMs idle for a few
+rows; default_num_chunks picks the number of slices from the shapes alone, many for few rows and one
+(a single launch) once the rows alone fill the GPU.
+
 The uniforms come from Triton's counter-based Philox, tl.rand(seed, i), keyed by a per-row int64 seed
-read from a tensor and counted by the vocabulary index i. A row's token thus depends only on its
-logits, temperature and seed (not on the batch around it, the block size or the launch), and no
-generator state lives on the host, so the launch needs no host sync and can sit in a CUDA graph.
-Top-k, top-p, min-p and penalties are not handled here: rows that need them take the torch sampler.
+read from a tensor and counted by the global vocabulary index i. A row's token thus depends only on its
+logits, temperature and seed (not on the batch around it, the block size, the number of slices or the
+launch), and no generator state lives on the host, so the launches need no host sync and can sit in a
+CUDA graph. Top-k, top-p, min-p and penalties are not handled here: rows that need them take the torch
+sampler.
 """
 
 import torch
 
-from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
+from mini_infer.kernels._triton import next_pow2, num_sms, require_triton, tl, triton
 
 # u is clamped into [U_MIN, U_MAX] before the two logs. Only an exact 0 falls under U_MIN (Triton's
 # smallest nonzero draw is 2**-31), and U_MAX keeps -log(u) well clear of 0, where a fast approximate
@@ -24,12 +31,23 @@ from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
 U_MIN = 1e-10
 U_MAX = 1.0 - 2.0**-20
 
-# A vocabulary chunk per loop step and the warps of a program: 16 elements a thread. On an H100 with a
-# 151936-token vocabulary this was the fastest or within 10% of it among chunks of 1024 to 8192 and 4
-# to 16 warps, for 1 to 256 rows, greedy and sampled: one program walks a whole row, so the more warps
-# in flight to hide latency the better.
-BLOCK_V = 8192
-NUM_WARPS = 16
+# The grid is (rows, chunks): each program walks one row's contiguous slice of the vocabulary, a whole
+# number of BLOCK_V blocks, one block per loop step, and a second tiny launch reduces each row's
+# per-slice winners to its token (one launch only, straight into out, when a row is one slice).
+#
+# The old numbers, measured on an H100 with a 151936-token vocabulary and ONE program per row (no
+# split): BLOCK_V 8192 with 16 warps was the fastest or within 10% of it among blocks of 1024 to 8192
+# and 4 to 16 warps, for 1 to 256 rows, greedy and sampled; that took ~110 us for one sampled row and
+# ~223 us for 256 rows. That kernel also left the row stride unspecialized, which (its PTX for sm_90
+# shows) made every logit a 2-byte load instead of a share of a 16-byte one. The split defaults below
+# (BLOCK_V 2048, 16 elements a thread, PROGRAMS_PER_SM 4) are a guess from occupancy arithmetic and are
+# NOT yet tuned on a GPU: benchmarks/sampling_sweep.py measures them against the alternatives. Compiled
+# for sm_90 (not run), a sampled logit costs about 120 instructions (ten Philox rounds and two full-
+# precision logs), so many sampled rows may stay bound by instruction issue rather than by bandwidth.
+BLOCK_V = 2048
+ELEMENTS_PER_THREAD = 16
+MAX_WARPS = 16
+PROGRAMS_PER_SM = 4
 
 LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -55,24 +73,90 @@ def sample_tokens_ref(logits: torch.Tensor, temperature: torch.Tensor, seeds: to
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton: one program per row walks the vocabulary in BLOCK_V chunks. Each lane keeps the best score
-# it has seen and that score's index (a strict > keeps the first, lowest index on ties); one reduction
-# at the end picks the best lane, the lowest index among equal scores.
+# Triton. A program walks its slice of a row in BLOCK_V blocks. Each lane keeps the best score it has
+# seen and that score's index (a strict > keeps the first, lowest index on ties); one reduction at the
+# end picks the best lane, the lowest index among equal scores. With one slice a row that is the
+# token; otherwise the slice's winner goes to partials as one int64 key that orders like (score, then
+# lower index), so the second launch takes a plain max of a row's keys. Lowest index among the maxima
+# of slices is the lowest index among the maxima of the row, so the token does not depend on the split.
+
+# A key's low 31 bits hold INDEX_MASK - index; the bits above them the float32 score mapped to an
+# unsigned 32-bit integer with the same order. Every key is >= 0, so padding with -1 never wins.
+INDEX_MASK = 2**31 - 1
 
 
-@triton.jit(do_not_specialize=["row_stride"])
-def _sample_kernel(
+def default_num_chunks(n_rows: int, vocab: int, block_v: int, sms: int) -> int:
+    """Slices a row's vocabulary is split into: about PROGRAMS_PER_SM programs an SM, from the shapes alone.
+
+    One program per row leaves most SMs idle for a few rows (one sampled row kept one SM of 132 busy),
+    so few rows split into many slices, down to one BLOCK_V block each; many rows already fill the GPU
+    and take fewer, longer slices (one, and a single launch, from PROGRAMS_PER_SM * sms rows up), which
+    keeps the partials and the second launch negligible. Depends on no data, so a CUDA graph captures it.
+    """
+    blocks = -(-vocab // block_v)
+    target = PROGRAMS_PER_SM * sms
+    return max(1, min(blocks, -(-target // max(1, n_rows))))
+
+
+def launch_shape(
+    n_rows: int,
+    vocab: int,
+    sms: int,
+    block_v: int | None = None,
+    num_chunks: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[int, int, int, int]:
+    """(block, slices a row, tokens a slice, warps) of a launch, the overrides applied; shapes alone.
+
+    A slice is a whole number of blocks and none is empty, so num_chunks is rounded to what tiles the
+    row: 7 slices of a 16-block row become 6 slices of 3 blocks.
+    """
+    block = max(16, min(block_v or BLOCK_V, next_pow2(vocab)))
+    if block & (block - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    blocks = -(-vocab // block)
+    chunks = default_num_chunks(n_rows, vocab, block, sms) if num_chunks is None else num_chunks
+    if chunks < 1:
+        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+    blocks_per_chunk = -(-blocks // min(chunks, blocks))
+    warps = num_warps or max(1, min(MAX_WARPS, block // (32 * ELEMENTS_PER_THREAD)))
+    return block, -(-blocks // blocks_per_chunk), blocks_per_chunk * block, warps
+
+
+@triton.jit
+def _update_best(row_ptr, offs, limit, best, best_idx, sampled, seed, inv_t, MASKED: tl.constexpr, U_MIN, U_MAX):
+    """Folds one block of logits (global vocabulary indices offs) into the per-lane best and its index."""
+    if MASKED:
+        score = tl.load(row_ptr + offs, mask=offs < limit, other=float("-inf")).to(tl.float32)
+    else:  # no mask: nothing keeps the compiler from 16-byte loads
+        score = tl.load(row_ptr + offs).to(tl.float32)
+    if sampled:  # the same branch for the whole program: greedy rows skip the Philox draws
+        # the counters are the global indices, so the draws do not depend on the split or the block
+        u = tl.minimum(tl.maximum(tl.rand(seed, offs), U_MIN), U_MAX)
+        score = score * inv_t - tl.log(-tl.log(u))
+    take = score > best  # false for NaN: a NaN logit never wins
+    return tl.where(take, score, best), tl.where(take, offs, best_idx)
+
+
+# row_stride, vocab and chunk_len stay specialized (Triton compiles a variant for multiples of 16): a
+# row start or block start of unknown alignment turns every 16-byte load into eight 2-byte loads.
+@triton.jit
+def _sample_chunk_kernel(
     logits_ptr,
     temperature_ptr,
     seeds_ptr,
-    out_ptr,
+    dst_ptr,
     row_stride,
-    VOCAB: tl.constexpr,
+    vocab,
+    chunk_len,
     BLOCK_V: tl.constexpr,
+    SPLIT: tl.constexpr,
     U_MIN: tl.constexpr,
     U_MAX: tl.constexpr,
+    INDEX_MASK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     row_ptr = logits_ptr + row * row_stride
     temperature = tl.load(temperature_ptr + row)
     seed = tl.load(seeds_ptr + row)
@@ -81,19 +165,38 @@ def _sample_kernel(
     lanes = tl.arange(0, BLOCK_V)
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_V], tl.int32)
-    for start in range(0, VOCAB, BLOCK_V):
-        offs = start + lanes
-        score = tl.load(row_ptr + offs, mask=offs < VOCAB, other=float("-inf")).to(tl.float32)
-        if sampled:  # the same branch for the whole program: greedy rows skip the Philox draws
-            u = tl.minimum(tl.maximum(tl.rand(seed, offs), U_MIN), U_MAX)
-            score = score * inv_t - tl.log(-tl.log(u))
-        take = score > best  # false for NaN: a NaN logit never wins
-        best = tl.where(take, score, best)
-        best_idx = tl.where(take, offs, best_idx)
+    chunk_start = chunk * chunk_len  # a multiple of BLOCK_V
+    chunk_end = tl.minimum(chunk_start + chunk_len, vocab)
+    full_end = chunk_start + (chunk_end - chunk_start) // BLOCK_V * BLOCK_V
+    for start in range(chunk_start, full_end, BLOCK_V):
+        best, best_idx = _update_best(
+            row_ptr, start + lanes, chunk_end, best, best_idx, sampled, seed, inv_t, False, U_MIN, U_MAX
+        )
+    if full_end < chunk_end:  # the row's last, partial block
+        best, best_idx = _update_best(
+            row_ptr, full_end + lanes, chunk_end, best, best_idx, sampled, seed, inv_t, True, U_MIN, U_MAX
+        )
     top = tl.max(best, axis=0)
-    # an all -inf row leaves every lane at -inf with index 0: token 0, as torch.argmax gives
-    token = tl.min(tl.where(best == top, best_idx, VOCAB), axis=0)
-    tl.store(out_ptr + row, token.to(tl.int64))
+    # a slice of -inf leaves every lane at -inf with index 0, so an all -inf row gives token 0, as
+    # torch.argmax does
+    token = tl.min(tl.where(best == top, best_idx, INDEX_MASK), axis=0)
+    if SPLIT:
+        top = tl.where(top == 0.0, 0.0, top)  # -0.0 ties +0.0, as in the float compares above
+        bits = top.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # a signed int32 in the order of the floats
+        key = (ordered.to(tl.int64) << 31) + (1 << 62) + (INDEX_MASK - token)  # >= 0: -1 pads
+        tl.store(dst_ptr + row * tl.num_programs(1) + chunk, key)
+    else:
+        tl.store(dst_ptr + row, token.to(tl.int64))
+
+
+@triton.jit
+def _reduce_chunks_kernel(partials_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr, INDEX_MASK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    keys = tl.load(partials_ptr + row * num_chunks + offs, mask=offs < num_chunks, other=-1)
+    best = tl.max(keys, axis=0)
+    tl.store(out_ptr + row, INDEX_MASK - (best & INDEX_MASK))
 
 
 def sample_tokens_triton(
@@ -103,13 +206,18 @@ def sample_tokens_triton(
     out: torch.Tensor | None = None,
     *,
     block_v: int | None = None,
+    num_chunks: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Triton sample_tokens_ref: int64 [N] token ids, written into out when given.
 
     logits [N, V] bfloat16, float16 or float32 with a unit last stride (any row stride); temperature
     float32 [N], <= 0 for greedy rows; seeds int64 [N], which the caller changes from step to step.
-    Checks only shapes and dtypes, so it never syncs with the host. block_v (a power of two) overrides
-    the chunk size; the tokens do not depend on it, and tests use small ones to walk several chunks.
+    Checks only shapes and dtypes, so it never syncs with the host; at most two launches and one small
+    allocation (the per-slice partials, with out when out is None), all sized by the shapes alone.
+    block_v (a power of two), num_chunks (slices a row, clamped to the blocks of a row) and num_warps
+    override the defaults (default_num_chunks; ELEMENTS_PER_THREAD); the tokens depend on none of them,
+    and tests use small blocks to walk several blocks and slices.
     """
     require_triton()
     if logits.dim() != 2 or logits.dtype not in LOGIT_DTYPES:
@@ -120,27 +228,41 @@ def sample_tokens_triton(
     for name, t, dtype in (("temperature", temperature, torch.float32), ("seeds", seeds, torch.int64)):
         if t.shape != (n,) or t.dtype != dtype or not t.is_contiguous() or t.device != logits.device:
             raise ValueError(f"{name} must be a contiguous {dtype} [{n}] on {logits.device}")
-    if out is None:
-        out = torch.empty(n, dtype=torch.int64, device=logits.device)
-    elif out.shape != (n,) or out.dtype != torch.int64 or not out.is_contiguous() or out.device != logits.device:
+    if out is not None and (
+        out.shape != (n,) or out.dtype != torch.int64 or not out.is_contiguous() or out.device != logits.device
+    ):
         raise ValueError(f"out must be a contiguous int64 [{n}] on {logits.device}")
     if n == 0:
-        return out
+        return out if out is not None else torch.empty(0, dtype=torch.int64, device=logits.device)
     if vocab == 0:
         raise ValueError("logits have no vocabulary to sample from")
-    block = max(16, min(block_v or BLOCK_V, next_pow2(vocab)))
-    if block & (block - 1):
-        raise ValueError(f"block_v must be a power of two, got {block_v}")
-    _sample_kernel[(n,)](
+    if vocab > 2**30:  # int32 offsets, with a block to spare, and 31-bit indices in the keys
+        raise ValueError(f"a vocabulary of {vocab} tokens is too large")
+    block, chunks, chunk_len, warps = launch_shape(n, vocab, num_sms(logits.device), block_v, num_chunks, num_warps)
+    split = chunks > 1
+    if not split:
+        dst = out = torch.empty(n, dtype=torch.int64, device=logits.device) if out is None else out
+    elif out is None:  # one allocation: out, then the partials
+        buf = torch.empty(n * (1 + chunks), dtype=torch.int64, device=logits.device)
+        out, dst = buf[:n], buf[n:]
+    else:
+        dst = torch.empty(n * chunks, dtype=torch.int64, device=logits.device)
+    _sample_chunk_kernel[(n, chunks)](
         logits,
         temperature,
         seeds,
-        out,
+        dst,
         logits.stride(0),
-        VOCAB=vocab,
+        vocab,
+        chunk_len,
         BLOCK_V=block,
+        SPLIT=split,
         U_MIN=U_MIN,
         U_MAX=U_MAX,
-        num_warps=max(1, min(NUM_WARPS, block // 512)),  # 16 elements a thread
+        INDEX_MASK=INDEX_MASK,
+        num_warps=warps,
     )
+    if split:
+        block_c = max(16, next_pow2(chunks))
+        _reduce_chunks_kernel[(n,)](dst, out, chunks, BLOCK_C=block_c, INDEX_MASK=INDEX_MASK, num_warps=1)
     return out
