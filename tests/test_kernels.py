@@ -247,3 +247,93 @@ def test_prefill_attention_default_config_and_tiny_head_dim():
     out = decode_attention_triton(decode_q, k_cache, v_cache, seq_lens_t, block_tables, 0.35)
     ref = decode_attention_ref(decode_q, k_cache, v_cache, seq_lens_t, block_tables, 0.35)
     torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused attention prologue: q/k norm (Qwen3) + RoPE + KV-cache store on views of the fused qkv buffer.
+
+from mini_infer.kernels.rotary_store import rotary_store_kv_ref, rotary_store_kv_triton  # noqa: E402
+
+
+def _prologue_inputs(num_q_heads, num_k_heads, head_dim, dtype, norm, tokens=9, block_size=4, num_blocks=6):
+    qkv = _randn(tokens, (num_q_heads + 2 * num_k_heads) * head_dim, dtype=dtype)
+    positions = torch.randint(0, 100, (tokens,), device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    slots[[1, 5]] = -1
+    k_cache = _randn(num_blocks, block_size, num_k_heads, head_dim, dtype=dtype)
+    v_cache = _randn(num_blocks, block_size, num_k_heads, head_dim, dtype=dtype)
+    weights = (_randn(head_dim, dtype=dtype), _randn(head_dim, dtype=dtype)) if norm else (None, None)
+    return qkv, positions, _cos_sin_cache(128, head_dim), slots, k_cache, v_cache, weights
+
+
+def _qkv_views(qkv, num_q_heads, num_k_heads, head_dim):
+    q, k, v = qkv.split([num_q_heads * head_dim, num_k_heads * head_dim, num_k_heads * head_dim], dim=-1)
+    tokens = qkv.shape[0]
+    return q.view(tokens, num_q_heads, head_dim), k.view(tokens, -1, head_dim), v.view(tokens, -1, head_dim)
+
+
+def _unfused_prologue(rms_norm, rotary, store, positions, q, k, v, cache, k_cache, v_cache, slots, weights, eps):
+    """What LlamaAttention did before the fused op: norm reshaped copies, rotate them, store; q and k are
+    written back so that results compare in the qkv buffer."""
+    head_dim = q.shape[-1]
+    qn, kn = q, k
+    if weights[0] is not None:
+        qn = rms_norm(q.reshape(-1, head_dim), weights[0], eps).view(q.shape)
+        kn = rms_norm(k.reshape(-1, head_dim), weights[1], eps).view(k.shape)
+    rotary(positions, qn, kn, cache)
+    store(kn, v, k_cache, v_cache, slots)
+    q.copy_(qn)
+    k.copy_(kn)
+
+
+def test_rotary_store_kv_in_ops_tables():
+    assert get_ops("torch").rotary_store_kv is rotary_store_kv_ref
+    assert get_ops("triton").rotary_store_kv is rotary_store_kv_triton
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+def test_rotary_store_kv_ref_is_the_unfused_sequence(norm, dtype):
+    shape = (6, 2, 48)
+    qkv, positions, cache, slots, k_cache, v_cache, weights = _prologue_inputs(*shape, dtype, norm)
+    bufs = [(qkv.clone(), k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    (fused, fused_k, fused_v), (old, old_k, old_v) = bufs
+    rotary_store_kv_ref(positions, *_qkv_views(fused, *shape), cache, fused_k, fused_v, slots, *weights, 1e-6)
+    _unfused_prologue(
+        rms_norm_ref, rotary_ref, store_kv_cache_ref, positions, *_qkv_views(old, *shape), cache, old_k, old_v, slots,
+        weights, 1e-6,
+    )
+    for out, ref in ((fused, old), (fused_k, old_k), (fused_v, old_v)):
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("shape", [(4, 1, 64), (6, 2, 48), (12, 4, 128)])  # GQA; D not a power of 2; 2 q groups
+def test_rotary_store_kv_triton(shape, norm, dtype):
+    qkv, positions, cache, slots, k_cache, v_cache, weights = _prologue_inputs(*shape, dtype, norm)
+    runs = {}
+    for name in ("fused", "unfused", "ref"):
+        buf, k_c, v_c = qkv.clone(), k_cache.clone(), v_cache.clone()
+        q, k, v = _qkv_views(buf, *shape)
+        assert not q.is_contiguous() and not k.is_contiguous()
+        if name == "fused":
+            rotary_store_kv_triton(positions, q, k, v, cache, k_c, v_c, slots, *weights, 1e-6)
+        elif name == "unfused":
+            _unfused_prologue(
+                rms_norm_triton, rotary_triton, store_kv_cache_triton, positions, q, k, v, cache, k_c, v_c, slots,
+                weights, 1e-6,
+            )
+        else:
+            rotary_store_kv_ref(positions, q, k, v, cache, k_c, v_c, slots, *weights, 1e-6)
+        runs[name] = (buf, k_c, v_c)
+    # Same rounding steps and the same order of the sum of squares as the unfused Triton kernels.
+    for out, unfused in zip(runs["fused"], runs["unfused"]):
+        torch.testing.assert_close(out, unfused, atol=0, rtol=0)
+    # Against the reference: the norm's sum adds in another order, and on the CPU the interpreter truncates
+    # its two bfloat16 roundings; RoPE's cancellations then leave a unit of the inputs' scale, not the output's.
+    for out, ref in zip(runs["fused"], runs["ref"]):
+        tol = TOLERANCE[dtype]
+        if norm and dtype == torch.bfloat16:
+            tol = dict(atol=2**-5 * ref.abs().max().item(), rtol=2**-6)
+        torch.testing.assert_close(out, ref, **tol)

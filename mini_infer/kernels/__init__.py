@@ -14,6 +14,7 @@ from mini_infer.kernels.kv_cache import store_kv_cache_ref
 from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
 from mini_infer.kernels.rotary import rotary_ref
+from mini_infer.kernels.rotary_store import rotary_store_kv_ref
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class KernelOps:
     rotary: Callable
     silu_and_mul: Callable
     store_kv_cache: Callable
+    rotary_store_kv: Callable
     prefill_attention: Callable
     decode_attention: Callable
     linear: Callable
@@ -36,6 +38,7 @@ TORCH_OPS = KernelOps(
     rotary=rotary_ref,
     silu_and_mul=silu_and_mul_ref,
     store_kv_cache=store_kv_cache_ref,
+    rotary_store_kv=rotary_store_kv_ref,
     prefill_attention=prefill_attention_ref,
     decode_attention=decode_attention_ref,
     linear=linear_ref,

@@ -9,6 +9,7 @@ from mini_infer.kernels.kv_cache import store_kv_cache_triton
 from mini_infer.kernels.prefill_attention import prefill_attention_triton
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_triton, rms_norm_triton
 from mini_infer.kernels.rotary import rotary_triton
+from mini_infer.kernels.rotary_store import rotary_store_kv_triton
 
 require_triton()
 
@@ -19,6 +20,7 @@ TRITON_OPS = KernelOps(
     rotary=rotary_triton,
     silu_and_mul=silu_and_mul_triton,
     store_kv_cache=store_kv_cache_triton,
+    rotary_store_kv=rotary_store_kv_triton,
     prefill_attention=prefill_attention_triton,
     decode_attention=decode_attention_triton,
     linear=linear_triton,

@@ -1,4 +1,5 @@
-"""Paged attention layer: stores this step's K/V in the cache, then attends through block tables.
+"""Paged attention layer: RoPE (after Qwen3's q/k norm) and the K/V store in one kernel, then attention
+through block tables.
 
 The decode part of the batch (one query per sequence) and the prefill part (chunks over a cached
 prefix) go to different kernels of the chosen KernelOps backend.
@@ -21,12 +22,27 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        q_norm_weight: torch.Tensor | None = None,
+        k_norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+    ) -> torch.Tensor:
+        """q, k, v: views of the fused qkv output; q and k are normed (given weights) and rotated in
+        place, k and v stored in the cache, in one pass (no copies of the strided views)."""
         meta = get_attn_metadata()
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        self.ops.store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        self.ops.rotary_store_kv(
+            positions, q, k, v, cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping,
+            q_norm_weight, k_norm_weight, eps,
+        )
         nd = meta.num_decode_tokens
         if nd == q.shape[0]:
             out = self.ops.decode_attention(

@@ -56,11 +56,9 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
-        self.ops.rotary(positions, q, k, self.cos_sin_cache)
-        return self.o_proj(self.attn(q, k, v))
+        # q_norm/k_norm only hold the weights (checkpoint names): the attention's fused kernel applies them
+        norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
+        return self.o_proj(self.attn(positions, q, k, v, self.cos_sin_cache, *norm))
 
 
 class LlamaMLP(nn.Module):

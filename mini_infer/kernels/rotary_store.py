@@ -1,0 +1,225 @@
+"""Attention prologue in one pass: optional per-head RMSNorm of q and k (Qwen3), RoPE, KV-cache store.
+
+Replaces rms_norm (q, k) -> rotary -> store_kv_cache, which cost six small kernels per layer: two
+copies (the q/k views of the fused qkv buffer are not contiguous), two norms, RoPE and the store.
+q and k are rotated in place in the qkv buffer; k and v are written to the cache at their slots.
+"""
+
+import torch
+
+from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
+from mini_infer.kernels.kv_cache import store_kv_cache_ref
+from mini_infer.kernels.rmsnorm import rms_norm_ref
+from mini_infer.kernels.rotary import rotary_ref
+
+
+def rotary_store_kv_ref(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
+    """q: [T, Hq, D], k, v: [T, Hk, D] (views with a unit last stride are fine); caches:
+    [num_blocks, block_size, Hk, D]; slot_mapping: [T] (-1 = skip). A norm weight of None skips that
+    norm. Built from the unfused references, so its results are theirs by construction."""
+    head_dim = q.shape[-1]
+    qn = q if q_norm_weight is None else rms_norm_ref(q.reshape(-1, head_dim), q_norm_weight, eps).view(q.shape)
+    kn = k if k_norm_weight is None else rms_norm_ref(k.reshape(-1, head_dim), k_norm_weight, eps).view(k.shape)
+    rotary_ref(positions, qn, kn, cos_sin_cache)
+    store_kv_cache_ref(kn, v, k_cache, v_cache, slot_mapping)
+    if qn is not q:
+        q.copy_(qn)
+    if kn is not k:
+        k.copy_(kn)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton: a 2-D grid of (token, group of heads); a group is HEADS query heads, or HEADS key heads with
+# their value heads, and each of the HEADS warps holds one head row. That is the layout rms_norm_triton
+# gives a single row (one warp, D/32 values per lane), so the sum of squares adds in the same order and
+# the bfloat16 results on the GPU are bit-identical to the unfused kernels. Rounding follows them too:
+# the normed row to the input dtype, its product with the weight again, RoPE in float32 once.
+
+
+@triton.jit
+def _norm_rope_heads(
+    ptr,
+    head_stride,
+    heads,
+    head_mask,
+    cos,
+    sin,
+    norm_ptr,
+    eps,
+    HAS_NORM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Norms (optionally) and rotates rows `heads` of one token in place; returns the rotated halves."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = head_mask[:, None] & (offs < HALF)[None, :]
+    first = ptr + heads[:, None] * head_stride + offs[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:
+        offs_d = tl.arange(0, BLOCK_D)
+        row_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        xf = tl.load(ptr + heads[:, None] * head_stride + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(norm_ptr + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(norm_ptr + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+        x1f = ((x1f * inv_rms).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
+        x2f = ((x2f * inv_rms).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
+    o1 = (x1f * cos - x2f * sin).to(x1.dtype)
+    o2 = (x2f * cos + x1f * sin).to(x1.dtype)
+    tl.store(first, o1, mask=mask)
+    tl.store(first + HALF, o2, mask=mask)
+    return o1, o2
+
+
+@triton.jit
+def _rotary_store_kv_kernel(
+    positions_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    eps,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    v_token_stride,
+    v_head_stride,
+    cos_sin_stride,
+    cache_block_stride,
+    cache_slot_stride,
+    cache_head_stride,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
+    Q_GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    HAS_Q_NORM: tl.constexpr,
+    HAS_K_NORM: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    token = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    cos = tl.load(cos_sin_ptr + pos * cos_sin_stride + offs, mask=offs < HALF, other=0.0)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * cos_sin_stride + HALF + offs, mask=offs < HALF, other=0.0)[None, :]
+    if group < Q_GROUPS:
+        heads = group * HEADS + tl.arange(0, HEADS)
+        _norm_rope_heads(
+            q_ptr + token * q_token_stride, q_head_stride, heads, heads < NUM_Q_HEADS, cos, sin, q_norm_ptr, eps,
+            HAS_Q_NORM, HEAD_DIM, BLOCK_D, BLOCK_HALF,
+        )
+    else:
+        heads = (group - Q_GROUPS) * HEADS + tl.arange(0, HEADS)
+        head_mask = heads < NUM_K_HEADS
+        k1, k2 = _norm_rope_heads(
+            k_ptr + token * k_token_stride, k_head_stride, heads, head_mask, cos, sin, k_norm_ptr, eps,
+            HAS_K_NORM, HEAD_DIM, BLOCK_D, BLOCK_HALF,
+        )
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        if slot >= 0:
+            dst = (slot // PAGE_SIZE) * cache_block_stride + (slot % PAGE_SIZE) * cache_slot_stride
+            dst = dst + heads[:, None] * cache_head_stride
+            half_mask = head_mask[:, None] & (offs < HALF)[None, :]
+            k_dtype = k_cache_ptr.dtype.element_ty
+            tl.store(k_cache_ptr + dst + offs[None, :], k1.to(k_dtype), mask=half_mask)
+            tl.store(k_cache_ptr + dst + HALF + offs[None, :], k2.to(k_dtype), mask=half_mask)
+            offs_d = tl.arange(0, BLOCK_D)
+            row_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+            v_rows = v_ptr + token * v_token_stride + heads[:, None] * v_head_stride
+            v = tl.load(v_rows + offs_d[None, :], mask=row_mask)
+            tl.store(v_cache_ptr + dst + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=row_mask)
+
+
+def rotary_store_kv_triton(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
+    """Triton rotary_store_kv_ref. q, k, v may be strided views of the fused qkv buffer with a unit last
+    stride; norm weights must have q's dtype (the model holds them so: rounding to it is what
+    rms_norm does then)."""
+    require_triton()
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_k_heads = k.shape[1]
+    tensors = (q, k, v, cos_sin_cache, k_cache)
+    if any(t.stride(-1) != 1 for t in tensors) or k_cache.stride() != v_cache.stride():
+        raise ValueError("rotary_store_kv_triton needs unit last strides and equal k/v cache layouts")
+    if cos_sin_cache.shape[-1] != head_dim or head_dim % 2:
+        raise ValueError(f"cos_sin_cache rows hold {cos_sin_cache.shape[-1]} values, head_dim is {head_dim}")
+    for w in (q_norm_weight, k_norm_weight):
+        if w is not None and (w.dtype != q.dtype or w.shape != (head_dim,) or w.stride(-1) != 1):
+            raise ValueError(f"norm weights must be [{head_dim}] contiguous in {q.dtype}, got {w.dtype} {w.shape}")
+    if num_tokens == 0:
+        return
+    # One warp per head row (see above); 8 rows a program keeps programs large enough for long prefills.
+    heads = min(8, next_pow2(max(num_q_heads, num_k_heads)))
+    q_groups = triton.cdiv(num_q_heads, heads)
+    grid = (num_tokens, q_groups + triton.cdiv(num_k_heads, heads))
+    _rotary_store_kv_kernel[grid](
+        positions.contiguous(),
+        q,
+        k,
+        v,
+        cos_sin_cache,
+        k_cache,
+        v_cache,
+        slot_mapping.contiguous(),
+        q_norm_weight if q_norm_weight is not None else q,
+        k_norm_weight if k_norm_weight is not None else k,
+        eps,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos_sin_cache.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        NUM_Q_HEADS=num_q_heads,
+        NUM_K_HEADS=num_k_heads,
+        Q_GROUPS=q_groups,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=k_cache.shape[1],
+        HEADS=heads,
+        BLOCK_D=next_pow2(head_dim),
+        BLOCK_HALF=next_pow2(head_dim // 2),
+        HAS_Q_NORM=q_norm_weight is not None,
+        HAS_K_NORM=k_norm_weight is not None,
+        num_warps=heads,
+    )
