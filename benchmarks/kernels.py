@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -36,6 +37,7 @@ from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_att
 from mini_infer.kernels.prefill_attention import (
     DEFAULT_PREFILL_CONFIG,
     PrefillConfig,
+    build_prefill_tiles,
     prefill_attention_triton,
 )
 from mini_infer.kernels.rmsnorm import (
@@ -410,9 +412,13 @@ def bench_prefill(report: Report, prefix: int, sweep: dict | None) -> None:
     seq_lens = torch.tensor([context], device=DEVICE, dtype=torch.int32)
     scale = HEAD_DIM**-0.5
 
-    def run(config: PrefillConfig = DEFAULT_PREFILL_CONFIG):
+    def work_list(block_m: int) -> torch.Tensor:  # built once, outside the timing, as the engine does
+        return torch.from_numpy(build_prefill_tiles(np.array([new]), np.array([context]), block_m)).to(DEVICE)
+
+    def run(config: PrefillConfig = DEFAULT_PREFILL_CONFIG, tiles: torch.Tensor | None = None):
+        tiles = work_list(config.block_m) if tiles is None else tiles
         return prefill_attention_triton(
-            q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, max_seqlen_q=new, config=config
+            q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, tiles=tiles, config=config
         )
 
     ref = prefill_attention_ref(
@@ -435,8 +441,9 @@ def bench_prefill(report: Report, prefix: int, sweep: dict | None) -> None:
     torch.cuda.empty_cache()
     visits = new * prefix + new * (new + 1) / 2  # (query, key) pairs under the causal mask
     flops = 4 * HEAD_DIM * NUM_Q_HEADS * visits
+    default_tiles = work_list(DEFAULT_PREFILL_CONFIG.block_m)
     fns = {
-        "triton": run,
+        "triton": lambda: run(tiles=default_tiles),
         "sdpa_flash": lambda: flash_attention(q4, k4, v4, scale),
         "eager": lambda: torch_prefill(q, k_cache, v_cache, block_tables, scale),
         "compile": try_compiled(torch_prefill, q, k_cache, v_cache, block_tables, scale),
@@ -454,7 +461,8 @@ def bench_prefill(report: Report, prefix: int, sweep: dict | None) -> None:
         ]
         results = sweep.setdefault(f"prefill_{new}+{prefix}", {})
         for cfg in configs:
-            ms = median_ms(lambda cfg=cfg: run(cfg))
+            cfg_tiles = work_list(cfg.block_m)
+            ms = median_ms(lambda cfg=cfg, cfg_tiles=cfg_tiles: run(cfg, cfg_tiles))
             results[repr(cfg)] = {"ms": ms, "TFLOPs": flops / (ms * 1e-3) / 1e12}
         # The same attention over 64-token pages: one block-table lookup per key tile.
         k64, v64 = (c[0].transpose(0, 1).reshape(-1, 64, NUM_KV_HEADS, HEAD_DIM) for c in (k4, v4))
@@ -462,7 +470,7 @@ def bench_prefill(report: Report, prefix: int, sweep: dict | None) -> None:
         if k64.shape[2] == NUM_KV_HEADS:
             ms = median_ms(
                 lambda: prefill_attention_triton(
-                    q, k64, v64, cu_seqlens, seq_lens, table64, scale, max_seqlen_q=new
+                    q, k64, v64, cu_seqlens, seq_lens, table64, scale, tiles=default_tiles
                 )
             )
             results["page 64, default config"] = {"ms": ms, "TFLOPs": flops / (ms * 1e-3) / 1e12}

@@ -42,6 +42,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
+    cuda_graph_prefill: bool = True  # also capture prefill chunks (by token count), not only decode batches
     load_format: str = "auto"
     kernel_backend: str = "auto"
     static_batching: bool = False

@@ -25,7 +25,7 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor  # [P] keys per prefilling sequence (cached + this chunk)
     prefill_block_tables: torch.Tensor  # [P, max_blocks]
     num_prefill_tokens: int
-    prefill_max_seqlen_q: int = 0  # longest chunk, known on the host so kernels need not ask the GPU
+    prefill_tiles: torch.Tensor | None = None  # [n, 2] work list of the Triton prefill kernel, built on the host
 
 
 _forward_context: AttentionMetadata | None = None

@@ -4,6 +4,11 @@ The batch is flat, with no padding: the ids of every scheduled token, their posi
 slot each one writes, and per sequence its block table and key count. Only the rows that
 sample get logits.
 
+On CUDA the forward passes replay CUDA graphs: decode batches by batch size, prefill chunks by
+token count (padded up to the next captured count), and a step that mixes both replays one of
+each. Launching the ~15 kernels of each layer one by one from Python costs more host time than a
+small step's GPU work, so eager execution is only the fallback for batches no graph holds.
+
 `execute` only queues work: every host-to-device copy is pinned and non-blocking, and the sampled
 tokens come back through a `PendingStep`, so the engine can queue the next step before it reads
 this one. A decode whose input token the host has not read yet takes it from the previous step's
@@ -13,6 +18,7 @@ sampled tokens on the device.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -21,6 +27,7 @@ from transformers import PretrainedConfig
 
 from mini_infer.config import EngineConfig
 from mini_infer.forward_context import AttentionMetadata, forward_context
+from mini_infer.kernels.prefill_attention import build_prefill_tiles, default_prefill_config, max_prefill_tiles
 from mini_infer.sampler import (
     DeviceSample,
     SamplerOutput,
@@ -33,6 +40,10 @@ from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+# Larger prefill steps run eagerly: their GPU work dwarfs the launch cost, and each captured size costs
+# capture time at startup.
+PREFILL_GRAPH_MAX_TOKENS = 8192
 
 
 class PendingStep:
@@ -77,7 +88,10 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}
         self.seed_rng = np.random.default_rng(config.seed)  # Philox seeds of unseeded rows (fused sampler)
         self.kv_cache = torch.empty(0)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # replays of recorded forward passes (`_record`): decode by batch size, prefill by token count
+        self.graphs: dict[int, Callable[[], torch.Tensor]] = {}
+        self.prefill_graphs: dict[int, Callable[[], torch.Tensor]] = {}
+        self.block_m = default_prefill_config(device).block_m  # query tile of the prefill kernel
         self.graph_reserve_bytes = 0  # set by profiling: memory kept back for the CUDA graphs
         self.use_cuda_graphs = (device.type == "cuda" and not config.enforce_eager
                                 and model.attention_layers()[0].ops.name == "triton")
@@ -135,12 +149,15 @@ class ModelRunner:
         self._profile_forward(lens)
         torch.cuda.synchronize()
         peak_extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
-        if self.use_cuda_graphs:  # graphs keep their own pool: reserve a decode pass at the largest size
+        if self.use_cuda_graphs:  # graphs share one pool of their own: reserve its largest pass
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             self._profile_forward([1] * self.max_graph_batch)
             torch.cuda.synchronize()
-            self.graph_reserve_bytes = int(1.5 * (torch.cuda.max_memory_allocated() - base)) + 2**26
+            largest = torch.cuda.max_memory_allocated() - base
+            if self.config.cuda_graph_prefill:
+                largest = max(largest, peak_extra)
+            self.graph_reserve_bytes = int(1.5 * largest) + 2**26
         del scratch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
@@ -204,31 +221,132 @@ class ModelRunner:
             "seq_lens": torch.zeros(n, dtype=torch.int32, device=dev),
             "tables": torch.zeros(n, width, dtype=torch.int32, device=dev),
         }
-        # pinned host copies, filled each step and sent with one non-blocking copy per buffer. Two sets,
-        # used in turn: a step fills its set while the copies of the step before may still be queued.
-        self.graph_staging = [{k: torch.zeros(v.shape, dtype=v.dtype).pin_memory() for k, v in
-                               self.graph_inputs.items()} for _ in range(2)]
+        self.graph_staging = [self._staging(self.graph_inputs) for _ in range(2)]
         self.graph_steps = 0
         empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
-        torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
+        cuda = dev.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0] if cuda else 0
         pool = None
         for b in reversed(self.graph_batch_sizes()):
             g = self.graph_inputs
             meta = AttentionMetadata(g["slots"][:b], b, g["seq_lens"][:b], g["tables"][:b],
                                      torch.zeros(1, dtype=torch.int32, device=dev), empty_i32,
                                      g["tables"][:0], 0)
-            with forward_context(meta):
-                self.model(g["ids"][:b], g["positions"][:b])  # warm-up: compiles kernels outside capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    hidden = self.model(g["ids"][:b], g["positions"][:b])
-            pool = pool or graph.pool()
-            self.graphs[b] = (graph, hidden)
+            self.graphs[b], pool = self._record(meta, g["ids"][:b], g["positions"][:b], pool)
         self.graphs = dict(sorted(self.graphs.items()))
-        torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) using %.2f GiB", len(self.graphs),
-                    self.max_graph_batch, (free_before - torch.cuda.mem_get_info()[0]) / 2**30)
+        if self.config.cuda_graph_prefill:
+            self._capture_prefill_graphs(pool)
+        if cuda:
+            torch.cuda.synchronize()
+            logger.info("captured %d decode CUDA graphs (batch 1..%d) and %d prefill graphs (up to %d tokens) "
+                        "using %.2f GiB", len(self.graphs), self.max_graph_batch, len(self.prefill_graphs),
+                        max(self.prefill_graphs, default=0), (free_before - torch.cuda.mem_get_info()[0]) / 2**30)
+
+    def _staging(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host copies of static inputs (pinned on CUDA), filled each step and sent with one non-blocking
+        copy per buffer. Callers keep two sets and use them in turn: a step fills its set while the
+        copies of the step before may still be queued."""
+        pin = self.device.type == "cuda"
+        return {k: torch.zeros(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in inputs.items()}
+
+    def _record(self, meta: AttentionMetadata, ids: torch.Tensor, positions: torch.Tensor,
+                pool: object) -> tuple[Callable[[], torch.Tensor], object]:
+        """A replayable forward over static inputs and the graph memory pool to share with the next:
+        a CUDA graph, or off CUDA (tests of the static-input path) the same forward run eagerly."""
+        if self.device.type != "cuda":
+            def run_eagerly() -> torch.Tensor:
+                with forward_context(meta):
+                    return self.model(ids, positions)
+
+            return run_eagerly, pool
+        with forward_context(meta):
+            self.model(ids, positions)  # warm-up: compiles kernels outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(ids, positions)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return hidden
+
+        return replay, pool or graph.pool()
+
+    # -- CUDA graphs for prefill chunks -------------------------------------------------------
+    @property
+    def max_prefill_seqs(self) -> int:
+        """Chunks one prefill graph takes; a step with more runs eagerly."""
+        return min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+
+    def prefill_graph_sizes(self) -> list[int]:
+        """Token counts captured: powers of two to 512, then every 512 up to the step's token budget
+        (at most PREFILL_GRAPH_MAX_TOKENS), so padding wastes at most half a small chunk and 511 tokens
+        of a large one."""
+        top = min(self.config.max_num_batched_tokens, PREFILL_GRAPH_MAX_TOKENS)
+        sizes = [t for t in (16, 32, 64, 128, 256) if t < top] + list(range(512, top, 512)) + [top]
+        return sorted(set(sizes))
+
+    def _capture_prefill_graphs(self, pool: object) -> None:
+        """One prefill forward per token count in `prefill_graph_sizes`, largest first, in the decode
+        graphs' pool. Padded tokens write slot -1 and belong to no chunk; padded chunks have no query
+        tokens, and the tile list's unused entries say -1, so they cost nothing in attention."""
+        top, seqs, dev = self.prefill_graph_sizes()[-1], self.max_prefill_seqs, self.device
+        width = self.graph_inputs["tables"].shape[1]
+        self.prefill_inputs = {
+            "ids": torch.zeros(top, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(top, dtype=torch.int64, device=dev),
+            "slots": torch.full((top,), -1, dtype=torch.int64, device=dev),
+            "cu_seqlens": torch.zeros(seqs + 1, dtype=torch.int32, device=dev),
+            "seq_lens": torch.zeros(seqs, dtype=torch.int32, device=dev),
+            "tables": torch.zeros(seqs, width, dtype=torch.int32, device=dev),
+            "tiles": torch.full((max_prefill_tiles(top, seqs, self.block_m), 2), -1, dtype=torch.int32, device=dev),
+        }
+        self.prefill_staging = [self._staging(self.prefill_inputs) for _ in range(2)]
+        self.prefill_steps = 0
+        g = self.prefill_inputs
+        empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
+        for t in reversed(self.prefill_graph_sizes()):
+            meta = AttentionMetadata(g["slots"][:t], 0, empty_i32, g["tables"][:0], g["cu_seqlens"], g["seq_lens"],
+                                     g["tables"], t, g["tiles"][: max_prefill_tiles(t, seqs, self.block_m)])
+            self.prefill_graphs[t], pool = self._record(meta, g["ids"][:t], g["positions"][:t], pool)
+        self.prefill_graphs = dict(sorted(self.prefill_graphs.items()))
+
+    def _prefill_graph_size(self, prefills: list[ScheduledSeq]) -> int | None:
+        """The captured token count that holds these chunks, or None when no graph does."""
+        if not self.prefill_graphs or len(prefills) > self.max_prefill_seqs:
+            return None
+        if max(len(s.seq.block_table) for s in prefills) > self.prefill_inputs["tables"].shape[1]:
+            return None
+        tokens = sum(s.num_new_tokens for s in prefills)
+        return next((t for t in self.prefill_graphs if t >= tokens), None)
+
+    def _run_prefill_graph(self, prefills: list[ScheduledSeq], size: int) -> torch.Tensor:
+        """Fills the static inputs for these prefill chunks and replays the graph of `size` tokens."""
+        st = self.prefill_staging[self.prefill_steps % 2]
+        self.prefill_steps += 1
+        ids, positions, slots, pending, q_lens, seq_lens = self._flat_inputs(prefills)
+        n, p = len(ids), len(prefills)
+        host = {k: st[k].numpy() for k in st}
+        host["ids"][:n], host["positions"][:n], host["slots"][:n] = ids, positions, slots
+        host["slots"][n:size], host["positions"][n:size] = -1, 0
+        host["cu_seqlens"][0] = 0
+        host["cu_seqlens"][1 : p + 1] = np.cumsum(q_lens)
+        host["cu_seqlens"][p + 1 :] = n  # padded chunks are empty (the reference walks every chunk)
+        host["seq_lens"][:p], host["seq_lens"][p:] = seq_lens, 0
+        width = max(len(s.seq.block_table) for s in prefills)
+        for i, s in enumerate(prefills):
+            table = s.seq.block_table
+            host["tables"][i, : len(table)] = table
+        num_tiles = max_prefill_tiles(size, self.max_prefill_seqs, self.block_m)
+        host["tiles"][:num_tiles] = build_prefill_tiles(q_lens, seq_lens, self.block_m, num_tiles)
+        g = self.prefill_inputs
+        for key, count in (("ids", size), ("positions", size), ("slots", size), ("cu_seqlens", len(host["cu_seqlens"])),
+                           ("seq_lens", len(host["seq_lens"])), ("tiles", num_tiles)):
+            g[key][:count].copy_(st[key][:count], non_blocking=True)
+        g["tables"][:p, :width].copy_(st["tables"][:p, :width], non_blocking=True)
+        self._fill_pending(g["ids"], pending)
+        return self.prefill_graphs[size]()[:n]
 
     def _run_decode_graph(self, decodes: list[ScheduledSeq]) -> torch.Tensor:
         """Fills the static inputs for a decode-only batch and replays the fitting graph."""
@@ -256,9 +374,7 @@ class ModelRunner:
         width = max(len(s.seq.block_table) for s in decodes)
         g["tables"][:n, :width].copy_(st["tables"][:n, :width], non_blocking=True)
         self._fill_pending(g["ids"], pending)
-        graph, hidden = self.graphs[size]
-        graph.replay()
-        return hidden[:n]
+        return self.graphs[size]()[:n]
 
     def _fill_pending(self, ids: torch.Tensor, pending: list[tuple[int, int]]) -> None:
         """ids[row] = the token the last step sampled for that sequence, for (row, last row) pairs."""
@@ -283,6 +399,7 @@ class ModelRunner:
         nd = len(decodes)
         cu = np.zeros(len(prefills) + 1, dtype=np.int32)
         cu[1:] = np.cumsum([q for q, _ in prefills])
+        tiles = build_prefill_tiles(np.diff(cu), np.array([k for _, k in prefills]), self.block_m)
         return AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
             num_decode_tokens=nd,
@@ -292,16 +409,19 @@ class ModelRunner:
             prefill_seq_lens=tensor([k for _, k in prefills]),
             prefill_block_tables=tensor(tables[nd:]),
             num_prefill_tokens=int(cu[-1]),
-            prefill_max_seqlen_q=max((q for q, _ in prefills), default=0),
+            prefill_tiles=to_device(tiles, torch.int32, self.device),
         )
 
-    def prepare_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
-                                                              torch.Tensor]:
+    def _flat_inputs(self, seqs: list[ScheduledSeq]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                               list[tuple[int, int]], np.ndarray, np.ndarray]:
+        """The scheduled tokens of seqs, flat: ids (0 where the input is still pending), positions and
+        cache slots; the (row, last step's row) pairs of the pending inputs; per sequence its query
+        count and key count."""
         bs = self.block_size
-        ids, positions, slots, tables, sample_rows = [], [], [], [], []
+        ids, positions, slots = [], [], []
         pending: list[tuple[int, int]] = []
         offset = 0
-        for s in out.seqs:
+        for s in seqs:
             seq, start, n = s.seq, s.start, s.num_new_tokens
             pos = np.arange(start, start + n)
             table = np.asarray(seq.block_table, dtype=np.int64)
@@ -313,16 +433,23 @@ class ModelRunner:
             ids.append(np.asarray(known, dtype=np.int64))
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(seq.block_table)
             offset += n
-            if s.samples:
-                sample_rows.append(offset - 1)
-        spans = lambda group: [(s.num_new_tokens, s.start + s.num_new_tokens) for s in group]  # noqa: E731
-        meta = self._attention_metadata(spans(out.decodes), spans(out.prefills), tables, np.concatenate(slots))
-        input_ids = to_device(np.concatenate(ids), torch.int64, self.device)
+        q_lens = np.array([s.num_new_tokens for s in seqs], dtype=np.int64)
+        seq_lens = np.array([s.start + s.num_new_tokens for s in seqs], dtype=np.int64)
+        return np.concatenate(ids), np.concatenate(positions), np.concatenate(slots), pending, q_lens, seq_lens
+
+    def prepare_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                              torch.Tensor]:
+        """Eager inputs for any batch: token ids, positions, attention metadata and the sampled rows."""
+        ids, positions, slots, pending, q_lens, seq_lens = self._flat_inputs(out.seqs)
+        spans = list(zip(q_lens.tolist(), seq_lens.tolist()))
+        nd = len(out.decodes)
+        meta = self._attention_metadata(spans[:nd], spans[nd:], [s.seq.block_table for s in out.seqs], slots)
+        input_ids = to_device(ids, torch.int64, self.device)
         self._fill_pending(input_ids, pending)
-        rows = to_device(sample_rows, torch.int64, self.device)
-        return input_ids, to_device(np.concatenate(positions), torch.int64, self.device), meta, rows
+        rows = (np.cumsum(q_lens) - 1)[[s.samples for s in out.seqs]]
+        positions_t = to_device(positions, torch.int64, self.device)
+        return input_ids, positions_t, meta, to_device(rows, torch.int64, self.device)
 
     def _generator(self, s: ScheduledSeq) -> torch.Generator | None:
         seed = s.seq.params.seed
@@ -346,6 +473,22 @@ class ModelRunner:
                          hash((seed, seq.index, seq.num_total_tokens - seq.num_prompt_tokens)) & (2**63 - 1))
         return seeds
 
+    def _run_graphs(self, out: SchedulerOutput, prefill_size: int | None) -> torch.Tensor:
+        """Replays the prefill graph, then the decode graph, and returns the hidden states of the rows
+        that sample (decodes first). The graphs share a memory pool, so the prefill rows are copied
+        out before the decode graph runs."""
+        prefill_part = None
+        if out.prefills:
+            hidden = self._run_prefill_graph(out.prefills, prefill_size)
+            ends = np.cumsum([s.num_new_tokens for s in out.prefills]) - 1
+            prefill_part = hidden[to_device(ends[[s.samples for s in out.prefills]], torch.int64, self.device)]
+        if not out.decodes:
+            return prefill_part
+        hidden = self._run_decode_graph(out.decodes)
+        if not all(s.samples for s in out.decodes):
+            hidden = hidden[to_device([i for i, s in enumerate(out.decodes) if s.samples], torch.int64, self.device)]
+        return hidden if prefill_part is None else torch.cat((hidden, prefill_part))
+
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
 
@@ -354,10 +497,9 @@ class ModelRunner:
         """Queues one step; the returned PendingStep yields the sampled token (and logprobs) of each
         sequence that samples, in batch order."""
         sampling = [s for s in out.seqs if s.samples]
-        if self.graphs and not out.prefills and len(out.decodes) <= self.max_graph_batch:
-            hidden = self._run_decode_graph(out.decodes)
-            rows = None if len(sampling) == len(out.decodes) else to_device(
-                [i for i, s in enumerate(out.decodes) if s.samples], torch.int64, self.device)
+        prefill_size = self._prefill_graph_size(out.prefills) if out.prefills else None
+        if self.graphs and len(out.decodes) <= self.max_graph_batch and (not out.prefills or prefill_size):
+            hidden, rows = self._run_graphs(out, prefill_size), None
         else:
             ids, positions, meta, rows = self.prepare_inputs(out)
             with forward_context(meta):

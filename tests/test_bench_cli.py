@@ -49,6 +49,13 @@ def test_plan_runs_mini_infer_again_on_the_hf_subset():
     ]
 
 
+def test_plan_sync_and_eager_prefill_variants():
+    _, plans = make_plan(_plan_args(compare=["sync", "eager-prefill"]), 64)
+    assert [(p.label, p.sync, p.eager_prefill) for p in plans] == [
+        ("mini-infer", False, False), ("mini-infer-eager-prefill", False, True), ("mini-infer-sync", True, False),
+    ]
+
+
 def _read(path) -> dict:
     return json.loads(path.read_text())
 

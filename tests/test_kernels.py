@@ -8,6 +8,7 @@ Shapes stay small: the interpreter runs every program of the grid in Python.
 
 import os
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -23,7 +24,12 @@ from mini_infer.kernels.decode_attention import DecodeConfig, decode_attention_t
 from mini_infer.kernels.gemv import GemvConfig, gemv_triton, linear_ref, linear_triton  # noqa: E402
 from mini_infer.kernels.kv_cache import store_kv_cache_ref, store_kv_cache_triton  # noqa: E402
 from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref  # noqa: E402
-from mini_infer.kernels.prefill_attention import PrefillConfig, prefill_attention_triton  # noqa: E402
+from mini_infer.kernels.prefill_attention import (  # noqa: E402
+    PrefillConfig,
+    build_prefill_tiles,
+    max_prefill_tiles,
+    prefill_attention_triton,
+)
 from mini_infer.kernels.rmsnorm import (  # noqa: E402
     _rms_norm_kernel,
     fused_add_rms_norm_ref,
@@ -246,6 +252,33 @@ def test_prefill_attention_default_config_and_tiny_head_dim():
     decode_q = _randn(2, 8, 8)
     out = decode_attention_triton(decode_q, k_cache, v_cache, seq_lens_t, block_tables, 0.35)
     ref = decode_attention_ref(decode_q, k_cache, v_cache, seq_lens_t, block_tables, 0.35)
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+
+
+def test_prefill_tile_list_heaviest_first_and_padded():
+    """The work list a CUDA graph launches with: fixed capacity, -1 rows unused, most keys first."""
+    tiles = build_prefill_tiles(np.array([70, 5, 0]), np.array([70, 105, 9]), block_m=32, capacity=8)
+    assert tiles.tolist() == [[1, 0], [0, 2], [0, 1], [0, 0], [-1, -1], [-1, -1], [-1, -1], [-1, -1]]
+    assert max_prefill_tiles(75, 3, 32) == 6 and max_prefill_tiles(2, 5, 32) == 3
+    with pytest.raises(ValueError, match="do not fit"):
+        build_prefill_tiles(np.array([70]), np.array([70]), block_m=32, capacity=2)
+
+
+def test_prefill_attention_with_padded_tile_list():
+    """Chunks of 40, 1 and 23 new tokens over cached prefixes, launched with spare -1 tiles as in a graph."""
+    chunks = [(5, 40), (30, 1), (0, 23)]
+    seq_lens = [p + n for p, n in chunks]
+    k_cache, v_cache, block_tables, seq_lens_t = _paged_kv(seq_lens, 16, 2, 16, torch.float32)
+    q_lens = np.array([n for _, n in chunks])
+    cu_seqlens_q = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32, device=DEVICE)
+    q = _randn(int(q_lens.sum()), 4, 16)
+    config = PrefillConfig(block_m=16, block_n=16)
+    capacity = max_prefill_tiles(int(q_lens.sum()), 5, config.block_m)
+    tiles = torch.from_numpy(build_prefill_tiles(q_lens, np.array(seq_lens), 16, capacity)).to(DEVICE)
+    out = prefill_attention_triton(
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens_t, block_tables, 0.25, tiles=tiles, config=config
+    )
+    ref = prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens_t, block_tables, 0.25)
     torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
 
 

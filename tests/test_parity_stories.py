@@ -91,6 +91,32 @@ def test_triton_kernels_end_to_end(stories_path, expected):
         assert out.outputs[0].token_ids == ids[:12]
 
 
+def _with_static_inputs(llm: LLM) -> None:
+    """Switches the engine to the CUDA-graph input path (static buffers, padded batches, tile lists);
+    off CUDA each "graph" runs the same forward eagerly, so only the recording differs from a GPU."""
+    llm.llm_engine.model_runner.capture_cuda_graphs()
+
+
+def test_static_graph_inputs_on_triton_kernels(stories_path, expected):
+    """Decode, prefill and mixed steps through the padded graph buffers and the prefill tile list."""
+    llm = LLM(stories_path, dtype="float32", kernel_backend="triton", max_num_batched_tokens=32, max_num_seqs=4)
+    _with_static_inputs(llm)
+    runner = llm.llm_engine.model_runner
+    assert sorted(runner.prefill_graphs) == [16, 32] and sorted(runner.graphs) == [1, 2, 4]
+    outs = llm.generate(PROMPTS[:4], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    for out, (ids, _) in zip(outs, expected[:4]):
+        assert out.outputs[0].token_ids == ids[:12]
+    assert runner.prefill_steps > 0 and runner.graph_steps > 0
+
+
+def test_static_graph_inputs_with_preemption(stories_path, expected):
+    llm = LLM(stories_path, dtype="float32", num_gpu_blocks_override=8, max_model_len=128, max_num_batched_tokens=48)
+    _with_static_inputs(llm)
+    check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected)
+    assert llm.llm_engine.stats.num_preemptions > 0
+    assert llm.llm_engine.model_runner.prefill_steps > 0
+
+
 def test_sync_scheduling_matches(stories_path, expected):
     # async_scheduling=False reads every step back before scheduling the next: the same tokens
     llm = LLM(stories_path, dtype="float32", async_scheduling=False, num_gpu_blocks_override=8, max_model_len=128)

@@ -5,7 +5,8 @@ Default workload is nano-vllm's bench.py protocol: seed 0, 256 requests, prompts
 ignore_eos, temperature 0.6. Output tok/s counts generated tokens only, as nano-vllm does.
 
 Backends run the same requests in one process: `mini-infer` (this engine, stepped by hand so the KV
-statistics can be sampled every step), `static` (this engine admitting only into an empty batch),
+statistics can be sampled every step), `static` (this engine admitting only into an empty batch), `sync`
+(async scheduling off), `eager-prefill` (steps with prefill chunks run eagerly, without CUDA graphs),
 `hf` (transformers' continuous batching with paged attention: the manager behind `generate_batch`,
 fed one request per prompt so each keeps its own output length) and `hf-static` (`model.generate` on
 left-padded static batches).
@@ -47,7 +48,7 @@ from mini_infer.bench.roofline import (
 
 NANO_VLLM_TOKEN_ID_MAX = 10000
 BACKENDS = ("mini-infer", "hf", "hf-static")
-COMPARE_CHOICES = ("continuous", "static", "sync", "hf", "hf-static")
+COMPARE_CHOICES = ("continuous", "static", "sync", "eager-prefill", "hf", "hf-static")
 
 
 @dataclass
@@ -366,10 +367,12 @@ class Plan:
     num_requests: int
     static_batching: bool = False
     sync: bool = False  # async_scheduling off: each step read back before the next is queued
+    eager_prefill: bool = False  # cuda_graph_prefill off: steps with prefill chunks run eagerly
 
 
-def _mini_infer_label(static_batching: bool, sync: bool = False) -> str:
-    return "mini-infer" + ("-static" if static_batching else "") + ("-sync" if sync else "")
+def _mini_infer_label(static_batching: bool, sync: bool = False, eager_prefill: bool = False) -> str:
+    return ("mini-infer" + ("-static" if static_batching else "") + ("-sync" if sync else "")
+            + ("-eager-prefill" if eager_prefill else ""))
 
 
 def make_plan(args: argparse.Namespace, num_prompts: int) -> tuple[str, list[Plan]]:
@@ -393,6 +396,9 @@ def make_plan(args: argparse.Namespace, num_prompts: int) -> tuple[str, list[Pla
             plans.append(Plan(_mini_infer_label(static), "mini-infer", num_prompts, static))
         elif name == "sync":
             plans.append(Plan(_mini_infer_label(main_static, True), "mini-infer", num_prompts, main_static, True))
+        elif name == "eager-prefill":
+            plans.append(Plan(_mini_infer_label(main_static, eager_prefill=True), "mini-infer", num_prompts,
+                              main_static, eager_prefill=True))
         else:
             if hf_n < num_prompts and args.backend == "mini-infer":
                 plans.append(Plan(f"{main.label}@{hf_n}", "mini-infer", hf_n, main_static))
@@ -400,7 +406,7 @@ def make_plan(args: argparse.Namespace, num_prompts: int) -> tuple[str, list[Pla
     unique = list({p.label: p for p in plans}.values())
     order = {"mini-infer": 0, "hf": 1, "hf-static": 1}
     return main.label, sorted(unique, key=lambda p: (order[p.backend], p.static_batching, p.sync,
-                                                     -p.num_requests))
+                                                     p.eager_prefill, -p.num_requests))
 
 
 def _ratios(results: list[RunResult], main_label: str) -> dict[str, float]:
@@ -479,7 +485,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               flush=True)
         try:
             if plan.backend == "mini-infer":
-                kind = (plan.static_batching, plan.sync)
+                kind = (plan.static_batching, plan.sync, plan.eager_prefill)
                 if engine is None or engine_kind != kind:
                     if engine is not None:
                         shut_down(engine)
@@ -488,6 +494,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     overrides = {"static_batching": plan.static_batching}
                     if plan.sync:
                         overrides["async_scheduling"] = False
+                    if plan.eager_prefill:
+                        overrides["cuda_graph_prefill"] = False
                     engine = build_engine(args, **overrides)
                     engine_kind = kind
                     warm_up_engine(engine, workload)

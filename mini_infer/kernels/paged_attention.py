@@ -40,11 +40,11 @@ def prefill_attention_ref(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
-    max_seqlen_q: int | None = None,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [Tq, Hq, D] packed chunks; cu_seqlens_q: [B + 1]; seq_lens: [B] keys per sequence
-    (cached prefix + this chunk); block_tables: [B, max_blocks]; max_seqlen_q: the longest chunk,
-    a hint fast kernels use (the reference has no need of it). Returns [Tq, Hq, D]."""
+    (cached prefix + this chunk); block_tables: [B, max_blocks]; tiles is the Triton kernel's work
+    list, which the reference does not need. Returns [Tq, Hq, D]."""
     out = torch.empty_like(q)
     starts, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     for i, seq_len in enumerate(lens):

@@ -4,12 +4,18 @@ Flash-attention style: a program owns BLOCK_M queries of one head of one sequenc
 its visible keys in BLOCK_N tiles with an online softmax, reading every key and value through the
 block table (the chunk's own keys were stored in the cache before this runs). Keys below the tile's
 first query position are visible to every row and need no mask; only the last few tiles near the
-diagonal are masked. Heavy tiles (late in the chunk) are launched first so the causal tail does not
-leave the GPU idle. The reference is `prefill_attention_ref` in paged_attention.py.
+diagonal are masked.
+
+Programs take their (sequence, query tile) from a tile list the host builds (`build_prefill_tiles`),
+heaviest first so the causal tail does not leave the GPU idle. The list has a fixed capacity per
+token count and unused entries say -1, so one launch shape serves every batch of that many tokens:
+that is what lets prefill run inside a CUDA graph. The reference is `prefill_attention_ref` in
+paged_attention.py.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mini_infer.kernels._triton import dot, dot_precision, next_pow2, require_triton, tl, triton, upcast_dot
@@ -28,6 +34,35 @@ class PrefillConfig:
 # Measured best on an H100 (benchmarks/kernels.py --sweep): 64-row query tiles, one warpgroup.
 DEFAULT_PREFILL_CONFIG = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 INTERPRETER_PREFILL_CONFIG = PrefillConfig(block_m=32, block_n=32)  # fewer wasted rows on the CPU
+
+
+def default_prefill_config(device: torch.device) -> PrefillConfig:
+    return DEFAULT_PREFILL_CONFIG if device.type == "cuda" else INTERPRETER_PREFILL_CONFIG
+
+
+def max_prefill_tiles(num_tokens: int, num_seqs: int, block_m: int) -> int:
+    """Tiles that num_tokens query tokens in at most num_seqs chunks can need: each chunk adds at
+    most one partial tile."""
+    return -(-num_tokens // block_m) + min(num_seqs, num_tokens)
+
+
+def build_prefill_tiles(q_lens: np.ndarray, seq_lens: np.ndarray, block_m: int,
+                        capacity: int | None = None) -> np.ndarray:
+    """int32 [capacity, 2]: (sequence, query tile) rows, the tiles with the most keys to read first,
+    then (-1, -1) up to capacity (default: no padding)."""
+    q_lens, seq_lens = np.asarray(q_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
+    counts = -(-q_lens // block_m)
+    seq = np.repeat(np.arange(len(q_lens)), counts)
+    m_tile = np.arange(len(seq)) - np.repeat(np.cumsum(counts) - counts, counts)
+    keys = np.minimum(seq_lens[seq] - q_lens[seq] + (m_tile + 1) * block_m, seq_lens[seq])
+    order = np.argsort(-keys, kind="stable")
+    size = len(seq) if capacity is None else capacity
+    if len(seq) > size:
+        raise ValueError(f"{len(seq)} prefill tiles do not fit a list of {size}")
+    tiles = np.full((size, 2), -1, dtype=np.int32)
+    tiles[: len(seq), 0] = seq[order]
+    tiles[: len(seq), 1] = m_tile[order]
+    return tiles
 
 
 @triton.jit
@@ -91,7 +126,7 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["block_table_stride", "num_m_tiles"])  # step-to-step sizes: no recompiles
+@triton.jit(do_not_specialize=["block_table_stride"])  # step-to-step sizes: no recompiles
 def _prefill_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -100,6 +135,7 @@ def _prefill_attention_kernel(
     cu_seqlens_q_ptr,
     seq_lens_ptr,
     block_tables_ptr,
+    tiles_ptr,
     scale_log2e,
     q_token_stride,
     q_head_stride,
@@ -109,7 +145,6 @@ def _prefill_attention_kernel(
     cache_slot_stride,
     cache_head_stride,
     block_table_stride,
-    num_m_tiles,
     GROUP: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -119,9 +154,12 @@ def _prefill_attention_kernel(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    m_tile = num_m_tiles - 1 - tl.program_id(0)  # heaviest tiles first
+    tile = tl.program_id(0)
     head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    batch = tl.load(tiles_ptr + 2 * tile).to(tl.int64)
+    if batch < 0:  # an unused entry of the tile list
+        return
+    m_tile = tl.load(tiles_ptr + 2 * tile + 1)
     q_start = tl.load(cu_seqlens_q_ptr + batch)
     q_len = tl.load(cu_seqlens_q_ptr + batch + 1) - q_start
     if m_tile * BLOCK_M >= q_len:
@@ -174,13 +212,14 @@ def prefill_attention_triton(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
-    max_seqlen_q: int | None = None,
+    tiles: torch.Tensor | None = None,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Triton prefill_attention_ref. q: [Tq, Hq, D] (any strides, unit last stride); caches
     [num_blocks, block_size, Hk, D] with a unit last stride, already holding this chunk's keys;
     cu_seqlens_q: [B + 1] int32; seq_lens: [B] int32 (cached prefix + chunk); block_tables:
-    [B, max_blocks] int32. Pass max_seqlen_q (longest chunk) to skip a device-to-host sync.
+    [B, max_blocks] int32. tiles: the int32 [n, 2] list from build_prefill_tiles with the config's
+    block_m; without it the list is built here, which reads the lengths back from the device.
     Returns [Tq, Hq, D] contiguous."""
     require_triton()
     num_tokens, num_q_heads, head_dim = q.shape
@@ -191,12 +230,17 @@ def prefill_attention_triton(
     batch = seq_lens.shape[0]
     if num_tokens == 0 or batch == 0:
         return out
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     if config is None:
-        config = DEFAULT_PREFILL_CONFIG if q.is_cuda else INTERPRETER_PREFILL_CONFIG
-    num_m_tiles = triton.cdiv(max_seqlen_q, config.block_m)
-    _prefill_attention_kernel[(num_m_tiles, num_q_heads, batch)](
+        config = default_prefill_config(q.device)
+    if tiles is None:
+        cu = cu_seqlens_q.cpu().numpy()
+        tiles = torch.from_numpy(build_prefill_tiles(cu[1:] - cu[:-1], seq_lens.cpu().numpy(), config.block_m))
+        tiles = tiles.to(q.device)
+    if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[1] != 2 or not tiles.is_contiguous():
+        raise ValueError("tiles must be a contiguous int32 [n, 2] list from build_prefill_tiles")
+    if tiles.shape[0] == 0:
+        return out
+    _prefill_attention_kernel[(tiles.shape[0], num_q_heads)](
         q,
         k_cache,
         v_cache,
@@ -204,6 +248,7 @@ def prefill_attention_triton(
         cu_seqlens_q,
         seq_lens,
         block_tables,
+        tiles,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -213,7 +258,6 @@ def prefill_attention_triton(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
-        num_m_tiles,
         GROUP=num_q_heads // num_kv_heads,
         PAGE_SIZE=page_size,
         HEAD_DIM=head_dim,

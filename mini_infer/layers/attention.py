@@ -51,7 +51,7 @@ class PagedAttention(nn.Module):
         elif nd == 0:
             out = self.ops.prefill_attention(
                 q, self.k_cache, self.v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
-                meta.prefill_block_tables, self.scale, meta.prefill_max_seqlen_q,
+                meta.prefill_block_tables, self.scale, meta.prefill_tiles,
             )
         else:
             out = torch.cat((
@@ -61,7 +61,7 @@ class PagedAttention(nn.Module):
                 ),
                 self.ops.prefill_attention(
                     q[nd:], self.k_cache, self.v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
-                    meta.prefill_block_tables, self.scale, meta.prefill_max_seqlen_q,
+                    meta.prefill_block_tables, self.scale, meta.prefill_tiles,
                 ),
             ))
         return out.view(-1, self.num_heads * self.head_dim)
