@@ -35,17 +35,14 @@ U_MAX = 1.0 - 2.0**-20
 # number of BLOCK_V blocks, one block per loop step, and a second tiny launch reduces each row's
 # per-slice winners to its token (one launch only, straight into out, when a row is one slice).
 #
-# The old numbers, measured on an H100 with a 151936-token vocabulary and ONE program per row (no
-# split): BLOCK_V 8192 with 16 warps was the fastest or within 10% of it among blocks of 1024 to 8192
-# and 4 to 16 warps, for 1 to 256 rows, greedy and sampled; that took ~110 us for one sampled row and
-# ~223 us for 256 rows. That kernel also left the row stride unspecialized, which (its PTX for sm_90
-# shows) made every logit a 2-byte load instead of a share of a 16-byte one. The split defaults below
-# (BLOCK_V 2048, 16 elements a thread, PROGRAMS_PER_SM 4) are a guess from occupancy arithmetic and are
-# NOT yet tuned on a GPU: benchmarks/sampling_sweep.py measures them against the alternatives. Compiled
-# for sm_90 (not run), a sampled logit costs about 120 instructions (ten Philox rounds and two full-
-# precision logs), so many sampled rows may stay bound by instruction issue rather than by bandwidth.
+# Measured on an H100 (benchmarks/sampling_sweep.py, CUDA-graph replay, cold logits, vocabulary 151936;
+# benchmarks/results/h100/sampling_sweep.json): BLOCK_V 2048 with 8 warps (8 elements a thread) and about
+# 4 programs per SM was the best or within 10% of the best configuration for 1 to 256 rows, greedy and
+# sampled. One sampled row takes ~5.5 us (the old one-program-per-row kernel: 96 us), 256 sampled rows
+# ~197 us (206 us). Many sampled rows stay bound by instruction issue, not bandwidth: a sampled logit costs
+# about 120 instructions (ten Philox rounds and two full-precision logs); 256 greedy rows take ~39 us.
 BLOCK_V = 2048
-ELEMENTS_PER_THREAD = 16
+ELEMENTS_PER_THREAD = 8
 MAX_WARPS = 16
 PROGRAMS_PER_SM = 4
 
