@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 from mini_infer.kernels.activation import silu_and_mul_ref
 from mini_infer.kernels.gemv import linear_ref
-from mini_infer.kernels.kv_cache import store_kv_cache_ref
 from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
-from mini_infer.kernels.rotary import rotary_ref
 from mini_infer.kernels.rotary_store import rotary_store_kv_ref
 
 
@@ -22,9 +20,7 @@ class KernelOps:
     name: str
     rms_norm: Callable
     fused_add_rms_norm: Callable
-    rotary: Callable
     silu_and_mul: Callable
-    store_kv_cache: Callable
     rotary_store_kv: Callable
     prefill_attention: Callable
     decode_attention: Callable
@@ -35,9 +31,7 @@ TORCH_OPS = KernelOps(
     name="torch",
     rms_norm=rms_norm_ref,
     fused_add_rms_norm=fused_add_rms_norm_ref,
-    rotary=rotary_ref,
     silu_and_mul=silu_and_mul_ref,
-    store_kv_cache=store_kv_cache_ref,
     rotary_store_kv=rotary_store_kv_ref,
     prefill_attention=prefill_attention_ref,
     decode_attention=decode_attention_ref,

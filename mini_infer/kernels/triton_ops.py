@@ -5,10 +5,8 @@ from mini_infer.kernels._triton import require_triton
 from mini_infer.kernels.activation import silu_and_mul_triton
 from mini_infer.kernels.decode_attention import decode_attention_triton
 from mini_infer.kernels.gemv import linear_triton
-from mini_infer.kernels.kv_cache import store_kv_cache_triton
 from mini_infer.kernels.prefill_attention import prefill_attention_triton
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_triton, rms_norm_triton
-from mini_infer.kernels.rotary import rotary_triton
 from mini_infer.kernels.rotary_store import rotary_store_kv_triton
 
 require_triton()
@@ -17,9 +15,7 @@ TRITON_OPS = KernelOps(
     name="triton",
     rms_norm=rms_norm_triton,
     fused_add_rms_norm=fused_add_rms_norm_triton,
-    rotary=rotary_triton,
     silu_and_mul=silu_and_mul_triton,
-    store_kv_cache=store_kv_cache_triton,
     rotary_store_kv=rotary_store_kv_triton,
     prefill_attention=prefill_attention_triton,
     decode_attention=decode_attention_triton,
