@@ -1,7 +1,7 @@
 """Where a step's time goes: host phases, GPU kernels by name, and GPU idle time.
 
 Runs a steady decode batch (every request past its prefill); with --new-prompt-len each profiled step
-also takes one new request's prompt, so every step mixes decodes with a prefill chunk. Reports, per step:
+also takes --new-prompts new requests' prompts, so every step mixes decodes with prefill chunks. Reports, per step:
   * wall time, and the GPU busy time from the profiler's kernel records (idle = wall - busy);
   * the host time of each engine phase (schedule, input fill + graph replay launch, sampling
     inputs, sampling + device->host copy, token bookkeeping);
@@ -9,6 +9,8 @@ also takes one new request's prompt, so every step mixes decodes with a prefill 
 
     python benchmarks/profile_step.py --model qwen3-0.6b --batch-size 256 --context-len 800
     python benchmarks/profile_step.py --model qwen3-0.6b --batch-size 63 --new-prompt-len 562 --cprofile 25
+    python benchmarks/profile_step.py --model qwen3-0.6b --batch-size 16 --new-prompt-len 562 --new-prompts 14 \
+        --new-max-tokens 1     # prefill-heavy steps, like the first steps of the throughput run
 """
 
 from __future__ import annotations
@@ -63,14 +65,18 @@ def main() -> None:
     ap.add_argument("--output-json", default=None)
     ap.add_argument("--new-prompt-len", type=int, default=0,
                     help="each profiled step also prefills one new request of this many prompt tokens")
+    ap.add_argument("--new-prompts", type=int, default=1, help="new requests each profiled step takes")
+    ap.add_argument("--new-max-tokens", type=int, default=0,
+                    help="output tokens of each new request (0: as many as fit); 1 keeps the decode batch fixed")
     ap.add_argument("--cprofile", type=int, default=0, help="list this many functions by host self-time")
     args = ap.parse_args()
 
     # room for the requests the mixed steps add (warm-up, timed and profiled steps)
-    max_num_seqs = args.batch_size + (3 * args.steps + 10 if args.new_prompt_len else 0)
+    added_seqs = args.new_prompts if args.new_max_tokens == 1 else args.new_prompts * (3 * args.steps + 10)
+    max_num_seqs = args.batch_size + (added_seqs if args.new_prompt_len else 0)
+    step_tokens = args.new_prompts * args.new_prompt_len + max_num_seqs
     config = EngineConfig(model=args.model, load_format="dummy", max_model_len=args.max_model_len,
-                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max(8192, args.new_prompt_len
-                                                                                + max_num_seqs),
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max(8192, step_tokens),
                           enforce_eager=args.enforce_eager)
     engine = LLMEngine(config)
     params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.max_model_len
@@ -82,10 +88,13 @@ def main() -> None:
         engine.add_request(str(i), ids, params)
     added = iter(range(args.batch_size, 10**9))
 
+    new_params = params if not args.new_max_tokens else SamplingParams(
+        temperature=args.temperature, ignore_eos=True, max_tokens=args.new_max_tokens)
+
     def step() -> None:
-        if args.new_prompt_len:
+        for _ in range(args.new_prompts if args.new_prompt_len else 0):
             ids = torch.randint(0, vocab, (args.new_prompt_len,), generator=gen).tolist()
-            engine.add_request(str(next(added)), ids, params)
+            engine.add_request(str(next(added)), ids, new_params)
         engine.step()
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
             or engine.scheduler.waiting:
@@ -99,6 +108,7 @@ def main() -> None:
     timed(phases, "schedule", engine.scheduler, "schedule")
     timed(phases, "execute (all)", runner, "execute")
     timed(phases, "  fill inputs + replay launch", runner, "_run_decode_graph")
+    timed(phases, "  prefill inputs + replay launch", runner, "_run_prefill_graph")
     timed(phases, "  prepare_inputs (eager)", runner, "prepare_inputs")
     import mini_infer.model_runner as mr
     timed(phases, "  build_sampling_batch", mr, "build_sampling_batch")
@@ -139,7 +149,8 @@ def main() -> None:
             busy += us
     n = args.steps
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-    print(f"\n== {args.model} batch {args.batch_size} context {args.context_len} new prompt {args.new_prompt_len}"
+    print(f"\n== {args.model} batch {args.batch_size} context {args.context_len} new prompts {args.new_prompts} x "
+          f"{args.new_prompt_len} tokens"
           f" {'eager' if args.enforce_eager else 'cuda graphs'} temperature {args.temperature}")
     print(f"step wall {plain_ms:.3f} ms unprofiled, {wall / n * 1e3:.3f} ms profiled; GPU kernels busy "
           f"{busy / n / 1e3:.3f} ms/step, idle {wall / n * 1e3 - busy / n / 1e3:.3f} ms/step")

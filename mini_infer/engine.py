@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from transformers import AutoTokenizer
@@ -60,10 +59,11 @@ class EngineStats:
     generation_tokens: int
 
 
-class StepTiming(NamedTuple):
-    """One step: the engine's CPU seconds in step() other than waiting for the GPU; the CUDA-event seconds
-    of the ModelRunner.execute read back in that call (None on CPU; it includes any wait for the host to
-    launch the work); and what the step queued."""
+@dataclass(slots=True)
+class StepTiming:
+    """One step: the engine's CPU seconds in the step() call that queued it, other than waiting for the
+    GPU; the CUDA-event seconds of its own ModelRunner.execute, set when its tokens are read back (None
+    on CPU or until then; it includes any wait for the host to launch the work); and what it queued."""
 
     host_seconds: float
     gpu_seconds: float | None
@@ -78,6 +78,7 @@ class _InFlight:
     sampling: list[Sequence]
     pending: PendingStep
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None
+    timing: StepTiming | None = None
 
 
 @dataclass
@@ -249,8 +250,13 @@ class LLMEngine:
             waited += w
             self.in_flight = None
         if out:
-            self.step_timings.append(StepTiming(time.perf_counter() - start - waited, gpu if self._timed else None,
-                                                len(out.decodes), sum(s.num_new_tokens for s in out.prefills)))
+            timing = StepTiming(time.perf_counter() - start - waited, None, len(out.decodes),
+                                sum(s.num_new_tokens for s in out.prefills))
+            self.step_timings.append(timing)
+            if self.in_flight is not None:  # still queued: its GPU seconds come when it is read back
+                self.in_flight.timing = timing
+            elif self._timed:
+                timing.gpu_seconds = gpu
         if len(self.step_timings) > 1_000_000:  # a long-running server keeps the newest half
             del self.step_timings[:500_000]
         return outputs
@@ -279,6 +285,8 @@ class LLMEngine:
         if step.events:
             step.events[1].synchronize()
             gpu = step.events[0].elapsed_time(step.events[1]) / 1e3
+            if step.timing is not None:
+                step.timing.gpu_seconds = gpu
         moved: dict[str, _Request] = {}
         for i, seq in enumerate(step.sampling):
             seq.num_pending -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -61,10 +62,16 @@ def _read(path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def throughput_record(tmp_path_factory, stories_path) -> dict:
-    out = tmp_path_factory.mktemp("bench") / "throughput.json"
+def throughput_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def throughput_record(throughput_dir, stories_path) -> dict:
+    out = throughput_dir / "throughput.json"
     rc = cli_main(["bench", "throughput", "--model", stories_path, "--num-prompts", "4", "--input-len", "20",
-                   "--output-len", "6", "--compare", "static", "--output-json", str(out)])
+                   "--output-len", "6", "--compare", "static", "--output-json", str(out),
+                   "--step-log", str(out.with_name("steps.json"))])
     assert rc == 0
     return _read(out)
 
@@ -91,6 +98,16 @@ def test_throughput_cli_end_to_end(throughput_record):
     assert runs["mini-infer-static"]["extra"]["static_batching"] is True
     assert "mini-infer / mini-infer-static" in record["ratios"]
     assert record["environment"]["command"]
+
+
+def test_step_log_lists_what_each_step_ran(throughput_record, throughput_dir):
+    """The main run's steps: 4 prompts of 20 tokens prefilled, then 6 tokens each (the first sampled
+    by the prefill step); no GPU timing on CPU."""
+    log = _read(throughput_dir / "steps.json")
+    assert log["backend"] == "mini-infer"
+    steps = log["steps"]
+    assert [s[2:] for s in steps] == [[0, 80]] + [[4, 0]] * 5  # step() calls that only read back log nothing
+    assert all(s[0] > 0 and s[1] is None for s in steps)
 
 
 def test_throughput_against_transformers_on_a_preset(tmp_path, stories_path):

@@ -7,6 +7,8 @@ import json
 import platform
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +132,47 @@ def mean_step_timings(timings: Any) -> dict[str, float | None]:
         "mean_step_host_ms": 1e3 * sum(host) / len(host) if host else None,
         "mean_step_gpu_ms": 1e3 * sum(gpu) / len(gpu) if gpu else None,
     }
-    # where the engine says what each step ran: the time of steps with prefill tokens apart
+    # where the engine says what each step ran: the steps with prefill tokens apart (host and GPU
+    # seconds are summed separately: with async scheduling they overlap)
     with_prefill = [t for t in timings if getattr(t, "num_prefill_tokens", 0)]
     if with_prefill:
         result["prefill_steps"] = len(with_prefill)
-        result["prefill_steps_seconds"] = sum(t.host_seconds + (t.gpu_seconds or 0.0) for t in with_prefill)
+        result["prefill_steps_host_seconds"] = sum(t.host_seconds for t in with_prefill)
+        result["prefill_steps_gpu_seconds"] = sum(t.gpu_seconds or 0.0 for t in with_prefill)
     return result
+
+
+def step_log(timings: Any) -> list[list[float | int | None]]:
+    """Per step [host ms, GPU ms, decodes, prefill tokens], from the engine's `step_timings` records."""
+    return [[round(1e3 * t.host_seconds, 4), None if t.gpu_seconds is None else round(1e3 * t.gpu_seconds, 4),
+             t.num_decodes, t.num_prefill_tokens] for t in timings]
 
 
 def fmt_pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+@contextmanager
+def triton_compiles() -> Iterator[list[str]]:
+    """Collects the name of each Triton kernel variant compiled (or loaded from Triton's disk cache) while
+    the block runs. A compile inside a timed run stalls it for a fraction of a second, so the benchmarks
+    report these; the list stays empty where Triton has no compile hook (before 3.4, or interpreted)."""
+    names: list[str] = []
+    try:
+        from triton import knobs
+
+        runtime = knobs.runtime
+        previous = runtime.jit_post_compile_hook
+    except (ImportError, AttributeError):
+        yield names
+        return
+
+    def hook(**kwargs: Any) -> Any:
+        names.append(str(getattr(kwargs.get("fn"), "name", "?")))
+        return previous(**kwargs) if previous is not None else None
+
+    runtime.jit_post_compile_hook = hook
+    try:
+        yield names
+    finally:
+        runtime.jit_post_compile_hook = previous

@@ -67,7 +67,12 @@ def throughput_lines(name: str, record: dict[str, Any]) -> list[str]:
             host, gpu = _ms(extra["mean_step_host_ms"]), _ms(extra.get("mean_step_gpu_ms"))
             line = f"\n{r['backend']}: {extra['steps']} steps, host {host} ms/step, GPU {gpu} ms/step"
             if extra.get("prefill_steps"):
-                line += f"; {extra['prefill_steps']} steps with prefill took {extra['prefill_steps_seconds']:.2f} s"
+                if "prefill_steps_gpu_seconds" in extra:
+                    line += (f"; {extra['prefill_steps']} steps with prefill: GPU "
+                             f"{extra['prefill_steps_gpu_seconds']:.2f} s, "
+                             f"host {extra['prefill_steps_host_seconds']:.2f} s")
+                else:  # results written before the split: host + GPU summed
+                    line += f"; {extra['prefill_steps']} steps with prefill took {extra['prefill_steps_seconds']:.2f} s"
             lines.append(line)
     for ratio, value in record.get("ratios", {}).items():
         lines.append(f"\nratio {ratio}: **{value:.2f}x**")

@@ -35,6 +35,8 @@ from mini_infer.bench.common import (
     load_model_config,
     mean_step_timings,
     shut_down,
+    step_log,
+    triton_compiles,
     write_json,
 )
 from mini_infer.bench.roofline import (
@@ -116,6 +118,7 @@ class RunResult:
     ideal_seconds: float | None = None
     kv_slot_utilisation: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    steps: list[list[Any]] | None = field(default=None, repr=False)  # per-step log, kept out of to_dict
 
     @property
     def output_tok_per_s(self) -> float:
@@ -131,7 +134,7 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **dataclasses.asdict(self),
+            **{k: v for k, v in dataclasses.asdict(self).items() if k != "steps"},
             "output_tok_per_s": self.output_tok_per_s,
             "total_tok_per_s": self.total_tok_per_s,
             "roofline_fraction": self.roofline_fraction,
@@ -171,20 +174,21 @@ def run_mini_infer(
     generated: dict[str, int] = {}
     steps = 0
     block_size = engine.config.block_size
-    start = time.perf_counter()
-    for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
-        params = _sampling_params(temperature, out_len)
-        engine.add_request(f"{label}-{i}", {"prompt_token_ids": prompt}, params)
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                generated[output.request_id] = len(output.outputs[0].token_ids)
-        steps += 1
-        stats = engine.stats
-        if stats.num_kv_blocks_used > 0:
-            utilisation.append(stats.num_live_tokens / (stats.num_kv_blocks_used * block_size))
-            live_fraction_of_pool.append(stats.num_live_tokens / (stats.num_kv_blocks_total * block_size))
-    wall = time.perf_counter() - start
+    with triton_compiles() as compiled:
+        start = time.perf_counter()
+        for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
+            params = _sampling_params(temperature, out_len)
+            engine.add_request(f"{label}-{i}", {"prompt_token_ids": prompt}, params)
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    generated[output.request_id] = len(output.outputs[0].token_ids)
+            steps += 1
+            stats = engine.stats
+            if stats.num_kv_blocks_used > 0:
+                utilisation.append(stats.num_live_tokens / (stats.num_kv_blocks_used * block_size))
+                live_fraction_of_pool.append(stats.num_live_tokens / (stats.num_kv_blocks_total * block_size))
+        wall = time.perf_counter() - start
     stats1 = engine.stats
     extra: dict[str, Any] = {
         "steps": steps,
@@ -195,10 +199,13 @@ def run_mini_infer(
         "block_size": block_size,
         "static_batching": bool(getattr(engine.config, "static_batching", False)),
         "max_num_seqs": engine.config.max_num_seqs,
+        "triton_compiles_during_run": compiled,
     }
-    if timings is not None and len(timings) > timings_start:
-        extra.update(mean_step_timings(timings[timings_start:]))
+    run_timings = timings[timings_start:] if timings is not None else []
+    if run_timings:
+        extra.update(mean_step_timings(run_timings))
     return RunResult(
+        steps=step_log(run_timings) if run_timings else None,
         backend=label,
         num_requests=len(workload),
         wall_seconds=wall,
@@ -531,6 +538,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             result.extra["note"] = f"subset: first {plan.num_requests} of {len(workload)} requests"
         results.append(result)
         record["runs"].append(result.to_dict())
+        if args.step_log and plan.label == main_label and result.steps is not None:
+            write_json(args.step_log, {"command": record["environment"].get("command"), "backend": plan.label,
+                                       "columns": ["host_ms", "gpu_ms", "num_decodes", "num_prefill_tokens"],
+                                       "steps": result.steps})
         record["ratios"] = _ratios(results, main_label)
         print(f"[throughput] {plan.label}: {result.wall_seconds:.2f}s, "
               f"{result.output_tok_per_s:.1f} out tok/s, roofline {fmt_pct(result.roofline_fraction)}",
@@ -577,6 +588,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     bench.add_argument("--hf-cache-implementation", default=None, help="e.g. static (hf-static only)")
     bench.add_argument("--hf-attn-implementation", default=None)
     bench.add_argument("--output-json", default=None)
+    bench.add_argument("--step-log", default=None,
+                       help="write the main run's per-step host ms, GPU ms, decodes and prefill tokens here")
     add_engine_args(parser)
     parser.set_defaults(func=cli_entry)
     return parser
