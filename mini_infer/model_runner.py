@@ -195,7 +195,27 @@ class ModelRunner:
         self._bind(self.kv_cache)
         if self.use_cuda_graphs:
             self.capture_cuda_graphs()
+        if self.device.type == "cuda":
+            self.warm_up_sampling()
         return num_blocks
+
+    @torch.inference_mode()
+    def warm_up_sampling(self) -> None:
+        """Runs the LM head and the fused sampler once for every number of rows a step can sample, so
+        the Triton kernels outside the CUDA graphs compile now and not in the middle of a run: the GEMV
+        compiles a variant for 1 and for 2 rows, and the sampler's launch shape follows the row count.
+        Each variant costs a few hundred milliseconds once; every call after it, well under one."""
+        hidden_size = self.hf_config.hidden_size
+        for n in range(1, self.config.max_num_seqs + 1):
+            logits = self.model.compute_logits(torch.zeros(n, hidden_size, dtype=self.dtype, device=self.device))
+            params = [SamplingParams(temperature=1.0)] * n
+            batch = build_sampling_batch(params, [[0]] * n, [[]] * n, [None] * n, self.vocab_size, self.device,
+                                         seeds=list(range(n)))
+            sample_on_device(logits, batch)
+            if n in (1, 2, self.config.max_num_seqs):  # logprobs and penalties sample float32 logits
+                sample_on_device(logits.float(), batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     # -- CUDA graphs for decode ---------------------------------------------------------------
     @property

@@ -150,3 +150,14 @@ def test_n_samples_share_prompt_blocks(stories_path):
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     assert llm.llm_engine.stats.prefix_cache_hits >= 2 * 16  # samples 2 and 3 reuse the prompt's block
+
+
+def test_sampling_warm_up_leaves_generation_unchanged(llm):
+    """On a GPU the warm-up compiles the kernels outside the CUDA graphs at startup (here it takes the
+    torch path); it must leave no trace in what the engine generates next."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=12)
+    before = tokens(llm, ["Once upon a time", "The cat"], [greedy, seeded])
+    runner = llm.llm_engine.model_runner
+    runner.warm_up_sampling()
+    assert tokens(llm, ["Once upon a time", "The cat"], [greedy, seeded]) == before

@@ -262,3 +262,19 @@ def test_no_host_sync_and_cuda_graph_replay() -> None:
         assert torch.equal(out, sample_tokens_triton(logits, temperature, seeds))
     assert all(t[0].item() == 0 for t in tokens)  # greedy over a flat row: token 0
     assert not torch.equal(tokens[1][1:], tokens[2][1:])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="Triton compiles only on a GPU")
+def test_one_compiled_variant_for_every_row_count() -> None:
+    """A decode batch shrinks one row at a time; a kernel variant per row count (a partials pointer of
+    other alignment, a reduce width, a size divisible by 16) stalled the throughput run mid-way."""
+    from mini_infer.bench.common import triton_compiles
+
+    vocab = 151936
+    logits = torch.randn(64, vocab, dtype=torch.bfloat16, device=DEVICE)
+    sample_tokens_triton(logits[:5], _temperature(1.0, 5), _seeds(5))  # the variant for split rows
+    with triton_compiles() as compiled:
+        for n in range(1, 65):
+            sample_tokens_triton(logits[:n], _temperature(1.0, n), _seeds(n))
+        torch.cuda.synchronize()
+    assert compiled == []

@@ -187,7 +187,9 @@ def _sample_chunk_kernel(
         tl.store(dst_ptr + row, token.to(tl.int64))
 
 
-@triton.jit
+# num_chunks changes with the batch size; left specialized, a multiple of 16 would compile a second variant
+# in the middle of a run.
+@triton.jit(do_not_specialize=["num_chunks"])
 def _reduce_chunks_kernel(partials_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr, INDEX_MASK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
@@ -239,9 +241,11 @@ def sample_tokens_triton(
     split = chunks > 1
     if not split:
         dst = out = torch.empty(n, dtype=torch.int64, device=logits.device) if out is None else out
-    elif out is None:  # one allocation: out, then the partials
-        buf = torch.empty(n * (1 + chunks), dtype=torch.int64, device=logits.device)
-        out, dst = buf[:n], buf[n:]
+    elif out is None:  # one allocation: out, then the partials from a 16-byte boundary (an odd n would
+        # misalign them, and Triton compiles another variant for a pointer of other alignment)
+        start = n + n % 2
+        buf = torch.empty(start + n * chunks, dtype=torch.int64, device=logits.device)
+        out, dst = buf[:n], buf[start:]
     else:
         dst = torch.empty(n * chunks, dtype=torch.int64, device=logits.device)
     _sample_chunk_kernel[(n, chunks)](
@@ -259,7 +263,7 @@ def sample_tokens_triton(
         INDEX_MASK=INDEX_MASK,
         num_warps=warps,
     )
-    if split:
-        block_c = max(16, next_pow2(chunks))
+    if split:  # sized by the most slices a row can have, so one compiled variant serves every batch size
+        block_c = max(16, next_pow2(-(-vocab // block)))
         _reduce_chunks_kernel[(n,)](dst, out, chunks, BLOCK_C=block_c, INDEX_MASK=INDEX_MASK, num_warps=1)
     return out
