@@ -12,6 +12,9 @@ table is as wide as the longest sequence the model allows, usually far longer th
 the batch, so a split also has a maximum length: the work of a program stays short and the GPU
 full whatever the real lengths, and splits past a sequence's end cost an early exit. The reduce
 merges only the splits that hold keys.
+
+The grid is (KV heads, sequences, splits), heads fastest, so programs start in row order; the scheduler
+sends decodes longest context first, and the short rows fill the tail (benchmarks/decode_order.py).
 """
 
 from dataclasses import dataclass
@@ -80,8 +83,8 @@ def _decode_split_kernel(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    batch = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)  # fastest: the heads of a sequence start together, in row order
+    batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + batch)
     start = split * split_len
@@ -221,7 +224,7 @@ def decode_attention_triton(
         part_lse = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q,
         k_cache,
         v_cache,
