@@ -63,10 +63,10 @@ def main() -> None:
         row = {"batch": batch, "contexts": [shortest, longest], "bytes": moved}
         outputs = {}
         for order, index in (("as_is", torch.arange(batch)), ("sorted", torch.argsort(lens, descending=True))):
-            seq_lens, block_tables = lens[index].int().cuda(), tables[index].cuda()
-            us = graph_us(lambda q=q, s=seq_lens, t=block_tables: decode_attention_triton(q, k_cache, v_cache, s, t,
-                                                                                          0.088))
-            outputs[order] = decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, 0.088)
+            rows_q, seq_lens, block_tables = q[index.cuda()], lens[index].int().cuda(), tables[index].cuda()
+            us = graph_us(lambda q=rows_q, s=seq_lens, t=block_tables: decode_attention_triton(q, k_cache, v_cache,
+                                                                                               s, t, 0.088))
+            outputs[order] = decode_attention_triton(rows_q, k_cache, v_cache, seq_lens, block_tables, 0.088)
             row[order] = {"us": us, "pct_copy_bw": 100 * moved / (us * 1e-6) / 1e9 / gbps}
         inverse = torch.argsort(torch.argsort(lens, descending=True)).cuda()
         assert torch.equal(outputs["sorted"][inverse], outputs["as_is"]), "row order changed a row's output"

@@ -2,7 +2,7 @@
 
 Greedy rows must match torch.argmax exactly; sampled rows draw from Philox, which the torch reference
 does not reproduce, so they are checked for determinism, for masking and in distribution. On a machine
-without CUDA the kernel runs under Triton's interpreter, where each tl.rand call costs a few
+without CUDA the kernel runs under Triton's interpreter, where each tl.rand4x call costs a few
 milliseconds (about a hundred interpreted Philox ops), so sampled batches stay at a few hundred rows.
 """
 
@@ -156,6 +156,20 @@ def test_tokens_do_not_depend_on_the_split() -> None:
     assert sample_tokens_triton(logits, temperature, seeds, out=out, block_v=64, num_chunks=5) is out
     assert torch.equal(out, want)
     assert torch.equal(sample_tokens_triton(logits, temperature, seeds), want)  # the default split
+
+
+def test_sampled_tokens_do_not_depend_on_the_block_or_the_warps() -> None:
+    """Index i takes output i % 4 of Philox counter i // 4 whatever block holds it: 12 sampled rows of 600
+    tokens, a seed each, under blocks of 32 to 1024 (the default here; none divides 600) and 1 to 4 warps."""
+    n, vocab = 12, 600
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    temperature = _temperature([0.5, 1.0, 2.0, 4.0] * 3)
+    seeds = 77 + 7919 * _seeds(n)
+    want = sample_tokens_triton(logits, temperature, seeds)
+    assert (want != logits.argmax(dim=-1)).sum() >= n // 2  # the rows sample: the noise is in play
+    for block_v, warps in [(32, 1), (128, 4), (256, 2), (512, None)]:
+        got = sample_tokens_triton(logits, temperature, seeds, block_v=block_v, num_warps=warps, num_chunks=1)
+        assert torch.equal(got, want), (block_v, warps)
 
 
 def test_ties_across_slices_go_to_the_lowest_index() -> None:

@@ -5,7 +5,9 @@ temperature, the softmax, the noise draw, the divide by the noise, the argmax, a
 the greedy rows. The kernel reads each logit once. Greedy rows (temperature <= 0) keep a running argmax
 of the logits; the others keep a running argmax of logits / temperature + g with Gumbel noise
 g = -log(-log(u)), which picks token i with probability softmax(logits / temperature)[i] (the Gumbel-max
-trick) without ever forming the softmax.
+trick) without ever forming the softmax. The kernel scores sampled rows in base 2, log2(e) * logits /
+temperature - log2(-log2(u)), which is log2(e) times that score less a constant and so has the same
+argmax: on NVIDIA GPUs a log2 is one hardware lg2.approx where a natural log is a libdevice polynomial.
 
 The vocabulary of a row is split across programs: a grid of (rows, slices), each program walking one
 contiguous slice of one row, and a second small launch reducing each row's slice winners to its token
@@ -13,21 +15,27 @@ contiguous slice of one row, and a second small launch reducing each row's slice
 rows; default_num_chunks picks the number of slices from the shapes alone, many for few rows and one
 (a single launch) once the rows alone fill the GPU.
 
-The uniforms come from Triton's counter-based Philox, tl.rand(seed, i), keyed by a per-row int64 seed
-read from a tensor and counted by the global vocabulary index i. A row's token thus depends only on its
-logits, temperature and seed (not on the batch around it, the block size, the number of slices or the
-launch), and no generator state lives on the host, so the launches need no host sync and can sit in a
-CUDA graph. Top-k, top-p, min-p and penalties are not handled here: rows that need them take the torch
-sampler.
+The uniforms come from Triton's counter-based Philox, keyed by a per-row int64 seed read from a tensor:
+one tl.rand4x(seed, c) call gives four, and global vocabulary index i takes output i % 4 of counter
+c = i // 4, so ten Philox rounds serve four logits. A row's token thus depends only on its logits,
+temperature and seed (not on the batch around it, the block size, the number of slices, the warps or
+the launch), and no generator state lives on the host, so the launches need no host sync and can sit
+in a CUDA graph. Top-k, top-p, min-p and penalties are not handled here: rows that need them take the
+torch sampler.
 """
+
+import os
 
 import torch
 
 from mini_infer.kernels._triton import next_pow2, num_sms, require_triton, tl, triton
 
 # u is clamped into [U_MIN, U_MAX] before the two logs. Only an exact 0 falls under U_MIN (Triton's
-# smallest nonzero draw is 2**-31), and U_MAX keeps -log(u) well clear of 0, where a fast approximate
-# log could round it to 0 and make the noise infinite; the clamped mass (about 1e-6) matters to no draw.
+# smallest nonzero draw is 2**-31), and U_MAX keeps -log2(u) >= 1.4e-6, well clear of the error of the
+# fast lg2.approx the kernel uses on NVIDIA GPUs (at most 2**-22 absolute for u in [0.5, 1], CUDA's
+# __log2f), which could otherwise round it to 0 and make the noise infinite; the clamped mass (about
+# 1e-6) matters to no draw. That error is a few times the float32 spacing of u below 1 (2**-24), which
+# every draw already carries.
 U_MIN = 1e-10
 U_MAX = 1.0 - 2.0**-20
 
@@ -39,8 +47,10 @@ U_MAX = 1.0 - 2.0**-20
 # benchmarks/results/h100/sampling_sweep.json): BLOCK_V 2048 with 8 warps (8 elements a thread) and about
 # 4 programs per SM was the best or within 10% of the best configuration for 1 to 256 rows, greedy and
 # sampled. One sampled row takes ~5.5 us (the old one-program-per-row kernel: 96 us), 256 sampled rows
-# ~197 us (206 us). Many sampled rows stay bound by instruction issue, not bandwidth: a sampled logit costs
-# about 120 instructions (ten Philox rounds and two full-precision logs); 256 greedy rows take ~39 us.
+# ~197 us (206 us). Many sampled rows were bound by instruction issue, not bandwidth: a sampled logit cost
+# about 110 instructions in the loop (sm_90 SASS: ten Philox rounds and two full-precision logs a logit);
+# 256 greedy rows take ~39 us. Four uniforms a Philox call and lg2.approx cut that to about 31
+# instructions (the same SASS count, Triton 3.9), not yet timed.
 BLOCK_V = 2048
 ELEMENTS_PER_THREAD = 8
 MAX_WARPS = 16
@@ -108,7 +118,7 @@ def launch_shape(
     A slice is a whole number of blocks and none is empty, so num_chunks is rounded to what tiles the
     row: 7 slices of a 16-block row become 6 slices of 3 blocks.
     """
-    block = max(16, min(block_v or BLOCK_V, next_pow2(vocab)))
+    block = max(16, min(block_v or BLOCK_V, next_pow2(vocab)))  # the kernel walks rows of 8 logits
     if block & (block - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     blocks = -(-vocab // block)
@@ -121,16 +131,57 @@ def launch_shape(
 
 
 @triton.jit
-def _update_best(row_ptr, offs, limit, best, best_idx, sampled, seed, inv_t, MASKED: tl.constexpr, U_MIN, U_MAX):
-    """Folds one block of logits (global vocabulary indices offs) into the per-lane best and its index."""
+def _log2(x, FAST: tl.constexpr):
+    """log2(x): one hardware lg2.approx where FAST (NVIDIA GPUs), else tl.log2 (the interpreter, ROCm).
+
+    On NVIDIA tl.log2 lowers to libdevice's full-precision __nv_log2f, about 20 instructions. The inputs
+    here, u and -log2(u), lie in [1e-10, 34], so flushing subnormals (ftz) changes nothing.
+    """
+    if FAST:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def _update_best(
+    row_ptr,
+    start,
+    limit,
+    best,
+    best_idx,
+    sampled,
+    seed,
+    scale,
+    BLOCK_V: tl.constexpr,
+    MASKED: tl.constexpr,
+    FAST_LOG2: tl.constexpr,
+    U_MIN,
+    U_MAX,
+):
+    """Folds the block of logits from global vocabulary index start into the per-lane best and its index.
+
+    The block is [BLOCK_V // 8, 8], row r holding indices start + 8r .. start + 8r + 7: eight 16-bit
+    logits are one 16-byte load, and the outputs of two Philox calls.
+    """
+    rows = tl.arange(0, BLOCK_V // 8)
+    offs = start + 8 * rows[:, None] + tl.arange(0, 8)[None, :]
     if MASKED:
         score = tl.load(row_ptr + offs, mask=offs < limit, other=float("-inf")).to(tl.float32)
     else:  # no mask: nothing keeps the compiler from 16-byte loads
         score = tl.load(row_ptr + offs).to(tl.float32)
     if sampled:  # the same branch for the whole program: greedy rows skip the Philox draws
-        # the counters are the global indices, so the draws do not depend on the split or the block
-        u = tl.minimum(tl.maximum(tl.rand(seed, offs), U_MIN), U_MAX)
-        score = score * inv_t - tl.log(-tl.log(u))
+        # index i takes output i % 4 of counter i // 4 (start is a multiple of 8), so the draws do not
+        # depend on the split, the block or the warps. [r, k] is counter start // 4 + 2r + k. join stacks
+        # on a new last axis, so joining the pairs (0, 2) and (1, 3) puts output 2b + c at [r, k, b, c],
+        # which the reshape makes [r, 4k + 2b + c]: index start + 8r + 4k + j takes output j.
+        counters = start // 4 + 2 * rows[:, None] + tl.arange(0, 2)[None, :]
+        u0, u1, u2, u3 = tl.rand4x(seed, counters)
+        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK_V // 8, 8])
+        u = tl.minimum(tl.maximum(u, U_MIN), U_MAX)
+        # log2(e) * (logit / temperature + g) less a constant: the same argmax, with two log2 for two ln
+        score = score * scale - _log2(-_log2(u, FAST_LOG2), FAST_LOG2)
     take = score > best  # false for NaN: a NaN logit never wins
     return tl.where(take, score, best), tl.where(take, offs, best_idx)
 
@@ -148,6 +199,7 @@ def _sample_chunk_kernel(
     chunk_len,
     BLOCK_V: tl.constexpr,
     SPLIT: tl.constexpr,
+    FAST_LOG2: tl.constexpr,
     U_MIN: tl.constexpr,
     U_MAX: tl.constexpr,
     INDEX_MASK: tl.constexpr,
@@ -158,25 +210,24 @@ def _sample_chunk_kernel(
     temperature = tl.load(temperature_ptr + row)
     seed = tl.load(seeds_ptr + row)
     sampled = temperature > 0.0
-    inv_t = 1.0 / tl.where(sampled, temperature, 1.0)
-    lanes = tl.arange(0, BLOCK_V)
-    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_V], tl.int32)
+    scale = 1.4426950408889634 / tl.where(sampled, temperature, 1.0)  # log2(e) / temperature
+    best = tl.full([BLOCK_V // 8, 8], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_V // 8, 8], tl.int32)
     chunk_start = chunk * chunk_len  # a multiple of BLOCK_V
     chunk_end = tl.minimum(chunk_start + chunk_len, vocab)
     full_end = chunk_start + (chunk_end - chunk_start) // BLOCK_V * BLOCK_V
     for start in range(chunk_start, full_end, BLOCK_V):
         best, best_idx = _update_best(
-            row_ptr, start + lanes, chunk_end, best, best_idx, sampled, seed, inv_t, False, U_MIN, U_MAX
+            row_ptr, start, chunk_end, best, best_idx, sampled, seed, scale, BLOCK_V, False, FAST_LOG2, U_MIN, U_MAX
         )
     if full_end < chunk_end:  # the row's last, partial block
         best, best_idx = _update_best(
-            row_ptr, full_end + lanes, chunk_end, best, best_idx, sampled, seed, inv_t, True, U_MIN, U_MAX
+            row_ptr, full_end, chunk_end, best, best_idx, sampled, seed, scale, BLOCK_V, True, FAST_LOG2, U_MIN, U_MAX
         )
-    top = tl.max(best, axis=0)
+    top = tl.max(best, axis=None)
     # a slice of -inf leaves every lane at -inf with index 0, so an all -inf row gives token 0, as
     # torch.argmax does
-    token = tl.min(tl.where(best == top, best_idx, INDEX_MASK), axis=0)
+    token = tl.min(tl.where(best == top, best_idx, INDEX_MASK), axis=None)
     if SPLIT:
         top = tl.where(top == 0.0, 0.0, top)  # -0.0 ties +0.0, as in the float compares above
         bits = top.to(tl.int32, bitcast=True)
@@ -238,6 +289,8 @@ def sample_tokens_triton(
     if vocab > 2**30:  # int32 offsets, with a block to spare, and 31-bit indices in the keys
         raise ValueError(f"a vocabulary of {vocab} tokens is too large")
     block, chunks, chunk_len, warps = launch_shape(n, vocab, num_sms(logits.device), block_v, num_chunks, num_warps)
+    # lg2.approx is PTX: not for ROCm, nor for the interpreter (which a CUDA machine can run too)
+    fast_log2 = logits.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
     split = chunks > 1
     if not split:
         dst = out = torch.empty(n, dtype=torch.int64, device=logits.device) if out is None else out
@@ -258,6 +311,7 @@ def sample_tokens_triton(
         chunk_len,
         BLOCK_V=block,
         SPLIT=split,
+        FAST_LOG2=fast_log2,
         U_MIN=U_MIN,
         U_MAX=U_MAX,
         INDEX_MASK=INDEX_MASK,
