@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mini_infer import LLMEngine, SamplingParams
-from mini_infer.bench.throughput import make_plan, make_workload
+from mini_infer.bench.throughput import make_plan, make_workload, static_step_bound
 from mini_infer.cli import main as cli_main
 from mini_infer.config import EngineConfig
 
@@ -98,6 +98,18 @@ def test_throughput_cli_end_to_end(throughput_record):
     assert runs["mini-infer-static"]["extra"]["static_batching"] is True
     assert "mini-infer / mini-infer-static" in record["ratios"]
     assert record["environment"]["command"]
+
+
+def test_static_step_bound():
+    """Waves [4, 10], [2, 8], [6] take 10 + 8 + 6 steps; continuous needs max(ceil(30 / 2), 10)."""
+    assert static_step_bound([4, 10, 2, 8, 6], 2) == {"static_steps": 24, "continuous_steps": 15,
+                                                      "max_speedup": 1.6}
+    assert static_step_bound([5, 5], 4)["max_speedup"] == 1.0  # one wave, as long as its longest
+
+
+def test_throughput_record_has_the_static_bound(throughput_record):
+    assert throughput_record["static_step_bound"] == {"static_steps": 6, "continuous_steps": 6,
+                                                      "max_speedup": 1.0}
 
 
 def test_step_log_lists_what_each_step_ran(throughput_record, throughput_dir):

@@ -76,6 +76,10 @@ def throughput_lines(name: str, record: dict[str, Any]) -> list[str]:
             lines.append(line)
     for ratio, value in record.get("ratios", {}).items():
         lines.append(f"\nratio {ratio}: **{value:.2f}x**")
+    if bound := record.get("static_step_bound"):
+        lines.append(f"\nstatic batching needs {bound['static_steps']} decode steps, continuous at least "
+                     f"{bound['continuous_steps']}: at equal step cost continuous batching gains at most "
+                     f"{bound['max_speedup']:.2f}x on these requests")
     return lines
 
 

@@ -416,6 +416,22 @@ def make_plan(args: argparse.Namespace, num_prompts: int) -> tuple[str, list[Pla
                                                      p.eager_prefill, -p.num_requests))
 
 
+def static_step_bound(output_lens: list[int], max_num_seqs: int) -> dict[str, float | int]:
+    """The most continuous batching can gain over static batching on these requests, in decode steps.
+
+    Static batching runs waves of max_num_seqs requests in arrival order, each as many steps as its
+    longest output; continuous batching needs at least total output / max_num_seqs steps, and at least
+    the longest output. With every step costing the same (the best case for continuous batching: a
+    static step that carries few sequences costs as much as a full one), the speedup is at most the ratio
+    of the two; where per-step cost grows with the batch, as in KV-bound decode, it is less.
+    """
+    waves = [output_lens[i : i + max_num_seqs] for i in range(0, len(output_lens), max_num_seqs)]
+    static_steps = sum(max(w) for w in waves)
+    continuous_steps = max(-(-sum(output_lens) // max_num_seqs), max(output_lens, default=0))
+    return {"static_steps": static_steps, "continuous_steps": continuous_steps,
+            "max_speedup": static_steps / continuous_steps if continuous_steps else 1.0}
+
+
 def _ratios(results: list[RunResult], main_label: str) -> dict[str, float]:
     """Main tok/s over each other run's tok/s, each against the main run on the same requests."""
     main_base = main_label.split("@")[0]
@@ -482,6 +498,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 shape, hw, workload.head(n).shape_pairs(), base.max_num_seqs, dtype_nbytes(dtype)
             )
         record["roofline_ideal"] = {str(n): est.to_dict() for n, est in ideals.items()}
+    if any(p.static_batching for p in plans):
+        record["static_step_bound"] = static_step_bound(workload.output_lens, base.max_num_seqs)
 
     results: list[RunResult] = []
     engine, engine_kind = None, None
@@ -557,6 +575,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     print(f"model {args.model} ({record['dtype']}), device {record['environment']['device']}, "
           f"hardware {record['hardware'] or 'n/a (no roofline on CPU)'}")
     print_table(results, record["ratios"])
+    if bound := record.get("static_step_bound"):
+        print(f"static batching: {bound['static_steps']} decode steps, continuous: at least "
+              f"{bound['continuous_steps']}; at equal step cost, at most {bound['max_speedup']:.2f}x")
     return record
 
 
