@@ -77,7 +77,8 @@ want latency && step "latency_$LARGE" 120 "${BENCH[@]}" latency --model "$LARGE"
     --batch-sizes "$BATCHES" "${LAT_LEN[@]}" --output-json "$OUT/latency_$LARGE.json"
 
 want throughput_small && step "throughput_$SMALL" 240 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
-    --compare sync,hf,hf-static --hf-num-prompts "$HF_SMALL" --output-json "$OUT/throughput_$SMALL.json"
+    --compare sync,hf,hf-static --hf-num-prompts "$HF_SMALL" --output-json "$OUT/throughput_$SMALL.json" \
+    --step-log "$OUT/steps_$SMALL.json"
 
 want static && step "static_vs_continuous_$SMALL" 150 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
     --max-num-seqs "$STATIC_SEQS" --compare static,eager-prefill --output-json "$OUT/static_vs_continuous_$SMALL.json"
