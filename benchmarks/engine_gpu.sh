@@ -14,7 +14,7 @@
 #      of them, mini-infer rerun on those 8 (240)
 #   3. static vs continuous, Qwen3-0.6B: the same 256 requests, max_num_seqs 64; also with
 #      prefill steps run eagerly (no prefill CUDA graphs)                                  (150)
-#   4. throughput Llama-3-8B: 256 requests; transformers generate_batch on the first 32      (170)
+#   4. throughput Llama-3-8B: 256 requests; transformers generate_batch on the first 32      (240)
 # With all 256 requests in one batch (max_num_seqs 256) static and continuous batching schedule the
 # same steps, so step 3 caps the batch at 64: four static waves, each waiting for its longest request.
 set -u
@@ -83,7 +83,7 @@ want throughput_small && step "throughput_$SMALL" 240 "${BENCH[@]}" throughput -
 want static && step "static_vs_continuous_$SMALL" 150 "${BENCH[@]}" throughput --model "$SMALL" "${COMMON[@]}" "${WORK[@]}" \
     --max-num-seqs "$STATIC_SEQS" --compare static,eager-prefill --output-json "$OUT/static_vs_continuous_$SMALL.json"
 
-want throughput_large && step "throughput_$LARGE" 170 "${BENCH[@]}" throughput --model "$LARGE" "${COMMON[@]}" "${WORK[@]}" \
+want throughput_large && step "throughput_$LARGE" 240 "${BENCH[@]}" throughput --model "$LARGE" "${COMMON[@]}" "${WORK[@]}" \
     --compare hf --hf-num-prompts "$HF_LARGE" --output-json "$OUT/throughput_$LARGE.json"
 
 echo "== plots"
