@@ -195,3 +195,19 @@ def test_report_tables(tmp_path, latency_record, throughput_record):
     text = report(tmp_path)
     assert "| 3 |" in text and "| mini-infer-static | 4 |" in text
     assert "ratio mini-infer / mini-infer-static" in text and "### Targets" in text
+
+
+def test_transformers_stopped_at_its_time_limit_gives_a_lower_bound(tmp_path, stories_path):
+    """A zero time limit stops transformers before any request finishes: its row counts every requested
+    token over the elapsed time (an upper bound on its tok/s), and the ratio's key says lower bound."""
+    out = tmp_path / "hf_limit.json"
+    rc = cli_main(["bench", "throughput", "--model", "tiny-llama", "--load-format", "dummy", "--tokenizer",
+                   stories_path, "--num-prompts", "2", "--input-len", "12", "--output-len", "4",
+                   "--compare", "hf", "--hf-time-limit", "0", "--output-json", str(out)])
+    record = _read(out)
+    assert rc == 0, record["errors"]
+    hf = {r["backend"]: r for r in record["runs"]}["hf"]
+    assert hf["extra"]["stopped_at_time_limit"] == 0
+    assert hf["extra"]["finished_requests"] == 0 and hf["output_tokens"] == 8
+    [(name, value)] = record["ratios"].items()
+    assert name == "mini-infer / hf (lower bound: transformers stopped at its time limit)" and value > 0

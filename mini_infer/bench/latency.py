@@ -26,6 +26,7 @@ from mini_infer.bench.common import (
     hardware_dict,
     mean_step_timings,
     shut_down,
+    step_log,
     write_json,
 )
 from mini_infer.bench.roofline import Hardware, decode_step_cost, measure_hardware
@@ -51,6 +52,7 @@ class BatchResult:
     ideal_step_seconds: list[float] = field(default_factory=list)
     host_gpu: dict[str, float | None] = field(default_factory=dict)
     hbm_bytes_per_s: float | None = None
+    engine_steps: list[list[float | int | None]] = field(default_factory=list)  # every step, from the engine
 
     @property
     def decode_seconds(self) -> float:
@@ -96,6 +98,10 @@ class BatchResult:
             "hbm_fraction": self.hbm_fraction,
             "roofline_fraction": self.roofline_fraction,
             **self.host_gpu,
+            # the step wall times behind the mean, so one slow step shows as what it is
+            "decode_step_ms": [round(1e3 * s.seconds, 3) for s in self.decode_steps],
+            "engine_steps": {"columns": ["host_ms", "gpu_ms", "num_decodes", "num_prefill_tokens"],
+                             "steps": self.engine_steps},
         }
 
 
@@ -154,6 +160,8 @@ def measure_batch(
         result.ideal_step_seconds = [c.ideal_seconds(hw) for c in costs]
     if timings:
         result.host_gpu = mean_step_timings(timings)
+        if hasattr(timings[0], "num_decodes"):
+            result.engine_steps = step_log(timings)
     return result
 
 

@@ -74,9 +74,10 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
         values = [r["output_tok_per_s"] for r in runs]
         bars = ax.bar(range(len(runs)), values, color=["C0" if "mini-infer" in b else "C1" for b in labels])
         for bar, run in zip(bars, runs):
-            note = f"{run['output_tok_per_s']:.0f}"
+            at_most = "≤ " if run.get("extra", {}).get("stopped_at_time_limit") is not None else ""
+            note = f"{at_most}{run['output_tok_per_s']:.0f}"
             if run.get("roofline_fraction") is not None:
-                note += f"\n{100 * run['roofline_fraction']:.0f}% roof"
+                note += f"\n{at_most}{100 * run['roofline_fraction']:.0f}% roof"
             ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                         va="bottom", fontsize=8)
         ax.set_xticks(range(len(runs)), [f"{b}\n({r['num_requests']} req)" for b, r in zip(labels, runs)],

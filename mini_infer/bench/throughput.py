@@ -51,6 +51,7 @@ from mini_infer.bench.roofline import (
 NANO_VLLM_TOKEN_ID_MAX = 10000
 BACKENDS = ("mini-infer", "hf", "hf-static")
 COMPARE_CHOICES = ("continuous", "static", "sync", "eager-prefill", "hf", "hf-static")
+LOWER_BOUND = " (lower bound: transformers stopped at its time limit)"
 
 
 @dataclass
@@ -252,12 +253,18 @@ def _accepted(fn: Callable, **kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def run_hf_continuous(hf_model: Any, workload: Workload, temperature: float) -> RunResult:
+def run_hf_continuous(
+    hf_model: Any, workload: Workload, temperature: float, time_limit: float | None = None
+) -> RunResult:
     """transformers' continuous batching (paged attention), one request per prompt, EOS disabled.
 
     This is the manager `generate_batch` wraps; it is driven directly because `generate_batch` takes a
     single max_new_tokens for all prompts, while this workload gives each request its own length.
     Its warmup (CUDA-graph capture) happens before the clock starts, as our engine's does at init.
+
+    With `time_limit` the run stops once that many seconds have passed. The whole workload then takes
+    longer than the elapsed time, so the result counts every requested token over that time: its tok/s
+    is an upper bound on transformers' and any ratio against it a lower bound (`stopped_at_time_limit`).
     """
     gen_config = _hf_generation_config(temperature, max(workload.output_lens))
     gen_config.eos_token_id = -1  # no EOS: the request runs to its max_new_tokens (ignore_eos)
@@ -281,6 +288,7 @@ def run_hf_continuous(hf_model: Any, workload: Workload, temperature: float) -> 
         )
     cm = hf_model.continuous_batching_context_manager
     results: dict[str, int] = {}
+    finish_seconds: list[float] = []
     with cm(**_accepted(cm, **cm_kwargs)) as manager:
         attn_implementation = getattr(hf_model.config, "_attn_implementation", None)
         start = time.perf_counter()
@@ -290,6 +298,8 @@ def run_hf_continuous(hf_model: Any, workload: Workload, temperature: float) -> 
                             max_new_tokens=out_len, eos_token_id=-1)
             )
         while len(results) < len(workload):
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                break
             result = manager.get_result(timeout=1)
             if result is None:
                 if not manager.is_running():
@@ -299,14 +309,21 @@ def run_hf_continuous(hf_model: Any, workload: Workload, temperature: float) -> 
                 if getattr(result, "error", None):
                     raise RuntimeError(f"transformers request {result.request_id} failed: {result.error}")
                 results[result.request_id] = len(result.generated_tokens)
+                finish_seconds.append(round(time.perf_counter() - start, 3))
         wall = time.perf_counter() - start
+    extra: dict[str, Any] = {"attn_implementation": attn_implementation, "finish_seconds": finish_seconds}
+    output_tokens = sum(results.values())
+    if len(results) < len(workload):
+        extra.update(stopped_at_time_limit=time_limit, finished_requests=len(results),
+                     finished_output_tokens=output_tokens)
+        output_tokens = workload.output_tokens  # all of it, in less time than it takes: an upper bound
     return RunResult(
         backend="hf",
         num_requests=len(workload),
         wall_seconds=wall,
         prompt_tokens=workload.prompt_tokens,
-        output_tokens=sum(results.values()),
-        extra={"attn_implementation": attn_implementation},
+        output_tokens=output_tokens,
+        extra=extra,
     )
 
 
@@ -433,14 +450,18 @@ def static_step_bound(output_lens: list[int], max_num_seqs: int) -> dict[str, fl
 
 
 def _ratios(results: list[RunResult], main_label: str) -> dict[str, float]:
-    """Main tok/s over each other run's tok/s, each against the main run on the same requests."""
+    """Main tok/s over each other run's tok/s, each against the main run on the same requests.
+
+    A peer stopped at its time limit did not finish: the ratio against it is a lower bound, and its key
+    says so."""
     main_base = main_label.split("@")[0]
     main_by_size = {r.num_requests: r for r in results if r.backend.split("@")[0] == main_base}
     ratios = {}
     for r in results:
         main = main_by_size.get(r.num_requests)
         if main is not None and r is not main and r.backend.split("@")[0] != main_base:
-            ratios[f"{main.backend} / {r.backend}"] = main.output_tok_per_s / r.output_tok_per_s
+            bound = LOWER_BOUND if r.extra.get("stopped_at_time_limit") is not None else ""
+            ratios[f"{main.backend} / {r.backend}{bound}"] = main.output_tok_per_s / r.output_tok_per_s
     return ratios
 
 
@@ -454,7 +475,7 @@ def print_table(results: list[RunResult], ratios: dict[str, float]) -> None:
         print(f"{r.backend:<22}{r.num_requests:>6}{r.wall_seconds:>9.2f}{r.output_tok_per_s:>12.1f}"
               f"{r.total_tok_per_s:>13.1f}{fmt_pct(r.roofline_fraction):>10}{kv:>9}")
     for name, value in ratios.items():
-        print(f"ratio {name}: {value:.2f}x")
+        print(f"ratio {name}: {'>= ' if 'lower bound' in name else ''}{value:.2f}x")
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -539,7 +560,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         args.model, base.load_format, device, dtype, args.hf_attn_implementation
                     )
                 if plan.backend == "hf":
-                    result = run_hf_continuous(hf_model, sub, args.temperature)
+                    result = run_hf_continuous(hf_model, sub, args.temperature, args.hf_time_limit)
                 else:
                     result = run_hf_static(hf_model, sub, args.temperature, args.hf_static_batch_size,
                                            args.hf_cache_implementation)
@@ -564,6 +585,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[throughput] {plan.label}: {result.wall_seconds:.2f}s, "
               f"{result.output_tok_per_s:.1f} out tok/s, roofline {fmt_pct(result.roofline_fraction)}",
               flush=True)
+        if (limit := result.extra.get("stopped_at_time_limit")) is not None:
+            print(f"[throughput] {plan.label} stopped at its {limit:g} s limit with "
+                  f"{result.extra['finished_requests']} of {len(sub)} requests finished: its tok/s and "
+                  "roofline above are upper bounds", flush=True)
         write_json(args.output_json, record)
     if engine is not None:
         shut_down(engine)
@@ -608,6 +633,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     bench.add_argument("--hf-static-batch-size", type=int, default=64)
     bench.add_argument("--hf-cache-implementation", default=None, help="e.g. static (hf-static only)")
     bench.add_argument("--hf-attn-implementation", default=None)
+    bench.add_argument("--hf-time-limit", type=float, default=None,
+                       help="stop transformers' continuous batching after this many seconds; the ratio "
+                            "against it is then a lower bound")
     bench.add_argument("--output-json", default=None)
     bench.add_argument("--step-log", default=None,
                        help="write the main run's per-step host ms, GPU ms, decodes and prefill tokens here")
