@@ -7,6 +7,7 @@ import json
 import platform
 import shlex
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,6 +151,30 @@ def step_log(timings: Any) -> list[list[float | int | None]]:
 
 def fmt_pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+@contextmanager
+def gc_pauses() -> Iterator[dict[str, float | int]]:
+    """Python garbage collections while the block runs: how many, and the longest and total pause. A full
+    collection over a large heap stalls the host for a fraction of a second, which the GPU then waits out."""
+    summary: dict[str, float | int] = {"collections": 0, "full_collections": 0, "total_ms": 0.0, "max_ms": 0.0}
+    started: list[float] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            ms = 1e3 * (time.perf_counter() - started.pop())
+            summary["collections"] += 1
+            summary["full_collections"] += info.get("generation") == 2
+            summary["total_ms"] += ms
+            summary["max_ms"] = max(summary["max_ms"], ms)
+
+    gc.callbacks.append(callback)
+    try:
+        yield summary
+    finally:
+        gc.callbacks.remove(callback)
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from mini_infer.bench.common import (
     engine_shape,
     environment,
     fmt_pct,
+    gc_pauses,
     hardware_dict,
     mean_step_timings,
     shut_down,
@@ -53,6 +54,7 @@ class BatchResult:
     host_gpu: dict[str, float | None] = field(default_factory=dict)
     hbm_bytes_per_s: float | None = None
     engine_steps: list[list[float | int | None]] = field(default_factory=list)  # every step, from the engine
+    gc_during_run: dict[str, float | int] = field(default_factory=dict)
 
     @property
     def decode_seconds(self) -> float:
@@ -100,6 +102,7 @@ class BatchResult:
             **self.host_gpu,
             # the step wall times behind the mean, so one slow step shows as what it is
             "decode_step_ms": [round(1e3 * s.seconds, 3) for s in self.decode_steps],
+            "gc_during_run": self.gc_during_run,
             "engine_steps": {"columns": ["host_ms", "gpu_ms", "num_decodes", "num_prefill_tokens"],
                              "steps": self.engine_steps},
         }
@@ -111,17 +114,29 @@ def _params(max_tokens: int) -> Any:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def run_batch(engine: Any, workload: Workload, tag: str) -> tuple[float, list[StepRecord], list]:
-    """Runs one batch to completion; returns wall time, the pure decode steps, and the engine's timings."""
+def run_batch(engine: Any, workload: Workload, tag: str) -> tuple[float, list[StepRecord], list, dict]:
+    """Runs one batch to completion; returns wall time, the pure decode steps, the engine's timings and the
+    garbage collections during the run."""
     batch = len(workload)
     prompt_len = {f"{tag}-{i}": len(p) for i, p in enumerate(workload.prompts)}
     counts = dict.fromkeys(prompt_len, 0)
     timings = getattr(engine, "step_timings", None)
     timings_start = len(timings) if timings is not None else 0
     decode_steps: list[StepRecord] = []
-    start = time.perf_counter()
-    for rid, prompt, out_len in zip(prompt_len, workload.prompts, workload.output_lens):
-        engine.add_request(rid, {"prompt_token_ids": prompt}, _params(out_len))
+    with gc_pauses() as collections:
+        start = time.perf_counter()
+        for rid, prompt, out_len in zip(prompt_len, workload.prompts, workload.output_lens):
+            engine.add_request(rid, {"prompt_token_ids": prompt}, _params(out_len))
+        _step_until_done(engine, batch, prompt_len, counts, decode_steps)
+        wall = time.perf_counter() - start
+    new_timings = list(timings[timings_start:]) if timings is not None else []
+    return wall, decode_steps, new_timings, collections
+
+
+def _step_until_done(engine: Any, batch: int, prompt_len: dict[str, int], counts: dict[str, int],
+                     decode_steps: list[StepRecord]) -> None:
+    """Steps until every request finished, recording each pure decode step (all `batch` requests moved
+    by exactly one token) with its wall time."""
     while engine.has_unfinished_requests():
         step_start = time.perf_counter()
         outputs = engine.step()
@@ -134,9 +149,6 @@ def run_batch(engine: Any, workload: Workload, tag: str) -> tuple[float, list[St
         )
         if pure_decode:
             decode_steps.append(StepRecord(seconds, [prompt_len[r] + before[r] for r in before]))
-    wall = time.perf_counter() - start
-    new_timings = list(timings[timings_start:]) if timings is not None else []
-    return wall, decode_steps, new_timings
 
 
 def measure_batch(
@@ -149,10 +161,10 @@ def measure_batch(
     warm = make_workload(batch_size, vocab, seed=10_000 + seed, input_len=input_len, output_len=output_len)
     run_batch(engine, warm, f"warm{batch_size}")
     workload = make_workload(batch_size, vocab, seed=seed, input_len=input_len, output_len=output_len)
-    wall, steps, timings = run_batch(engine, workload, f"b{batch_size}")
+    wall, steps, timings, collections = run_batch(engine, workload, f"b{batch_size}")
     if not steps:
         raise RuntimeError(f"batch {batch_size}: no pure decode step (output_len {output_len} too short?)")
-    result = BatchResult(batch_size, input_len, output_len, wall, steps)
+    result = BatchResult(batch_size, input_len, output_len, wall, steps, gc_during_run=collections)
     costs = [decode_step_cost(shape, s.context_lens, dtype_bytes) for s in steps]
     result.bytes_per_step = [c.bytes for c in costs]
     if hw is not None:

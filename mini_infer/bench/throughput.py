@@ -31,6 +31,7 @@ from mini_infer.bench.common import (
     environment,
     fmt_pct,
     free_device_memory,
+    gc_pauses,
     hardware_dict,
     load_model_config,
     mean_step_timings,
@@ -175,7 +176,7 @@ def run_mini_infer(
     generated: dict[str, int] = {}
     steps = 0
     block_size = engine.config.block_size
-    with triton_compiles() as compiled:
+    with triton_compiles() as compiled, gc_pauses() as collections:
         start = time.perf_counter()
         for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
             params = _sampling_params(temperature, out_len)
@@ -201,6 +202,7 @@ def run_mini_infer(
         "static_batching": bool(getattr(engine.config, "static_batching", False)),
         "max_num_seqs": engine.config.max_num_seqs,
         "triton_compiles_during_run": compiled,
+        "gc_during_run": collections,
     }
     run_timings = timings[timings_start:] if timings is not None else []
     if run_timings:
