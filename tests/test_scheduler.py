@@ -32,3 +32,20 @@ def test_priority_orders_admission(stories_path):
     while engine.has_unfinished_requests():
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == ["high", "mid", "low"]
+
+
+def test_engine_freezes_its_startup_heap_and_is_still_freed_when_dropped(stories_path):
+    """The startup objects are frozen out of full collections (they stalled decode steps), yet a dropped
+    engine, its runner and its KV cache are still freed."""
+    import gc
+    import weakref
+
+    engine = LLMEngine(EngineConfig(model=stories_path, max_model_len=256))
+    assert gc.get_freeze_count() > 0
+    engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    alive = [weakref.ref(engine), weakref.ref(engine.model_runner)]
+    del engine
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None]
