@@ -155,8 +155,10 @@ class LLMEngine:
         # What exists now (modules, compiled kernels, graphs, the tokenizer) lives as long as the engine.
         # Frozen, it is left out of Python's full collections, which then scan only what the steps
         # allocate: unfrozen, one full collection stalled a batch-128 decode step for 0.25 s on the H100
-        # (mini-infer bench latency, gc_during_run). Unfrozen again at exit, so the interpreter's last
-        # collections still free it (one exit hook however many engines).
+        # (mini-infer bench latency, gc_during_run). The freeze is process-wide: whatever else is alive
+        # now is frozen too, and a reference cycle among those objects is not reclaimed before exit
+        # (plain references still are). Unfrozen at exit, so the interpreter's last collections free
+        # them (one exit hook however many engines).
         gc.collect()
         gc.freeze()
         atexit.unregister(gc.unfreeze)

@@ -211,3 +211,10 @@ def test_transformers_stopped_at_its_time_limit_gives_a_lower_bound(tmp_path, st
     assert hf["extra"]["finished_requests"] == 0 and hf["output_tokens"] == 8
     [(name, value)] = record["ratios"].items()
     assert name == "mini-infer / hf (lower bound: transformers stopped at its time limit)" and value > 0
+
+
+def test_negative_time_limit_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "throughput", "--model", "tiny-llama", "--hf-time-limit", "-1"])
+    assert exit_info.value.code == 2
+    assert "cannot be negative" in capsys.readouterr().err

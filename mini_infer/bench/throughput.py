@@ -635,7 +635,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     bench.add_argument("--hf-static-batch-size", type=int, default=64)
     bench.add_argument("--hf-cache-implementation", default=None, help="e.g. static (hf-static only)")
     bench.add_argument("--hf-attn-implementation", default=None)
-    bench.add_argument("--hf-time-limit", type=float, default=None,
+    bench.add_argument("--hf-time-limit", type=_seconds, default=None,
                        help="stop transformers' continuous batching after this many seconds; the ratio "
                             "against it is then a lower bound")
     bench.add_argument("--output-json", default=None)
@@ -644,6 +644,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add_engine_args(parser)
     parser.set_defaults(func=cli_entry)
     return parser
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a time limit cannot be negative, got {text}")
+    return value
 
 
 def _compare_list(text: str) -> list[str]:
