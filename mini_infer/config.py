@@ -47,6 +47,8 @@ class EngineConfig:
     kernel_backend: str = "auto"
     static_batching: bool = False
     async_scheduling: bool = True  # queue step N+1 before reading step N's tokens (see engine.py)
+    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for
+    max_seqs_per_request: int = 128  # the largest n (a server also counts n x prompts of one call)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -61,6 +63,9 @@ class EngineConfig:
         _check_positive("max_num_seqs", self.max_num_seqs)
         _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _check_positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
+        _check_positive("max_seqs_per_request", self.max_seqs_per_request)
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be a non-negative integer, got {self.max_logprobs!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size % 16:
             raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -28,22 +28,51 @@ class Detokenizer:
         self.tokenizer = tokenizer
         tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         self.byte_token_ids = frozenset(i for i, t in enumerate(tokens) if t and BYTE_TOKEN.match(t))
+        # No token decodes to more characters than its own spelling has (byte-level BPE spells one byte
+        # per character, SentencePiece one character per character), so this bounds text per token.
+        self.max_token_chars = max((len(t) for t in tokens if t), default=1)
 
     def decode(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
     def new_text(self, seq: Sequence, flush: bool = False) -> str:
         """The text that the newest generated ids add; advances the sequence's window."""
-        ids = seq.output_token_ids
-        if not flush and ids and ids[-1] in self.byte_token_ids:
-            return ""
-        skip = seq.params.skip_special_tokens
-        prefix_text = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-        full_text = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+        text, seq.prefix_offset, seq.read_offset = self._advance(
+            seq.output_token_ids, seq.prefix_offset, seq.read_offset, seq.params.skip_special_tokens, flush)
+        return text
+
+    def _advance(self, ids: list[int], prefix_offset: int, read_offset: int, skip: bool, flush: bool,
+                 end: int | None = None) -> tuple[str, int, int]:
+        """(new text, new prefix offset, new read offset) once ids[:end] are known."""
+        end = len(ids) if end is None else end
+        if not flush and end and ids[end - 1] in self.byte_token_ids:
+            return "", prefix_offset, read_offset
+        prefix_text = self.tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=skip)
+        full_text = self.tokenizer.decode(ids[prefix_offset:end], skip_special_tokens=skip)
         if len(full_text) > len(prefix_text) and (flush or not full_text.endswith(REPLACEMENT_CHAR)):
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-            return full_text[len(prefix_text) :]
-        return ""
+            return full_text[len(prefix_text) :], read_offset, end
+        return "", prefix_offset, read_offset
+
+    def token_texts(self, ids: list[int], skip_special_tokens: bool = True) -> list[str]:
+        """One piece per token that joins to exactly decode(ids): each token's piece is the text that
+        becomes final with it (a character split over byte tokens goes to the one completing it)."""
+        pieces, prefix, read = [], 0, 0
+        for end in range(1, len(ids) + 1):
+            text, prefix, read = self._advance(ids, prefix, read, skip_special_tokens, end == len(ids), end)
+            pieces.append(text)
+        return pieces
+
+    def next_token_texts(self, seq: Sequence, candidates: list[int]) -> list[str]:
+        """What each candidate would add as the sequence's next token, in the context of its text so far
+        (so SentencePiece's leading spaces survive); for logprobs' alternatives."""
+        skip = seq.params.skip_special_tokens
+        window = seq.output_token_ids[seq.prefix_offset :]
+        base = self.tokenizer.decode(window, skip_special_tokens=skip)
+        texts = []
+        for token in candidates:
+            full = self.tokenizer.decode([*window, token], skip_special_tokens=skip)
+            texts.append(full[len(base) :] if full.startswith(base) else self.decode(token))
+        return texts
 
 
 def find_stop_string(seq: Sequence, num_new_chars: int) -> tuple[str, int] | None:

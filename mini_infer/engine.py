@@ -35,7 +35,7 @@ from mini_infer.model_loader import (
     resolve_model_path,
 )
 from mini_infer.model_runner import ModelRunner, PendingStep
-from mini_infer.outputs import CompletionOutput, Logprob, RequestOutput
+from mini_infer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import Scheduler, SchedulerOutput
 from mini_infer.sequence import Sequence
@@ -59,6 +59,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    num_scheduled_tokens: int
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class _InFlight:
     pending: PendingStep
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None
     timing: StepTiming | None = None
+    prompt_logprob_seqs: list[Sequence] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class _Request:
     arrival_time: float
     final_only: bool = False
     num_unfinished: int = 0
+    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         self.num_unfinished = len(self.seqs)
@@ -99,6 +102,18 @@ class _Request:
     @property
     def finished(self) -> bool:
         return self.num_unfinished == 0
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A fault that leaves the device unusable for every request (a sticky CUDA error), as opposed to one
+    that a request's own data or a bug in its processing caused."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in message for marker in ("CUDA error", "CUBLAS_STATUS", "device-side assert", "illegal memory access")
+    )
 
 
 def load_tokenizer(name_or_path: str, required: bool):
@@ -148,6 +163,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.num_scheduled_tokens = 0  # over all steps: the metrics' per-iteration token counts are its steps
         self.step_timings: list[StepTiming] = []
         self._timed = device.type == "cuda"
         self.in_flight: _InFlight | None = None
@@ -169,10 +185,15 @@ class LLMEngine:
         return cls(EngineConfig(model=model, **kwargs))
 
     # -- requests -----------------------------------------------------------------------------
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt. Thread-safe, so servers run it off the engine's thread; a text
+        too long to fit max_model_len whatever its tokens is refused before it is tokenized."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, list | tuple) or not all(type(t) is int for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(ids)
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -180,10 +201,30 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass prompts as token ids")
-            return prompt, self.tokenizer.encode(prompt) if prompt else []
-        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            # Normalization may merge characters, hence the margin of 4.
+            if len(prompt) > 4 * self.max_model_len * self.detokenizer.max_token_chars:
+                raise ValueError(f"the prompt has {len(prompt)} characters, more tokens than max_model_len "
+                                 f"({self.max_model_len}) holds")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
+        if isinstance(prompt, list | tuple) and all(type(t) is int for t in prompt):
             return None, list(prompt)
         raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """The checks of a request's parameters that need the model (SamplingParams checks the rest)."""
+        vocab, config = self.model_config.vocab_size, self.config
+        if params.n > config.max_seqs_per_request:
+            raise ValueError(f"n must be at most max_seqs_per_request={config.max_seqs_per_request}, got {params.n}")
+        if params.top_k > vocab:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab} (or -1 for off), got {params.top_k}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > config.max_logprobs:
+                raise ValueError(f"{name} must be at most max_logprobs={config.max_logprobs}, got {value}")
+        for name, ids in params.token_ids_to_check().items():
+            outside = [t for t in ids if not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab}): {outside[:4]}")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0) -> None:
@@ -191,18 +232,19 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
-        text, ids = self._tokenize(prompt)
+        self._check_params(params)
+        text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got one of {max(ids)}")
         room = self.max_model_len - len(ids)
         if room < 1:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                 "it must be shorter to leave room for generated tokens"
             )
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got one of {max(ids)}")
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room:
             raise ValueError(
@@ -245,7 +287,11 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Queues one batch, then returns an output for every request that moved in the step before it
-        (in the same step when async scheduling is off or a request uses penalties)."""
+        (in the same step when async scheduling is off or a request uses penalties).
+
+        A fault in one request's processing finishes that request with finish_reason "error" and the
+        others go on; a fault in the batch's forward pass fails that batch's requests. Only a device
+        fault (a CUDA error, after which nothing on the GPU can be trusted) propagates."""
         start = time.perf_counter()
         sync = not self.config.async_scheduling or self.num_penalty_requests > 0
         outputs: list[RequestOutput] = []
@@ -254,7 +300,7 @@ class LLMEngine:
             waited, gpu = self._finish_step(self.in_flight, outputs)
             self.in_flight = None
         out = self.scheduler.schedule()
-        launched = self._launch(out) if out else None
+        launched = self._launch(out, outputs) if out else None
         if self.in_flight is not None:
             waited, gpu = self._finish_step(self.in_flight, outputs)
         self.in_flight = launched
@@ -263,6 +309,7 @@ class LLMEngine:
             waited += w
             self.in_flight = None
         if out:
+            self.num_scheduled_tokens += sum(s.num_new_tokens for s in out.seqs)
             timing = StepTiming(time.perf_counter() - start - waited, None, len(out.decodes),
                                 sum(s.num_new_tokens for s in out.prefills))
             self.step_timings.append(timing)
@@ -274,19 +321,34 @@ class LLMEngine:
             del self.step_timings[:500_000]
         return outputs
 
-    def _launch(self, out: SchedulerOutput) -> _InFlight:
-        """Queues the batch's forward pass and sampling; counts each sampling sequence's token as pending."""
+    def _launch(self, out: SchedulerOutput, outputs: list[RequestOutput]) -> _InFlight | None:
+        """Queues the batch's forward pass and sampling; counts each sampling sequence's token as pending.
+        If the batch fails (and the device is fine), its requests end with an error; None is returned."""
         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self._timed else None
         if events:
             events[0].record()
+        now = time.monotonic()
+        for s in out.seqs:
+            if s.seq.first_scheduled_time is None:
+                s.seq.first_scheduled_time = now
         sampling = [s.seq for s in out.seqs if s.samples]
-        pending = self.model_runner.execute(out)
+        try:
+            pending = self.model_runner.execute(out)
+        except Exception as exc:
+            if is_device_fault(exc):
+                raise
+            ids = sorted({s.seq.request_id for s in out.seqs})
+            logger.exception("a forward pass failed; failing its %d requests: %s", len(ids), ", ".join(ids))
+            for rid in ids:
+                self._fail_request(self.requests[rid], outputs)
+            return None
         if events:
             events[1].record()
         self.scheduler.advance(out)
         for seq in sampling:
             seq.num_pending += 1
-        return _InFlight(sampling, pending, events)
+        prompt_logprob_seqs = [s.seq for s in out.prefills if s.seq.prompt_logprobs is not None]
+        return _InFlight(sampling, pending, events, prompt_logprob_seqs=prompt_logprob_seqs)
 
     def _finish_step(self, step: _InFlight, outputs: list[RequestOutput]) -> tuple[float, float]:
         """Reads a step's tokens back, appends them, and adds the outputs of the requests that moved.
@@ -301,15 +363,25 @@ class LLMEngine:
             if step.timing is not None:
                 step.timing.gpu_seconds = gpu
         moved: dict[str, _Request] = {}
+        for seq in step.prompt_logprob_seqs:
+            if not seq.is_finished and seq.seq_id in result.prompt_logprobs:
+                self._guarded(seq, outputs, self._record_prompt_logprobs, seq, *result.prompt_logprobs[seq.seq_id])
         for i, seq in enumerate(step.sampling):
             seq.num_pending -= 1
             if seq.is_finished:  # stopped or aborted while this step ran: its token is dropped
                 continue
-            self._append_token(seq, result.token_ids[i], result.logprobs[i] if result.logprobs else None)
+            request = self.requests[seq.request_id]
+            if not self._guarded(seq, outputs, self._append_token, seq, result.token_ids[i],
+                                 result.logprobs[i] if result.logprobs else None):
+                continue
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
             if not seq.is_finished:  # publish the block its token completed, held back while pending
                 self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens))
-            moved[seq.request_id] = self.requests[seq.request_id]
+            moved[seq.request_id] = request
         for r in moved.values():
+            if r.request_id not in self.requests:  # failed on a later sequence: its output is out already
+                continue
             if r.finished:
                 del self.requests[r.request_id]
                 self._forget(r)
@@ -318,21 +390,46 @@ class LLMEngine:
                 outputs.append(self._make_output(r))
         return waited, gpu
 
+    def _guarded(self, seq: Sequence, outputs: list[RequestOutput], fn, *args) -> bool:
+        """Runs one request's processing; a fault there fails that request only. False if it failed."""
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:
+            if is_device_fault(exc):
+                raise
+            logger.exception("request %s failed while processing its output; the others go on", seq.request_id)
+            if seq.request_id in self.requests:
+                self._fail_request(self.requests[seq.request_id], outputs)
+            return False
+
+    def _fail_request(self, request: _Request, outputs: list[RequestOutput]) -> None:
+        """Ends a request whose processing raised: finish_reason "error", its blocks freed, a final output."""
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                request.num_unfinished -= 1
+                self._free(seq)
+        del self.requests[request.request_id]
+        self._forget(request)
+        outputs.append(self._make_output(request))
+
     def _forget(self, request: _Request) -> None:
         if request.seqs[0].params.uses_penalties:
             self.num_penalty_requests -= 1
 
     def _append_token(self, seq: Sequence, token: int, logprobs: tuple | None) -> None:
+        params = seq.params
+        want_logprobs = logprobs is not None and seq.logprobs is not None
+        alternatives = self._alternative_texts(seq, token, logprobs) if want_logprobs else {}
         seq.token_ids.append(token)
         self.generation_tokens += 1
-        params = seq.params
-        if logprobs is not None and seq.logprobs is not None:
-            self._record_logprobs(seq, token, logprobs)
-        new_chars = 0
+        new_text = ""
         if self.detokenizer is not None:
             new_text = self.detokenizer.new_text(seq)
             seq.output_text += new_text
-            new_chars = len(new_text)
+        if want_logprobs:
+            self._record_logprobs(seq, token, logprobs, new_text, alternatives)
         n_out = seq.num_output_tokens
         if n_out < params.min_tokens:
             if n_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -342,27 +439,69 @@ class LLMEngine:
             self._finish(seq, "stop")
         elif token in params.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif new_chars and params.stop and (hit := find_stop_string(seq, new_chars)):
+        elif new_text and params.stop and (hit := find_stop_string(seq, len(new_text))):
             stop, cut = hit
             seq.output_text = seq.output_text[:cut]
             self._finish(seq, "stop", stop, flush=False)
         elif n_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
 
-    def _record_logprobs(self, seq: Sequence, token: int, logprobs: tuple) -> None:
+    def _alternative_texts(self, seq: Sequence, token: int, logprobs: tuple) -> dict[int, str | None]:
+        """The text of each top-logprob alternative other than the sampled token, decoded in context."""
+        top_ids = [t for t in logprobs[2][: seq.params.logprobs] if t != token]
+        if self.detokenizer is None:
+            return dict.fromkeys(top_ids)
+        return dict(zip(top_ids, self.detokenizer.next_token_texts(seq, top_ids)))
+
+    def _record_logprobs(self, seq: Sequence, token: int, logprobs: tuple, text: str,
+                         alternatives: dict[int, str | None]) -> None:
+        """The sampled token's text is what it added to the output, so a request's tokens join to its text."""
         sampled_lp, rank, top_ids, top_lps = logprobs
-        decode = self.detokenizer.decode if self.detokenizer is not None else (lambda t: None)
-        n = seq.params.logprobs
-        entry = {token: Logprob(sampled_lp, rank, decode(token))}
-        for r, (t, lp) in enumerate(zip(top_ids[:n], top_lps[:n]), start=1):
-            entry.setdefault(t, Logprob(lp, r, decode(t)))
+        decoded = text if self.detokenizer is not None else None
+        entry = {token: Logprob(sampled_lp, rank, decoded)}
+        for r, (t, lp) in enumerate(zip(top_ids[: seq.params.logprobs], top_lps), start=1):
+            entry.setdefault(t, Logprob(lp, r, alternatives.get(t)))
         seq.logprobs.append(entry)
         seq.cumulative_logprob += sampled_lp
+
+    def _record_prompt_logprobs(self, seq: Sequence, first: int, rows: list[tuple]) -> None:
+        """Prompt logprobs of positions first, first + 1, ...; positions recomputed after a preemption
+        are already there and skipped. Entry 0 is None (nothing predicts the first token), as in vLLM."""
+        prompt = seq.prompt_token_ids
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        texts = seq.prompt_token_texts
+        if texts is None and self.detokenizer is not None:
+            texts = seq.prompt_token_texts = self.detokenizer.token_texts(prompt, seq.params.skip_special_tokens)
+        decode = self.detokenizer.decode if self.detokenizer is not None else (lambda t: None)
+        k = seq.params.prompt_logprobs
+        for position, (lp, rank, top_ids, top_lps) in enumerate(rows, start=first):
+            if position < len(seq.prompt_logprobs):
+                continue
+            token = prompt[position]
+            entry = {token: Logprob(lp, rank, texts[position] if texts is not None else None)}
+            for r, (t, v) in enumerate(zip(top_ids[:k], top_lps), start=1):
+                entry.setdefault(t, Logprob(v, r, decode(t)))
+            seq.prompt_logprobs.append(entry)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None,
                 flush: bool = True) -> None:
         if flush and self.detokenizer is not None:
-            seq.output_text += self.detokenizer.new_text(seq, flush=True)
+            tail = self.detokenizer.new_text(seq, flush=True)
+            seq.output_text += tail
+            if tail and seq.logprobs:
+                last = seq.logprobs[-1][seq.token_ids[-1]]
+                last.decoded_token = (last.decoded_token or "") + tail
+        if not flush and seq.logprobs:  # a stop string cut the text: cut the tokens' texts to match
+            excess = sum(len(e[t].decoded_token or "") for e, t in zip(seq.logprobs, seq.output_token_ids))
+            excess -= len(seq.output_text)
+            for entry, t in zip(reversed(seq.logprobs), reversed(seq.output_token_ids)):
+                if excess <= 0:
+                    break
+                piece = entry[t].decoded_token or ""
+                cut = min(excess, len(piece))
+                entry[t].decoded_token = piece[: len(piece) - cut]
+                excess -= cut
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.requests[seq.request_id].num_unfinished -= 1
         self._free(seq)
@@ -384,8 +523,17 @@ class LLMEngine:
             )
             for s in r.seqs
         ]
+        first = r.seqs[0]
+        scheduled = [s.first_scheduled_time for s in r.seqs if s.first_scheduled_time is not None]
+        metrics = RequestMetrics(
+            arrival_time=r.arrival_time,
+            first_scheduled_time=min(scheduled) if scheduled else None,
+            first_token_time=r.first_token_time,
+            finished_time=time.monotonic() if r.finished else None,
+        )
         return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, r.finished,
-                             r.seqs[0].num_cached_tokens)
+                             first.num_cached_tokens, metrics,
+                             prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None)
 
     # -- metrics ------------------------------------------------------------------------------
     @property
@@ -402,4 +550,5 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            num_scheduled_tokens=self.num_scheduled_tokens,
         )

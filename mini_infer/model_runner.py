@@ -51,9 +51,10 @@ class PendingStep:
     without blocking and an event marks the copy, so `result()` waits for this step only, not for
     the steps queued after it."""
 
-    def __init__(self, sample: DeviceSample | None) -> None:
+    def __init__(self, sample: DeviceSample | None, prompt_logprobs: dict[int, tuple[int, list]] | None = None) -> None:
         self.event: torch.cuda.Event | None = None
         self.tensors: list[torch.Tensor] = []
+        self.prompt_logprobs = prompt_logprobs or {}  # already on the host: computed synchronously, rarely
         if sample is None:
             return
         tensors = sample.tensors()
@@ -68,10 +69,12 @@ class PendingStep:
 
     def result(self) -> SamplerOutput:
         if not self.tensors:
-            return SamplerOutput([], None)
+            return SamplerOutput([], None, self.prompt_logprobs)
         if self.event is not None:
             self.event.synchronize()
-        return DeviceSample.to_output(self.tensors)
+        output = DeviceSample.to_output(self.tensors)
+        output.prompt_logprobs = self.prompt_logprobs
+        return output
 
 
 class ModelRunner:
@@ -477,7 +480,7 @@ class ModelRunner:
             return None
         gen = self.generators.get(s.seq.seq_id)
         if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(seed + s.seq.index)
+            gen = torch.Generator(device=self.device).manual_seed((seed + s.seq.index) % 2**64)
             self.generators[s.seq.seq_id] = gen
         return gen
 
@@ -512,21 +515,59 @@ class ModelRunner:
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
 
+    def _prompt_logprob_rows(self, out: SchedulerOutput) -> list[tuple[int, int, list[int], list[int]]]:
+        """(seq id, first prompt position, rows of the flat batch, target tokens) for each prefill chunk of a
+        request that wants prompt logprobs: row p's logits predict prompt token p + 1."""
+        entries, offset = [], 0
+        for s in out.seqs:
+            seq = s.seq
+            end = min(s.start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+            if seq.params.prompt_logprobs is not None and s.start < end:
+                rows = list(range(offset, offset + end - s.start))
+                entries.append((seq.seq_id, s.start + 1, rows, seq.prompt_token_ids[s.start + 1 : end + 1]))
+            offset += s.num_new_tokens
+        return entries
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, entries: list, out: SchedulerOutput,
+                         chunk_rows: int = 512) -> dict[int, tuple[int, list]]:
+        """Per sequence: (first position, [(logprob, rank, top ids, top logprobs)] per position), read back
+        at once. Logits are made `chunk_rows` rows at a time, since a whole prompt's would not fit."""
+        k = max(s.seq.params.prompt_logprobs or 0 for s in out.seqs)
+        rows = [r for _, _, rs, _ in entries for r in rs]
+        targets = [t for _, _, _, ts in entries for t in ts]
+        values: list[tuple] = []
+        for i in range(0, len(rows), chunk_rows):
+            index = to_device(rows[i : i + chunk_rows], torch.int64, self.device)
+            target = to_device(targets[i : i + chunk_rows], torch.int64, self.device).unsqueeze(1)
+            logprobs = self.model.compute_logits(hidden[index]).float().log_softmax(dim=-1)
+            chosen = logprobs.gather(1, target)
+            ranks = (logprobs > chosen).sum(dim=-1) + 1
+            top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], target[:, :0])
+            values += zip(chosen.squeeze(1).tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist())
+        result, start = {}, 0
+        for seq_id, first, rs, _ in entries:
+            result[seq_id] = (first, values[start : start + len(rs)])
+            start += len(rs)
+        return result
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> PendingStep:
         """Queues one step; the returned PendingStep yields the sampled token (and logprobs) of each
-        sequence that samples, in batch order."""
+        sequence that samples, in batch order, and the prompt logprobs its prefill chunks asked for."""
         sampling = [s for s in out.seqs if s.samples]
+        prompt_rows = self._prompt_logprob_rows(out)
         prefill_size = self._prefill_graph_size(out.prefills) if out.prefills else None
-        if self.graphs and len(out.decodes) <= self.max_graph_batch and (not out.prefills or prefill_size):
+        graphs_fit = len(out.decodes) <= self.max_graph_batch and (not out.prefills or prefill_size)
+        if self.graphs and graphs_fit and not prompt_rows:  # prompt logprobs need every row: eager
             hidden, rows = self._run_graphs(out, prefill_size), None
         else:
             ids, positions, meta, rows = self.prepare_inputs(out)
             with forward_context(meta):
                 hidden = self.model(ids, positions)
+        prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows, out) if prompt_rows else None
         if not sampling:
             self.last_tokens, self.last_rows = None, {}
-            return PendingStep(None)
+            return PendingStep(None, prompt_logprobs)
         logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
         params = [s.seq.params for s in sampling]
         penalties = any(p.uses_penalties for p in params)
@@ -543,4 +584,4 @@ class ModelRunner:
         result = sample_on_device(logits, batch)
         self.last_tokens = result.tokens
         self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
-        return PendingStep(result)
+        return PendingStep(result, prompt_logprobs)

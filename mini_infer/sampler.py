@@ -10,7 +10,7 @@ with a per-row Philox seed: derived from the request's seed and position when it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ class SamplingBatch:
     output_counts: torch.Tensor | None  # [N, V] counts of generated tokens
     prompt_mask: torch.Tensor | None  # [N, V] True where the token appears in the prompt
     banned: list[tuple[int, list[int]]]  # (row, ids masked out: EOS before min_tokens)
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, biases
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # rows with allowed_token_ids, [R, V] True where not allowed
     generators: list[torch.Generator | None]  # per row: a seeded generator or None
     seeds: torch.Tensor | None  # [N] int64 Philox seeds for the fused kernel (CUDA), None elsewhere
     all_greedy: bool
@@ -43,6 +45,8 @@ class SamplerOutput:
     token_ids: list[int]
     # per row, when logprobs were asked for: (sampled logprob, sampled rank, top ids, top logprobs)
     logprobs: list[tuple[float, int, list[int], list[float]]] | None
+    # per sequence id, when prompt logprobs were asked for: (first position, the same tuples per position)
+    prompt_logprobs: dict[int, tuple[int, list]] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,6 +120,19 @@ def build_sampling_batch(
             ids = sorted(({*p.eos_token_ids} if not p.ignore_eos else set()) | set(p.stop_token_ids))
             if ids:
                 banned.append((i, ids))
+    bias = [(i, t, v) for i, p in enumerate(params) for t, v in (p.logit_bias or {}).items()]
+    logit_bias = None
+    if bias:
+        rows, cols, values = zip(*bias)
+        logit_bias = (to_device(rows, torch.int64, device), to_device(cols, torch.int64, device),
+                      to_device(values, torch.float32, device))
+    allowed = None
+    allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if allowed_rows:
+        disallowed = torch.ones(len(allowed_rows), vocab_size, dtype=torch.bool)
+        for r, i in enumerate(allowed_rows):
+            disallowed[r, list(params[i].allowed_token_ids)] = False
+        allowed = (to_device(allowed_rows, torch.int64, device), disallowed.to(device))
     return SamplingBatch(
         temperature=temperature,
         top_k=to_device([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device)
@@ -126,6 +143,8 @@ def build_sampling_batch(
         output_counts=output_counts,
         prompt_mask=prompt_mask,
         banned=banned,
+        logit_bias=logit_bias,
+        allowed=allowed,
         generators=generators,
         seeds=to_device(seeds, torch.int64, device) if seeds is not None else None,
         all_greedy=all(p.greedy for p in params),
@@ -175,17 +194,25 @@ def sample_on_device(logits: torch.Tensor, b: SamplingBatch) -> DeviceSample:
     """Samples every row without a host sync; the result stays on the device."""
     fused = (b.seeds is not None and HAS_TRITON and logits.is_cuda and b.top_k is None and b.top_p is None
              and b.min_p is None)
-    if fused and b.penalties is None and not b.banned and not b.max_logprobs:  # straight from bf16 logits
+    plain = b.penalties is None and not b.banned and b.logit_bias is None and b.allowed is None
+    if fused and plain and not b.max_logprobs:  # straight from bf16 logits
         return DeviceSample(sample_tokens_triton(logits, b.temperature, b.seeds), None)
     logits = logits.float()
     raw_logprobs = logits.log_softmax(dim=-1) if b.max_logprobs else None
-    if b.penalties is not None:
-        logits = apply_penalties(logits, b)
+    # vLLM's order: allowed tokens, min_tokens' banned stops, logit bias, then penalties
+    if b.allowed is not None:
+        rows, disallowed = b.allowed
+        logits = logits.index_put((rows,), logits[rows].masked_fill(disallowed, float("-inf")))
     if b.banned:
         rows = [row for row, ids in b.banned for _ in ids]
         cols = [i for _, ids in b.banned for i in ids]
         index = (to_device(rows, torch.int64, logits.device), to_device(cols, torch.int64, logits.device))
         logits = logits.index_put(index, logits.new_full((), float("-inf")))
+    if b.logit_bias is not None:
+        rows, cols, values = b.logit_bias
+        logits = logits.index_put((rows, cols), values, accumulate=True)
+    if b.penalties is not None:
+        logits = apply_penalties(logits, b)
     if fused:  # one read of the logits instead of ~7 torch passes
         tokens = sample_tokens_triton(logits, b.temperature, b.seeds)
         return _with_logprobs(tokens, raw_logprobs, b)

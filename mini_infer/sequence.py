@@ -40,6 +40,9 @@ class Sequence:
     output_text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # entry 0 is None, as in vLLM
+    prompt_token_texts: list[str] | None = None  # the prompt's tokens as pieces of its text, for those
+    first_scheduled_time: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # incremental detokenizer offsets into the generated ids
@@ -50,6 +53,8 @@ class Sequence:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = []
 
     @property
     def num_prompt_tokens(self) -> int:
