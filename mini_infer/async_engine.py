@@ -33,13 +33,16 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestMetricsObserver(Protocol):
-    """Receives per-request latencies (seconds) as they happen; the Prometheus metrics implement it."""
+    """Receives per-request latencies (seconds) and per-step token counts as they happen; the Prometheus
+    metrics implement it. `output` is the request's last RequestOutput (None when aborted before one)."""
 
     def observe_first_token(self, seconds: float) -> None: ...
 
     def observe_inter_token(self, seconds: float) -> None: ...
 
-    def observe_finished(self, finished_reason: str, e2e_seconds: float) -> None: ...
+    def observe_finished(self, finished_reason: str, e2e_seconds: float, output: RequestOutput | None) -> None: ...
+
+    def observe_iteration(self, num_tokens: int) -> None: ...
 
 
 class RequestStream:
@@ -102,6 +105,9 @@ class AsyncLLMEngine:
         self.dead_error: BaseException | None = None
         self.latest_stats: Any = _read_stats(engine)
         self.num_steps = 0
+        # Tokenization and chat templates run here: off the event loop, and off the engine thread, where a
+        # long prompt would stall every stream's next step.
+        self._blocking_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="mini-infer-tokenize")
 
     @classmethod
     def from_config(cls, config: Any, observer: RequestMetricsObserver | None = None) -> AsyncLLMEngine:
@@ -115,8 +121,20 @@ class AsyncLLMEngine:
         return getattr(self.engine, "tokenizer", None)
 
     @property
+    def detokenizer(self) -> Any:
+        return getattr(self.engine, "detokenizer", None)
+
+    @property
     def config(self) -> Any:
         return self.engine.config
+
+    async def run_blocking(self, fn: Any, *args: Any) -> Any:
+        """Runs blocking, request-sized work (tokenizing, templating) in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._blocking_pool, fn, *args)
+
+    async def tokenize(self, prompt: Any) -> tuple[str | None, list[int]]:
+        """The engine's (text, token ids) of a prompt, computed in a worker thread."""
+        return await self.run_blocking(self.engine.tokenize, prompt)
 
     @property
     def max_model_len(self) -> int:
@@ -138,10 +156,14 @@ class AsyncLLMEngine:
         """Queues a request for the next step and waits until the engine accepted it.
 
         Raises the engine's ValueError (bad prompt, too long, duplicate id) before any output, so a
-        server can answer 400 before it starts a streaming response.
+        server can answer 400 before it starts a streaming response. A text prompt is tokenized here,
+        in a worker thread, so the engine thread only ever sees token ids.
         """
         if self.dead_error is not None or self._stopping:
             raise EngineDeadError("the engine loop is not running") from self.dead_error
+        if not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
+            text, ids = await self.tokenize(prompt)
+            prompt = {"prompt": text, "prompt_token_ids": ids}
         self._ensure_started()
         stream = RequestStream(request_id, asyncio.get_running_loop())
         with self._streams_lock:
@@ -193,7 +215,7 @@ class AsyncLLMEngine:
             if stream is None:
                 continue
             stream.finished = True
-            self._observe_finished(stream, "abort", time.monotonic())
+            self._observe_finished(stream, "abort", time.monotonic(), None)
             _call_soon(stream.loop, stream.put, None)
             self._aborts.append(rid)
         self._wakeup.set()
@@ -201,6 +223,7 @@ class AsyncLLMEngine:
     def shutdown(self) -> None:
         self._stopping = True
         self._wakeup.set()
+        self._blocking_pool.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
@@ -223,7 +246,8 @@ class AsyncLLMEngine:
                 outputs = self.engine.step()
                 now = time.monotonic()
                 self.num_steps += 1
-                self.latest_stats = _read_stats(self.engine)
+                previous, self.latest_stats = self.latest_stats, _read_stats(self.engine)
+                self._observe_iteration(previous, self.latest_stats)
                 if outputs:
                     self._dispatch(outputs, now)
         except BaseException as exc:  # the engine is unusable now: tell every waiting caller
@@ -274,11 +298,19 @@ class AsyncLLMEngine:
         stream.last_token_time = now
         if output.finished:
             reason = output.outputs[0].finish_reason if output.outputs else None
-            self._observe_finished(stream, reason or "stop", now)
+            self._observe_finished(stream, reason or "stop", now, output)
 
-    def _observe_finished(self, stream: RequestStream, reason: str, now: float) -> None:
+    def _observe_finished(self, stream: RequestStream, reason: str, now: float, output: RequestOutput | None) -> None:
         if self.observer is not None:
-            self.observer.observe_finished(reason, now - stream.arrival_time)
+            self.observer.observe_finished(reason, now - stream.arrival_time, output)
+
+    def _observe_iteration(self, before: Any, after: Any) -> None:
+        """Tokens the step just taken computed, from the engine's running count."""
+        if self.observer is None or before is None or after is None:
+            return
+        num_tokens = getattr(after, "num_scheduled_tokens", 0) - getattr(before, "num_scheduled_tokens", 0)
+        if num_tokens > 0:
+            self.observer.observe_iteration(num_tokens)
 
     def _fail_everything(self, exc: BaseException) -> None:
         error = EngineDeadError(f"the engine loop died: {exc!r}")

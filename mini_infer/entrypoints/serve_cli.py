@@ -27,6 +27,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="names the API answers to (default: --model)")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file, used instead of the tokenizer's")
+    parser.add_argument("--allowed-hosts", nargs="+", default=None,
+                        help="Host header names accepted ('*' for any); default without --api-key: IP addresses "
+                             "and localhost only (a defence against DNS rebinding)")
+    parser.add_argument("--max-request-body-bytes", type=int, default=None,
+                        help="larger request bodies get a 413 (default: 4 MiB)")
+    parser.add_argument("--enable-fastapi-docs", action="store_true", help="serve /docs and /openapi.json")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
     add_engine_args(parser)
@@ -46,6 +52,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this. Without it a response's body waits behind its headers for the
+    # client's delayed ACK: 40 ms more for every request on a kept-alive connection (the openai client's).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
@@ -66,6 +75,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.chat_template:
         with open(args.chat_template, encoding="utf-8") as f:
             chat_template = f.read()
+    if args.max_request_body_bytes is not None and args.max_request_body_bytes < 1:
+        raise SystemExit("serve: --max-request-body-bytes must be a positive number of bytes")
     config = EngineConfig.from_cli_args(args)
     try:
         sock = bind_socket(args.host, args.port)
@@ -74,7 +85,9 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     engine = AsyncLLMEngine.from_config(config)
     names = args.served_model_name or [args.model]
-    app = build_app(engine, names, api_key=args.api_key, chat_template=chat_template)
+    limits = {} if args.max_request_body_bytes is None else {"max_request_body_bytes": args.max_request_body_bytes}
+    app = build_app(engine, names, api_key=args.api_key, chat_template=chat_template,
+                    allowed_hosts=args.allowed_hosts, enable_docs=args.enable_fastapi_docs, **limits)
     stats = engine.latest_stats
     blocks = getattr(stats, "num_kv_blocks_total", 0)
     url_host = f"[{host}]" if ":" in host else host

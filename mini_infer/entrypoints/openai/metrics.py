@@ -23,6 +23,18 @@ _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def buckets_1_2_5(max_value: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's token-count buckets)."""
+    buckets, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return buckets
+            buckets.append(m * scale)
+        scale *= 10
 
 
 class _EngineStatsCollector(Collector):
@@ -64,7 +76,7 @@ class _EngineStatsCollector(Collector):
 class ServerMetrics:
     """The server's registry; also the async engine's RequestMetricsObserver."""
 
-    def __init__(self, model_name: str, read_stats: Callable[[], Any]) -> None:
+    def __init__(self, model_name: str, read_stats: Callable[[], Any], max_model_len: int = 2**16) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         self.registry.register(_EngineStatsCollector(read_stats, model_name))
@@ -80,6 +92,27 @@ class ServerMetrics:
         self.e2e_request_latency = Histogram(
             PREFIX + "e2e_request_latency_seconds", "Histogram of end-to-end request latency in seconds.",
             ["model_name"], buckets=_E2E_BUCKETS, registry=self.registry)
+        self.iteration_tokens = Histogram(
+            PREFIX + "iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+            ["model_name"], buckets=_ITERATION_TOKEN_BUCKETS, registry=self.registry)
+        token_buckets = buckets_1_2_5(max_model_len)
+        self.request_prompt_tokens = Histogram(
+            PREFIX + "request_prompt_tokens", "Number of prefill tokens processed.",
+            ["model_name"], buckets=token_buckets, registry=self.registry)
+        self.request_generation_tokens = Histogram(
+            PREFIX + "request_generation_tokens", "Number of generation tokens processed.",
+            ["model_name"], buckets=token_buckets, registry=self.registry)
+        phases = {
+            "queue": "Histogram of time spent in WAITING phase for request.",
+            "prefill": "Histogram of time spent in PREFILL phase for request.",
+            "decode": "Histogram of time spent in DECODE phase for request.",
+            "inference": "Histogram of time spent in RUNNING phase for request.",
+        }
+        self.phase_time = {
+            phase: Histogram(PREFIX + f"request_{phase}_time_seconds", doc, ["model_name"], buckets=_E2E_BUCKETS,
+                             registry=self.registry)
+            for phase, doc in phases.items()
+        }
 
     def observe_first_token(self, seconds: float) -> None:
         self.time_to_first_token.labels(self.model_name).observe(seconds)
@@ -87,6 +120,23 @@ class ServerMetrics:
     def observe_inter_token(self, seconds: float) -> None:
         self.inter_token_latency.labels(self.model_name).observe(seconds)
 
-    def observe_finished(self, finished_reason: str, e2e_seconds: float) -> None:
+    def observe_finished(self, finished_reason: str, e2e_seconds: float, output: Any = None) -> None:
         self.request_success.labels(self.model_name, finished_reason).inc()
         self.e2e_request_latency.labels(self.model_name).observe(e2e_seconds)
+        if output is None:
+            return
+        self.request_prompt_tokens.labels(self.model_name).observe(len(output.prompt_token_ids))
+        self.request_generation_tokens.labels(self.model_name).observe(sum(len(c.token_ids) for c in output.outputs))
+        m = output.metrics
+        if m is None or m.first_scheduled_time is None or m.finished_time is None:
+            return
+        first_token = m.first_token_time if m.first_token_time is not None else m.finished_time
+        phases = {"queue": m.first_scheduled_time - m.arrival_time,
+                  "prefill": first_token - m.first_scheduled_time,
+                  "decode": m.finished_time - first_token,
+                  "inference": m.finished_time - m.first_scheduled_time}
+        for phase, seconds in phases.items():
+            self.phase_time[phase].labels(self.model_name).observe(max(seconds, 0.0))
+
+    def observe_iteration(self, num_tokens: int) -> None:
+        self.iteration_tokens.labels(self.model_name).observe(num_tokens)

@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI API (plus vLLM's extra sampling fields) and the error shape.
 
-Only the request side is modelled: pydantic checks types, SamplingParams checks values (one place
-for the rules), and responses are plain dicts built by the serving modules.
+Only the request side is modelled: pydantic checks types strictly (`"stream": "yes"` and `"n": 2.5`
+are 400s, as on OpenAI), SamplingParams and the engine check values (one place for the rules), and
+responses are plain dicts built by the serving modules. A field this server does not implement is
+refused with a 400 that names it, never silently ignored: it would change what the client gets.
 """
 
 from __future__ import annotations
@@ -10,11 +12,9 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mini_infer.sampling_params import SamplingParams
-
-MAX_LOGPROBS = 20
 
 
 class OpenAIError(Exception):
@@ -38,6 +38,12 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def internal_error(request_id: str | None = None) -> OpenAIError:
+    """The 500 a client gets: no exception text, which the server log holds under the same request id."""
+    where = f" (request {request_id}; the server log has the details)" if request_id else ""
+    return OpenAIError(f"internal server error{where}", status=500, type="server_error")
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -46,14 +52,33 @@ def now_s() -> int:
     return int(time.time())
 
 
+# Fields of the OpenAI or vLLM APIs that mini-infer does not implement yet; sent with a value, they are a 400.
+NOT_SUPPORTED = {
+    "structured outputs": ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                           "guided_decoding_backend", "guided_whitespace_pattern"),
+    "tool calling": ("functions", "function_call"),
+    "beam search": ("use_beam_search", "length_penalty"),
+    "this parameter": ("bad_words", "truncate_prompt_tokens", "logits_processors", "prediction", "audio",
+                       "web_search_options", "reasoning_effort", "verbosity", "continue_final_message",
+                       "documents", "mm_processor_kwargs", "return_tokens_as_token_ids", "kv_transfer_params",
+                       "vllm_xargs", "cache_salt", "add_special_tokens", "spaces_between_special_tokens"),
+}
+# Fields that change nothing in the answer: accepted and ignored.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                     "parallel_tool_calls", "request_id"})
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
 class _SamplingFields(BaseModel):
-    """Fields shared by completions and chat; unknown fields are ignored, as OpenAI clients expect."""
+    """Fields shared by completions and chat."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     n: int = 1
@@ -66,7 +91,6 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
     # vLLM's extras (the OpenAI client sends them through extra_body).
     top_k: int | None = None
     min_p: float | None = None
@@ -74,16 +98,33 @@ class _SamplingFields(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
 
+    @model_validator(mode="after")
+    def _refuse_what_is_not_implemented(self) -> _SamplingFields:
+        given = {k for k, v in (self.model_extra or {}).items() if v is not None}
+        for feature, names in NOT_SUPPORTED.items():
+            for name in names:
+                if name in given:
+                    raise ValueError(f"{name}: {feature} is not supported by mini-infer yet")
+        unknown = sorted(given - IGNORED - {n for names in NOT_SUPPORTED.values() for n in names})
+        if unknown:
+            raise ValueError(f"unrecognized request argument(s): {', '.join(unknown)}")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        logit_bias = None
         if self.logit_bias:
-            raise OpenAIError("logit_bias is not supported", param="logit_bias")
-        if logprobs is not None and logprobs > MAX_LOGPROBS:
-            raise OpenAIError(f"at most {MAX_LOGPROBS} logprobs can be asked for, got {logprobs}",
-                              param="logprobs")
+            try:
+                logit_bias = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise OpenAIError("logit_bias keys must be token ids", param="logit_bias") from None
         values = {
             "n": self.n,
             "temperature": 1.0 if self.temperature is None else self.temperature,
@@ -100,19 +141,32 @@ class _SamplingFields(BaseModel):
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
             "logprobs": logprobs,
+            "prompt_logprobs": self.prompt_logprobs,
+            "logit_bias": logit_bias,
+            "allowed_token_ids": self.allowed_token_ids,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
         }
         try:
             return SamplingParams(**values)
         except (ValueError, TypeError) as exc:
-            message = str(exc)
-            first_word = message.split(" ", 1)[0]
-            raise OpenAIError(message, param=first_word if first_word in values else None) from exc
+            raise bad_value(exc, values) from exc
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk (vLLM's stream_options.continuous_usage_stats)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
+
+def bad_value(exc: Exception, fields: Any = ()) -> OpenAIError:
+    """A 400 for a ValueError whose message starts with the field's name (as SamplingParams' do)."""
+    message = str(exc)
+    first_word = message.split(" ", 1)[0].rstrip(":")
+    return OpenAIError(message, param=first_word if first_word in fields else None)
 
 
 class CompletionRequest(_SamplingFields):
@@ -128,14 +182,14 @@ class CompletionRequest(_SamplingFields):
             raise OpenAIError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIError("best_of other than n is not supported", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise OpenAIError("echo with logprobs needs prompt logprobs, which mini-infer does not compute",
-                              param="echo")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        params = self._sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:  # the echoed prompt carries its tokens' logprobs too
+            params.prompt_logprobs = max(params.prompt_logprobs or 0, self.logprobs)
+        return params
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -153,13 +207,18 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         if self.tools:
             raise OpenAIError("tools are not supported", param="tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise OpenAIError("tool_choice is not supported (there are no tools)", param="tool_choice")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise OpenAIError("only response_format type 'text' is supported", param="response_format")
+            raise OpenAIError("response_format: structured outputs are not supported by mini-infer yet; "
+                              "only type 'text' is", param="response_format")
+        if self.modalities not in (None, ["text"]):
+            raise OpenAIError("only the text modality is supported", param="modalities")
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs set to true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -174,13 +233,12 @@ class ChatCompletionRequest(_SamplingFields):
             if isinstance(content, list):
                 texts = []
                 for part in content:
-                    if part.get("type") != "text":
+                    if part.get("type") != "text" or not isinstance(part.get("text", ""), str):
                         raise OpenAIError(f"content part type {part.get('type')!r} is not supported",
                                           param="messages")
-                    texts.append(str(part.get("text", "")))
+                    texts.append(part.get("text", ""))
                 content = "\n".join(texts)
             entry = {k: v for k, v in message.model_dump().items() if v is not None}
             entry["content"] = content or ""
             out.append(entry)
         return out
-

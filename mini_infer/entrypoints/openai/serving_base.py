@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from starlette.requests import Request
 
 from mini_infer.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
-from mini_infer.entrypoints.openai.protocol import OpenAIError
+from mini_infer.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    bad_value,
+    internal_error,
+)
 from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 _DISCONNECT_POLL_S = 0.25
+_FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
 _STREAM_DONE = object()
 
 
@@ -41,9 +51,19 @@ class OpenAIServing:
             raise OpenAIError(f"this model has no tokenizer, so {why}")
         return self.tokenizer
 
+    def check_fan_out(self, num_prompts: int, n: int) -> None:
+        """One HTTP request may start at most max_seqs_per_request sequences (n for each prompt)."""
+        limit = self.engine.config.max_seqs_per_request
+        if num_prompts * n > limit:
+            what = f"{num_prompts} prompts x n={n}" if num_prompts > 1 else f"n={n}"
+            raise OpenAIError(f"{what} asks for {num_prompts * n} sequences; at most {limit} "
+                              "(max_seqs_per_request) per request", param="n")
+
     async def start_requests(self, base_id: str, prompts: list[Any], params: SamplingParams,
                              priority: int = 0) -> list[RequestStream]:
-        """Adds one engine request per prompt; if the engine refuses one, takes back the others."""
+        """Adds one engine request per prompt (the async engine tokenizes in a worker thread); if the engine
+        refuses one, takes back the others."""
+        self.check_fan_out(len(prompts), params.n)
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
@@ -54,7 +74,7 @@ class OpenAIServing:
             if isinstance(exc, EngineDeadError):
                 raise OpenAIError(str(exc), status=503, type="server_error") from exc
             if isinstance(exc, (ValueError, TypeError)):
-                raise OpenAIError(str(exc)) from exc
+                raise bad_value(exc, _FIELDS) from exc
             raise
         return streams
 
@@ -62,6 +82,7 @@ class OpenAIServing:
         """Yields (prompt index, output) from all streams as they come; leaving early aborts them all."""
         if len(streams) == 1:
             async for output in self.engine.iterate(streams[0]):
+                check_not_failed(output)
                 yield 0, output
             return
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -85,6 +106,7 @@ class OpenAIServing:
                 elif isinstance(item, Exception):
                     raise item
                 else:
+                    check_not_failed(item)
                     yield i, item
         finally:
             self.engine.abort_nowait([s.request_id for s in streams if not s.finished])
@@ -97,6 +119,25 @@ class OpenAIServing:
         async for i, output in self.merge(streams):
             finals[i] = output
         return finals
+
+
+def check_not_failed(output: RequestOutput) -> None:
+    """A request whose processing failed in the engine ends its response with a 500 (no internals)."""
+    if any(c.finish_reason == "error" for c in output.outputs):
+        raise internal_error(output.request_id)
+
+
+async def stream_errors(request_id: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An SSE stream's chunks, then `[DONE]`; an error after the 200 went out is one error event first."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except OpenAIError as exc:
+        yield sse(exc.body())
+    except Exception:  # noqa: BLE001 - the status is already sent; the details go to the log only
+        logger.exception("request %s failed while streaming", request_id)
+        yield sse(internal_error(request_id).body())
+    yield SSE_DONE
 
 
 async def run_until_disconnected(raw_request: Request, work: Awaitable[Any]) -> Any:
@@ -123,6 +164,7 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def usage(finals: list[RequestOutput | None], num_cached: bool = True) -> dict[str, Any]:
+    """Token counts of the outputs so far (the final ones, or the latest for continuous usage stats)."""
     prompt_tokens = sum(len(o.prompt_token_ids) for o in finals if o is not None)
     completion_tokens = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
     result: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -134,7 +176,8 @@ def usage(finals: list[RequestOutput | None], num_cached: bool = True) -> dict[s
 
 
 def token_text(logprob: Any, token_id: int, tokenizer: Any) -> str:
-    """The text of one token for logprobs; `token_id:N` where there is no tokenizer."""
+    """The text of one token for logprobs: the engine's, which is what the token added to the output (so
+    a choice's tokens join to its text); `token_id:N` where there is no tokenizer."""
     text = getattr(logprob, "decoded_token", None)
     if text is not None:
         return text
@@ -148,30 +191,44 @@ def top_entries(entry: dict[int, Any], num: int) -> list[tuple[int, Any]]:
     return sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num]
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Any]], num_top: int,
-                        text_offset: int, tokenizer: Any) -> dict[str, Any]:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Any] | None], num_top: int,
+                        text_offset: int, tokenizer: Any, texts: list[str] | None = None) -> dict[str, Any]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset. An entry of None
+    (an echoed prompt's first token) has no logprobs; `texts` overrides the tokens' texts."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
-    for token_id, entry in zip(token_ids, logprobs):
-        sampled = entry.get(token_id)
-        text = token_text(sampled, token_id, tokenizer)
+    for i, (token_id, entry) in enumerate(zip(token_ids, logprobs)):
+        sampled = entry.get(token_id) if entry is not None else None
+        text = texts[i] if texts is not None else token_text(sampled, token_id, tokenizer)
         tokens.append(text)
         token_logprobs.append(sampled.logprob if sampled is not None else None)
-        top = {token_text(lp, tid, tokenizer): lp.logprob for tid, lp in top_entries(entry, num_top)}
-        if sampled is not None:
-            top.setdefault(text, sampled.logprob)
-        tops.append(top)
+        if entry is None:
+            tops.append(None)
+        else:
+            top = {token_text(lp, tid, tokenizer): lp.logprob for tid, lp in top_entries(entry, num_top)}
+            if sampled is not None:
+                top.setdefault(text, sampled.logprob)
+            tops.append(top)
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
+def prompt_logprobs_json(entries: list[dict[int, Any] | None] | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's `prompt_logprobs` field: per prompt token None or {token id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                             "decoded_token": lp.decoded_token} for t, lp in e.items()}
+            for e in entries]
+
+
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Any]], num_top: int,
                   tokenizer: Any) -> dict[str, Any]:
-    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}; the tokens (and their
+    bytes) join to the message's content."""
     content = []
     for token_id, entry in zip(token_ids, logprobs):
         sampled = entry.get(token_id)

@@ -11,12 +11,13 @@ from starlette.responses import StreamingResponse
 from mini_infer.async_engine import AsyncLLMEngine
 from mini_infer.entrypoints.openai.protocol import ChatCompletionRequest, OpenAIError, now_s, random_id
 from mini_infer.entrypoints.openai.serving_base import (
-    SSE_DONE,
     ChoiceTracker,
     OpenAIServing,
     chat_logprobs,
+    prompt_logprobs_json,
     run_until_disconnected,
     sse,
+    stream_errors,
     usage,
 )
 from mini_infer.outputs import RequestOutput
@@ -28,8 +29,9 @@ class OpenAIServingChat(OpenAIServing):
         super().__init__(engine, served_model_names)
         self.chat_template = chat_template
 
-    def render_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        """Token ids of the templated conversation (the template already holds any special tokens)."""
+    def render_prompt(self, request: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """The templated conversation and its token ids (the template already holds any special tokens).
+        Blocking work: the caller runs it off the event loop and the engine thread."""
         tokenizer = self.require_tokenizer("it cannot apply a chat template")
         if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise OpenAIError("this model's tokenizer has no chat template; start the server with "
@@ -42,19 +44,23 @@ class OpenAIServingChat(OpenAIServing):
             raise
         except Exception as exc:  # noqa: BLE001 - template errors come from user content
             raise OpenAIError(f"the chat template failed on these messages: {exc}", param="messages") from exc
-        return tokenizer.encode(text, add_special_tokens=False)
+        if not isinstance(text, str):
+            raise OpenAIError("chat_template_kwargs must not change what the template returns",
+                              param="chat_template_kwargs")
+        return self.engine.engine.tokenize(text, add_special_tokens=False)
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
         model = self.check_model(request.model)
         params = request.to_sampling_params()
-        prompt_ids = self.render_prompt(request)
+        self.check_fan_out(1, params.n)
+        text, prompt_ids = await self.engine.run_blocking(self.render_prompt, request)
         request_id = random_id("chatcmpl")
         created = now_s()
-        streams = await self.start_requests(request_id, [{"prompt_token_ids": prompt_ids}], params,
+        streams = await self.start_requests(request_id, [{"prompt": text, "prompt_token_ids": prompt_ids}], params,
                                             request.priority)
         if request.stream:
-            return StreamingResponse(self._stream(request, streams, request_id, created, model),
-                                     media_type="text/event-stream")
+            chunks = self._stream(request, streams, request_id, created, model)
+            return StreamingResponse(stream_errors(request_id, chunks), media_type="text/event-stream")
         finals = await run_until_disconnected(raw_request, self.collect(streams))
         return self._full_response(request, finals[0], request_id, created, model)
 
@@ -70,43 +76,44 @@ class OpenAIServingChat(OpenAIServing):
             choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
                             "logprobs": self._logprobs(request, c.token_ids, c.logprobs),
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+        body = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": usage([final])}
+        if request.prompt_logprobs is not None and final is not None:
+            body["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs)
+        return body
 
     async def _stream(self, request: ChatCompletionRequest, streams: list, request_id: str, created: int,
                       model: str) -> AsyncIterator[str]:
+        final: RequestOutput | None = None
+
         def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
             body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": choices}
             if request.include_usage:
-                body["usage"] = None
+                body["usage"] = usage([final]) if request.continuous_usage and final is not None else None
             return body
 
         tracker = ChoiceTracker()
-        final: RequestOutput | None = None
-        try:
-            for index in range(request.n):
-                yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}]))
-            async for _, output in self.merge(streams):
-                final = output
-                for c in output.outputs:
-                    delta = tracker.delta(c.index, c.text, c.token_ids, c.finish_reason)
-                    if delta is None:
-                        continue
-                    text, start, end, finishing = delta
-                    logprobs = None
-                    if request.logprobs and c.logprobs is not None:
-                        logprobs = self._logprobs(request, c.token_ids[start:end], c.logprobs[start:end])
-                    yield sse(chunk([{"index": c.index, "delta": {"content": text}, "logprobs": logprobs,
-                                      "finish_reason": c.finish_reason if finishing else None,
-                                      "stop_reason": c.stop_reason if finishing else None}]))
-            if request.include_usage:
-                body = chunk([])
-                body["usage"] = usage([final])
+        for index in range(request.n):
+            yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}]))
+        async for _, output in self.merge(streams):
+            final = output
+            for c in output.outputs:
+                delta = tracker.delta(c.index, c.text, c.token_ids, c.finish_reason)
+                if delta is None:
+                    continue
+                text, start, end, finishing = delta
+                logprobs = None
+                if request.logprobs and c.logprobs is not None:
+                    logprobs = self._logprobs(request, c.token_ids[start:end], c.logprobs[start:end])
+                body = chunk([{"index": c.index, "delta": {"content": text}, "logprobs": logprobs,
+                               "finish_reason": c.finish_reason if finishing else None,
+                               "stop_reason": c.stop_reason if finishing else None}])
+                if request.prompt_logprobs is not None and start == 0:
+                    body["prompt_logprobs"] = prompt_logprobs_json(output.prompt_logprobs)
                 yield sse(body)
-        except OpenAIError as exc:
-            yield sse(exc.body())
-        except Exception as exc:  # noqa: BLE001 - the status is already sent; report in the stream
-            yield sse(OpenAIError(f"internal error: {exc!r}", status=500, type="server_error").body())
-        yield SSE_DONE
+        if request.include_usage:
+            body = chunk([])
+            body["usage"] = usage([final])
+            yield sse(body)
