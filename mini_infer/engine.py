@@ -164,10 +164,6 @@ class LLMEngine:
         atexit.unregister(gc.unfreeze)
         atexit.register(gc.unfreeze)
 
-    @classmethod
-    def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
-        return cls(EngineConfig(model=model, **kwargs))
-
     # -- requests -----------------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
