@@ -2,12 +2,14 @@
 
 Llama-3-8B shapes (hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, vocabulary
 128256; the GEMV rows are its batch-1 and batch-2 decode projections against cuBLAS). For
-each kernel: median time (`triton.testing.do_bench`, L2 flushed before every run), achieved GB/s or
+each kernel: median time (`triton.testing.do_bench`, L2 flushed before every run; not graph_timer.py's
+CUDA-graph replays, since some eager and torch.compile baselines cannot be captured), achieved GB/s or
 TFLOP/s, the share of the HBM bandwidth or bf16 tensor peak measured in this same run, speed-ups
 over the eager reference and over `torch.compile` of it, and the error against a float32 reference
 on fresh random inputs. Attention baselines are vectorised (gather the pages, then SDPA), not the
 per-sequence loop of the references; prefill is also compared with SDPA's flash kernel on
-contiguous K/V. Writes benchmarks/results/kernels_<gpu>.json (or --out DIR) and prints a table last.
+contiguous K/V. The ceilings are the roofline's own probes (`mini_infer.bench.roofline`). Writes
+benchmarks/results/kernels_<gpu>.json (or --out DIR) and prints a table last.
 
     PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--sweep] [--only gemv,decode]   (from the repo root)
 """
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from mini_infer.bench.roofline import measure_hbm_bandwidth, measure_tensor_peak
 from mini_infer.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from mini_infer.kernels.decode_attention import DEFAULT_DECODE_CONFIG, DecodeConfig, decode_attention_triton
 from mini_infer.kernels.gemv import GemvConfig, gemv_triton, linear_ref
@@ -89,15 +92,8 @@ def compiled(fn: Callable) -> Callable:
 
 
 def measure_ceilings() -> dict:
-    buffers = [torch.randn(2**29, device=DEVICE, dtype=DTYPE), torch.empty(2**29, device=DEVICE, dtype=DTYPE)]
-    copy_ms = median_ms(lambda: buffers[1].copy_(buffers[0]))  # 1 GiB read + 1 GiB written
-    hbm = 2 * buffers[0].nbytes / (copy_ms * 1e-3)
-    buffers.clear()
-    a = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
-    b = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
-    mm_ms = median_ms(lambda: a @ b)
-    tflops = 2 * 8192**3 / (mm_ms * 1e-3) / 1e12
-    return {"hbm_copy_GBps": hbm / 1e9, "copy_ms": copy_ms, "bf16_matmul_TFLOPs": tflops, "matmul_ms": mm_ms}
+    """A 1 GiB device copy (read + write) and an 8192^3 bf16 matmul, as the roofline measures them."""
+    return {"hbm_copy_GBps": measure_hbm_bandwidth() / 1e9, "bf16_matmul_TFLOPs": measure_tensor_peak() / 1e12}
 
 
 class Report:
