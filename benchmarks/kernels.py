@@ -9,7 +9,7 @@ over the eager reference and over `torch.compile` of it, and the error against a
 on fresh random inputs. Attention baselines are vectorised (gather the pages, then SDPA), not the
 per-sequence loop of the references; prefill is also compared with SDPA's flash kernel on
 contiguous K/V. The ceilings are the roofline's own probes (`mini_infer.bench.roofline`). Writes
-benchmarks/results/kernels_<gpu>.json (or --out DIR) and prints a table last.
+benchmarks/results/<gpu>/kernels_<gpu>.json (or --out DIR) and prints a table last.
 
     PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--sweep] [--only gemv,decode]   (from the repo root)
 """
@@ -475,7 +475,7 @@ def gpu_slug(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=None, help="(default: benchmarks/results/<gpu>)")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
     parser.add_argument("--only", default=None,
                         help="comma-separated steps: rms_norm,rotary_store_kv,silu_and_mul,gemv,decode,prefill")
@@ -536,8 +536,9 @@ def main() -> None:
     result = {**info, "ceilings": ceilings, "rows": report.rows, "errors": errors}
     if sweep is not None:
         result["sweep"] = sweep
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"kernels_{gpu_slug(name)}.json"
+    out = args.out or Path(__file__).parent / "results" / gpu_slug(name)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"kernels_{gpu_slug(name)}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {path}")
     if sweep:
