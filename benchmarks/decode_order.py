@@ -14,8 +14,9 @@ import argparse
 import json
 
 import torch
-import triton.testing
+from graph_timer import graph_us
 
+from mini_infer.bench.roofline import measure_hbm_bandwidth
 from mini_infer.kernels.decode_attention import decode_attention_triton
 
 PAGE, HEAD_DIM, KV_HEADS, Q_HEADS, POOL_BLOCKS, WIDTH_TOKENS = 16, 128, 8, 16, 37_000, 4096
@@ -23,26 +24,11 @@ CASES = (  # (batch, shortest context, longest context): the run's batches as th
     (256, 100, 1024), (256, 100, 2048), (192, 300, 2048), (128, 500, 2048), (64, 800, 2048), (256, 800, 800))
 
 
-def graph_us(fn, calls: int = 20) -> float:
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=60) / calls * 1e3
-
-
-def copy_gbps() -> float:
-    a = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.nbytes / (triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=50) * 1e-3) / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
-    gbps = copy_gbps()
+    gbps = measure_hbm_bandwidth() / 1e9
     k_cache = torch.randn(POOL_BLOCKS, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
     gen = torch.Generator().manual_seed(0)

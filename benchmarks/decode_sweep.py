@@ -13,28 +13,13 @@ import argparse
 import json
 
 import torch
-import triton.testing
+import triton
+from graph_timer import graph_us
 
+from mini_infer.bench.roofline import measure_hbm_bandwidth
 from mini_infer.kernels.decode_attention import DecodeConfig, decode_attention_triton, decode_num_splits
 
 PAGE, HEAD_DIM, DTYPE = 16, 128, torch.bfloat16
-
-
-def copy_gbps() -> float:
-    a = torch.empty(2**30 // 2, dtype=DTYPE, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=50)
-    return 2 * a.nbytes / (ms * 1e-3) / 1e9
-
-
-def graph_ms(fn, calls: int = 20) -> float:
-    """Milliseconds per call replayed from a CUDA graph, as the engine runs it (no launch overhead)."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=50) / calls
 
 
 def case(batch: int, context: int, q_heads: int, kv_heads: int, width_tokens: int, pool_blocks: int,
@@ -55,9 +40,9 @@ def case(batch: int, context: int, q_heads: int, kv_heads: int, width_tokens: in
     for name, cfg in configs.items():
         got = decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg)
         err = (got.float() - ref.float()).abs().max().item()
-        ms = graph_ms(lambda cfg=cfg: decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg))
+        us = graph_us(lambda cfg=cfg: decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg))
         splits = decode_num_splits(batch, kv_heads, width * PAGE, q.device, cfg)
-        out[name] = {"us": ms * 1e3, "pct_copy_bw": 100 * moved / (ms * 1e-3) / 1e9 / gbps, "splits": splits,
+        out[name] = {"us": us, "pct_copy_bw": 100 * moved / (us * 1e-6) / 1e9 / gbps, "splits": splits,
                      "max_abs_err": err}
     return out
 
@@ -66,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
-    gbps = copy_gbps()
+    gbps = measure_hbm_bandwidth() / 1e9
     configs = {
         "default (no cap)": DecodeConfig(),
         "cap 512": DecodeConfig(max_split_tokens=512),

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from graph_timer import graph_us
+
+from mini_infer.bench.roofline import measure_hardware
 
 QWEN = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}  # (N, K)
 LLAMA = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -85,38 +88,17 @@ def over_layers(linear, x, weights):
     return lambda: [linear(x, w) for w in weights]
 
 
-def graph_us(fn, reps: int = 20) -> float:
-    """Microseconds per call of `fn` replayed from a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
-
-
 def read_gbps() -> float:
     """A read-only reduction over 4 GiB; the copy bandwidth is the roofline's own (`roofline_hbm_gbps`)."""
     x = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
-    return x.nbytes / (graph_us(lambda: x.sum(), reps=10) * 1e-6) / 1e9
+    return x.nbytes / (graph_us(lambda: x.sum(), calls=1, reps=10) * 1e-6) / 1e9
 
 
 def kernel_floor_us(chain: int = 100) -> float:
     """A chain of dependent 4 KB copies: what one kernel costs in a graph whatever it does."""
     a = torch.zeros(2048, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
-    return graph_us(lambda: [b.copy_(a) if i % 2 else a.copy_(b) for i in range(chain)]) / chain
+    return graph_us(lambda: [b.copy_(a) if i % 2 else a.copy_(b) for i in range(chain)], calls=1) / chain
 
 
 def cublas_table(shapes, layers, peak_bw, peak_flops) -> list[dict]:
@@ -126,7 +108,7 @@ def cublas_table(shapes, layers, peak_bw, peak_flops) -> list[dict]:
     for m in ROWS:
         for name, (n, k) in shapes.items():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            us = graph_us(over_layers(F.linear, x, weights[name])) / layers
+            us = graph_us(over_layers(F.linear, x, weights[name]), calls=1) / layers
             ideal = max(2 * n * k / peak_bw, 2 * m * n * k / peak_flops) * 1e6
             rows.append({"rows": m, "proj": name, "cublas_us": us, "ideal_us": ideal})
     return rows
@@ -142,7 +124,7 @@ def triton_sweep(budget_s: float) -> list[dict]:
         for name, (_, k) in QWEN.items():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), weights[name][0].float())
-            cublas = graph_us(over_layers(F.linear, x, weights[name])) / 28
+            cublas = graph_us(over_layers(F.linear, x, weights[name]), calls=1) / 28
             tried = []
             for bm, bn, bk, stages, split in itertools.product(block_ms, (16, 32, 64), (128, 256), (3, 5), (1, 2)):
                 if k % (bk * split) or time.time() - start > budget_s:
@@ -155,7 +137,7 @@ def triton_sweep(budget_s: float) -> list[dict]:
                     continue
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 same = torch.equal(y, gemm(x, weights[name][0]))
-                us = graph_us(over_layers(gemm, x, weights[name])) / 28
+                us = graph_us(over_layers(gemm, x, weights[name]), calls=1) / 28
                 tried.append({"us": us, "block_m": bm, "block_n": bn, "block_k": bk, "split_k": split,
                               "stages": stages, "rel_err": err, "deterministic": same})
             tried.sort(key=lambda r: r["us"])
@@ -174,8 +156,6 @@ def main() -> None:
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--budget-s", type=float, default=300, help="time for the Triton sweep")
     args = parser.parse_args()
-    from mini_infer.bench.roofline import measure_hardware
-
     hw = measure_hardware()
     record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "roofline_hbm_gbps": hw.hbm_bytes_per_s / 1e9, "roofline_tflops": hw.peak_flops / 1e12,

@@ -2,12 +2,14 @@
 
 Llama-3-8B shapes (hidden 4096, 32 query heads, 8 KV heads, head dim 128, intermediate 14336, vocabulary
 128256; the GEMV rows are its batch-1 and batch-2 decode projections against cuBLAS). For
-each kernel: median time (`triton.testing.do_bench`, L2 flushed before every run), achieved GB/s or
+each kernel: median time (`triton.testing.do_bench`, L2 flushed before every run; not graph_timer.py's
+CUDA-graph replays, since some eager and torch.compile baselines cannot be captured), achieved GB/s or
 TFLOP/s, the share of the HBM bandwidth or bf16 tensor peak measured in this same run, speed-ups
 over the eager reference and over `torch.compile` of it, and the error against a float32 reference
 on fresh random inputs. Attention baselines are vectorised (gather the pages, then SDPA), not the
 per-sequence loop of the references; prefill is also compared with SDPA's flash kernel on
-contiguous K/V. Writes benchmarks/results/kernels_<gpu>.json (or --out DIR) and prints a table last.
+contiguous K/V. The ceilings are the roofline's own probes (`mini_infer.bench.roofline`). Writes
+benchmarks/results/<gpu>/kernels_<gpu>.json (or --out DIR) and prints a table last.
 
     PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--sweep] [--only gemv,decode]   (from the repo root)
 """
@@ -29,10 +31,10 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from mini_infer.bench.roofline import measure_hbm_bandwidth, measure_tensor_peak
 from mini_infer.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from mini_infer.kernels.decode_attention import DEFAULT_DECODE_CONFIG, DecodeConfig, decode_attention_triton
 from mini_infer.kernels.gemv import GemvConfig, gemv_triton, linear_ref
-from mini_infer.kernels.kv_cache import store_kv_cache_ref, store_kv_cache_triton
 from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
 from mini_infer.kernels.prefill_attention import (
     DEFAULT_PREFILL_CONFIG,
@@ -47,7 +49,7 @@ from mini_infer.kernels.rmsnorm import (
     rms_norm_ref,
     rms_norm_triton,
 )
-from mini_infer.kernels.rotary import rotary_ref, rotary_triton
+from mini_infer.kernels.rotary_store import rotary_store_kv_ref, rotary_store_kv_triton
 
 HIDDEN, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336
 VOCAB = 128256
@@ -90,15 +92,8 @@ def compiled(fn: Callable) -> Callable:
 
 
 def measure_ceilings() -> dict:
-    buffers = [torch.randn(2**29, device=DEVICE, dtype=DTYPE), torch.empty(2**29, device=DEVICE, dtype=DTYPE)]
-    copy_ms = median_ms(lambda: buffers[1].copy_(buffers[0]))  # 1 GiB read + 1 GiB written
-    hbm = 2 * buffers[0].nbytes / (copy_ms * 1e-3)
-    buffers.clear()
-    a = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
-    b = torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE)
-    mm_ms = median_ms(lambda: a @ b)
-    tflops = 2 * 8192**3 / (mm_ms * 1e-3) / 1e12
-    return {"hbm_copy_GBps": hbm / 1e9, "copy_ms": copy_ms, "bf16_matmul_TFLOPs": tflops, "matmul_ms": mm_ms}
+    """A 1 GiB device copy (read + write) and an 8192^3 bf16 matmul, as the roofline measures them."""
+    return {"hbm_copy_GBps": measure_hbm_bandwidth() / 1e9, "bf16_matmul_TFLOPs": measure_tensor_peak() / 1e12}
 
 
 class Report:
@@ -240,22 +235,38 @@ def qkv_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     )
 
 
-def bench_rotary(report: Report) -> None:
+def bench_rotary_store_kv(report: Report) -> None:
+    """The attention prologue in place on views of the qkv buffer: RoPE and the KV-cache store, then
+    with the per-head q/k RMSNorm too (Qwen3-8B has these head shapes and the norm)."""
     cache = rope_cache(8192)
     positions = torch.randint(0, 8192, (TOKENS,), device=DEVICE)
     qkv = torch.randn(TOKENS, (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, device=DEVICE, dtype=DTYPE)
-    q, k, _ = qkv_views(qkv)
-    q32, k32 = q.float(), k.float()
-    rotary_triton(positions, q, k, cache)
-    rotary_ref(positions, q32, k32, cache)
-    err = max(rel_err(q, q32), rel_err(k, k32))
-    fns = {
-        "triton": lambda: rotary_triton(positions, q, k, cache),
-        "eager": lambda: rotary_ref(positions, q, k, cache),
-        "compile": try_compiled(rotary_ref, positions, q, k, cache),
-    }
-    moved = 2 * (q.numel() + k.numel()) * q.element_size() + TOKENS * (HEAD_DIM * 4 + 8)
-    measure(report, "rotary (q,k in qkv)", f"{TOKENS} tok, 32q+8k heads", fns, err, bytes_moved=moved)
+    q, k, v = qkv_views(qkv)
+    num_blocks = 4 * TOKENS // PAGE
+    k_cache = torch.randn(num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    slots = torch.randperm(num_blocks * PAGE, device=DEVICE)[:TOKENS]
+    slots[::97] = -1
+    stored = int((slots >= 0).sum().item())
+    # q, k read and written in place, v read, k and v written to the cache, cos/sin and slots read
+    moved = (2 * (q.numel() + k.numel()) + v.numel() + 2 * stored * NUM_KV_HEADS * HEAD_DIM) * q.element_size()
+    moved += TOKENS * (HEAD_DIM * 4 + 8) + slots.nbytes
+    for norm in (False, True):
+        weights = [torch.randn(HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(2)] if norm else [None, None]
+        buf, k_c, v_c = qkv.clone(), k_cache.clone(), v_cache.clone()
+        rotary_store_kv_triton(positions, *qkv_views(buf), cache, k_c, v_c, slots, *weights, EPS)
+        ref, k_ref, v_ref = qkv.float(), k_cache.float(), v_cache.float()
+        weights32 = [w.float() if w is not None else None for w in weights]
+        rotary_store_kv_ref(positions, *qkv_views(ref), cache, k_ref, v_ref, slots, *weights32, EPS)
+        err = max(rel_err(buf, ref), rel_err(k_c, k_ref), rel_err(v_c, v_ref))
+        args = (positions, q, k, v, cache, k_cache, v_cache, slots, *weights, EPS)
+        fns = {
+            "triton": lambda args=args: rotary_store_kv_triton(*args),
+            "eager": lambda args=args: rotary_store_kv_ref(*args),
+            "compile": try_compiled(rotary_store_kv_ref, *args),
+        }
+        name = "rotary_store_kv" + (" + q/k norm" if norm else "")
+        measure(report, name, f"{TOKENS} tok, 32q+8k heads, page {PAGE}", fns, err, bytes_moved=moved)
 
 
 def bench_silu_and_mul(report: Report, sweep: dict | None) -> None:
@@ -297,27 +308,6 @@ def bench_gemv(report: Report, rows: int, sweep: dict | None) -> None:
                     lambda x=x, w=w, config=config: gemv_triton(x, w, config=config)
                 )
         del w
-
-
-def bench_store_kv_cache(report: Report) -> None:
-    qkv = torch.randn(TOKENS, (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, device=DEVICE, dtype=DTYPE)
-    _, k, v = qkv_views(qkv)
-    num_blocks = 4 * TOKENS // PAGE
-    k_cache = torch.randn(num_blocks, PAGE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
-    v_cache = torch.randn_like(k_cache)
-    slots = torch.randperm(num_blocks * PAGE, device=DEVICE)[:TOKENS]
-    slots[::97] = -1
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    store_kv_cache_triton(k, v, k_cache, v_cache, slots)
-    store_kv_cache_ref(k, v, k_ref, v_ref, slots)
-    err = max(rel_err(k_cache, k_ref), rel_err(v_cache, v_ref))
-    fns = {
-        "triton": lambda: store_kv_cache_triton(k, v, k_cache, v_cache, slots),
-        "eager": lambda: store_kv_cache_ref(k, v, k_cache, v_cache, slots),
-        "compile": try_compiled(store_kv_cache_ref, k, v, k_cache, v_cache, slots),
-    }
-    moved = 4 * k.numel() * k.element_size() + slots.nbytes
-    measure(report, "store_kv_cache", f"{TOKENS} tok, page {PAGE}", fns, err, bytes_moved=moved)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -485,10 +475,10 @@ def gpu_slug(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=None, help="(default: benchmarks/results/<gpu>)")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
     parser.add_argument("--only", default=None,
-                        help="comma-separated steps: rms_norm,rotary,silu_and_mul,store_kv_cache,gemv,decode,prefill")
+                        help="comma-separated steps: rms_norm,rotary_store_kv,silu_and_mul,gemv,decode,prefill")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.time()
@@ -513,9 +503,8 @@ def main() -> None:
     sweep: dict | None = {} if args.sweep else None
     steps = [
         ("rms_norm", lambda: bench_rms_norm(report, sweep)),
-        ("rotary", lambda: bench_rotary(report)),
+        ("rotary_store_kv", lambda: bench_rotary_store_kv(report)),
         ("silu_and_mul", lambda: bench_silu_and_mul(report, sweep)),
-        ("store_kv_cache", lambda: bench_store_kv_cache(report)),
         ("gemv", lambda: bench_gemv(report, 1, sweep)),
         ("gemv", lambda: bench_gemv(report, 2, sweep)),
         ("decode", lambda: bench_decode(report, 64, 4096, sweep)),
@@ -547,8 +536,9 @@ def main() -> None:
     result = {**info, "ceilings": ceilings, "rows": report.rows, "errors": errors}
     if sweep is not None:
         result["sweep"] = sweep
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"kernels_{gpu_slug(name)}.json"
+    out = args.out or Path(__file__).parent / "results" / gpu_slug(name)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"kernels_{gpu_slug(name)}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {path}")
     if sweep:

@@ -10,7 +10,7 @@ come from HBM (--hot-l2: every call reads one buffer). GB/s counts the logits re
 1 GiB device copy measured in the same run. Every configuration must give the default's tokens (and
 greedy rows torch.argmax's): a mismatch is reported and makes the exit status 1.
 
-    PYTHONPATH=. python benchmarks/sampling_sweep.py --output-json benchmarks/results/sampling_sweep_h100.json
+    PYTHONPATH=. python benchmarks/sampling_sweep.py --output-json benchmarks/results/h100/sampling_sweep.json
 
 Prints one JSON line per measurement, then a table; writes everything to --output-json when given.
 """
@@ -18,11 +18,13 @@ Prints one JSON line per measurement, then a table; writes everything to --outpu
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 
 import torch
+from graph_timer import capture, replay_us
+
+from mini_infer.bench.roofline import measure_hbm_bandwidth
 
 ROWS = (1, 8, 64, 256)
 VOCABS = (151936, 128256)
@@ -42,46 +44,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hot-l2", action="store_true", help="every call reads the same (L2-resident) logits")
     parser.add_argument("--reps", type=int, default=REPS, help="timed graph replays per configuration")
     return parser.parse_args()
-
-
-def copy_ceiling_gbps() -> float:
-    """Device-to-device copy of 1 GiB (read and write), median of 10, in GB/s."""
-    src = torch.empty(2**29, dtype=torch.bfloat16, device=DEVICE).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.nbytes / (statistics.median(times) * 1e-3) / 1e9
-
-
-def time_graph(call, n_calls: int, reps: int) -> tuple[float, list[torch.Tensor]]:
-    """Microseconds per call(i) over a CUDA graph of n_calls calls; the calls' outputs (filled by the replays)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles and warms up outside the capture
-        call(0)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [call(i) for i in range(n_calls)]
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times) * 1e3 / n_calls, outs
 
 
 def argmax_call(buffers: list[torch.Tensor]):
@@ -131,7 +93,7 @@ def main() -> int:
     props = torch.cuda.get_device_properties(device)
     sms = num_sms(device)
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
-    ceiling = copy_ceiling_gbps()
+    ceiling = measure_hbm_bandwidth() / 1e9
     print(json.dumps({"device": props.name, "sms": sms, "l2_bytes": l2_bytes, "copy_GBps": round(ceiling, 1)}))
     rows_list = [int(x) for x in args.rows.split(",")]
     vocabs = [int(x) for x in args.vocabs.split(",")]
@@ -157,7 +119,8 @@ def main() -> int:
                     else:
                         shape = launch_shape(n, vocab, sms, *(kwargs.get(k) for k in SHAPE_KWARGS))
                         call = sampler_call(sample_tokens_triton, buffers, temperature, seeds, kwargs)
-                    us, outs = time_graph(call, n_calls, args.reps)
+                    graph, outs = capture(call, n_calls)
+                    us = replay_us(graph, n_calls, args.reps)
                     tokens = [outs[i].clone() for i in range(n_buffers)]
                     if want is None:
                         want = tokens

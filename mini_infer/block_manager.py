@@ -108,10 +108,6 @@ class BlockManager:
             parent = h
 
     # -- allocation ---------------------------------------------------------------------------
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return need <= self.num_free_blocks
-
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Makes room in `seq`'s block table for `num_new_tokens` more tokens; False if out of blocks."""
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
@@ -151,7 +147,3 @@ class BlockManager:
             if self.hash_to_block.get(block.hash) == block_id:
                 del self.hash_to_block[block.hash]
             block.hash, block.token_ids = None, ()
-
-    def reset_prefix_cache(self) -> None:
-        for block_id in list(self.free_queue):
-            self._evict(block_id)

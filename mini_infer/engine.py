@@ -168,21 +168,15 @@ class LLMEngine:
         self._timed = device.type == "cuda"
         self.in_flight: _InFlight | None = None
         self.num_penalty_requests = 0  # while any, steps run synchronously (see the module docstring)
-        # What exists now (modules, compiled kernels, graphs, the tokenizer) lives as long as the engine.
-        # Frozen, it is left out of Python's full collections, which then scan only what the steps
-        # allocate: unfrozen, one full collection stalled a batch-128 decode step for 0.25 s on the H100
-        # (mini-infer bench latency, gc_during_run). The freeze is process-wide: whatever else is alive
-        # now is frozen too, and a reference cycle among those objects is not reclaimed before exit
-        # (plain references still are). Unfrozen at exit, so the interpreter's last collections free
-        # them (one exit hook however many engines).
+        # What exists now (modules, compiled kernels, graphs, the tokenizer) lives as long as the engine:
+        # frozen, it is left out of Python's full collections, which would otherwise scan all of it in
+        # the middle of a step. The freeze is process-wide, so a reference cycle among objects alive now
+        # is not reclaimed before exit (plain references still are); unfreezing at exit lets the
+        # interpreter's last collections free them (one exit hook however many engines).
         gc.collect()
         gc.freeze()
         atexit.unregister(gc.unfreeze)
         atexit.register(gc.unfreeze)
-
-    @classmethod
-    def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
-        return cls(EngineConfig(model=model, **kwargs))
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:

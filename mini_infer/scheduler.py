@@ -44,10 +44,6 @@ class SchedulerOutput:
     def seqs(self) -> list[ScheduledSeq]:
         return self.decodes + self.prefills
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.decodes) + sum(s.num_new_tokens for s in self.prefills)
-
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
 
@@ -63,9 +59,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens

@@ -22,7 +22,6 @@ from mini_infer.kernels import get_ops  # noqa: E402
 from mini_infer.kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
 from mini_infer.kernels.decode_attention import DecodeConfig, decode_attention_triton  # noqa: E402
 from mini_infer.kernels.gemv import GemvConfig, gemv_triton, linear_ref, linear_triton  # noqa: E402
-from mini_infer.kernels.kv_cache import store_kv_cache_ref, store_kv_cache_triton  # noqa: E402
 from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref  # noqa: E402
 from mini_infer.kernels.prefill_attention import (  # noqa: E402
     PrefillConfig,
@@ -37,7 +36,6 @@ from mini_infer.kernels.rmsnorm import (  # noqa: E402
     rms_norm_ref,
     rms_norm_triton,
 )
-from mini_infer.kernels.rotary import rotary_ref, rotary_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,35 +90,6 @@ def test_fused_add_rms_norm(shape, dtype):
     torch.testing.assert_close(out, out_ref, **TOLERANCE[dtype])
 
 
-def _cos_sin_cache(max_pos: int, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
-    freqs = torch.outer(torch.arange(max_pos, device=DEVICE).float(), inv_freq)
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_q_heads,num_k_heads,head_dim", [(4, 1, 64), (8, 8, 128), (6, 2, 64)])
-def test_rotary_on_fused_qkv_views(num_q_heads, num_k_heads, head_dim, dtype):
-    tokens = 7
-    qkv = _randn(tokens, (num_q_heads + 2 * num_k_heads) * head_dim, dtype=dtype)
-    positions = torch.randint(0, 100, (tokens,), device=DEVICE)
-    cache = _cos_sin_cache(128, head_dim)
-    qkv_ref = qkv.clone()
-
-    def views(buf):
-        q, k, v = buf.split([num_q_heads * head_dim, num_k_heads * head_dim, num_k_heads * head_dim], dim=-1)
-        return q.view(tokens, num_q_heads, head_dim), k.view(tokens, num_k_heads, head_dim), v
-
-    q, k, v = views(qkv)
-    q_ref, k_ref, v_ref = views(qkv_ref)
-    assert not q.is_contiguous()
-    rotary_triton(positions, q, k, cache)
-    rotary_ref(positions, q_ref, k_ref, cache)
-    torch.testing.assert_close(q, q_ref, **TOLERANCE[dtype])
-    torch.testing.assert_close(k, k_ref, **TOLERANCE[dtype])
-    torch.testing.assert_close(v, v_ref, atol=0, rtol=0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("n,k,bias,config", [
@@ -149,23 +118,6 @@ def test_linear_triton_takes_the_gemv_only_for_few_rows():
 def test_silu_and_mul(tokens, intermediate, dtype):
     x = _randn(tokens, 2 * intermediate, dtype=dtype)
     torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), **TOLERANCE[dtype])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size", [16, 32])
-def test_store_kv_cache_skips_minus_one(block_size, dtype):
-    tokens, num_heads, head_dim, num_blocks = 9, 2, 64, 4
-    kv = _randn(tokens, 2 * num_heads * head_dim, dtype=dtype)  # k and v as views of one buffer
-    k, v = (t.view(tokens, num_heads, head_dim) for t in kv.chunk(2, dim=-1))
-    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
-    slots[[1, 5]] = -1
-    k_cache = _randn(num_blocks, block_size, num_heads, head_dim, dtype=dtype)
-    v_cache = _randn(num_blocks, block_size, num_heads, head_dim, dtype=dtype)
-    k_cache_ref, v_cache_ref = k_cache.clone(), v_cache.clone()
-    store_kv_cache_triton(k, v, k_cache, v_cache, slots)
-    store_kv_cache_ref(k, v, k_cache_ref, v_cache_ref, slots)
-    torch.testing.assert_close(k_cache, k_cache_ref, atol=0, rtol=0)
-    torch.testing.assert_close(v_cache, v_cache_ref, atol=0, rtol=0)
 
 
 def _paged_kv(seq_lens, block_size, num_kv_heads, head_dim, dtype):
@@ -285,7 +237,18 @@ def test_prefill_attention_with_padded_tile_list():
 # ---------------------------------------------------------------------------------------------------
 # Fused attention prologue: q/k norm (Qwen3) + RoPE + KV-cache store on views of the fused qkv buffer.
 
-from mini_infer.kernels.rotary_store import rotary_store_kv_ref, rotary_store_kv_triton  # noqa: E402
+from mini_infer.kernels.rotary_store import (  # noqa: E402
+    rotary_ref,
+    rotary_store_kv_ref,
+    rotary_store_kv_triton,
+    store_kv_cache_ref,
+)
+
+
+def _cos_sin_cache(max_pos: int, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos, device=DEVICE).float(), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
 def _prologue_inputs(num_q_heads, num_k_heads, head_dim, dtype, norm, tokens=9, block_size=4, num_blocks=6):
@@ -306,8 +269,8 @@ def _qkv_views(qkv, num_q_heads, num_k_heads, head_dim):
 
 
 def _unfused_prologue(rms_norm, rotary, store, positions, q, k, v, cache, k_cache, v_cache, slots, weights, eps):
-    """What LlamaAttention did before the fused op: norm reshaped copies, rotate them, store; q and k are
-    written back so that results compare in the qkv buffer."""
+    """The unfused sequence: norm reshaped copies, rotate them, store; q and k are written back so that
+    results compare in the qkv buffer."""
     head_dim = q.shape[-1]
     qn, kn = q, k
     if weights[0] is not None:
@@ -346,23 +309,13 @@ def test_rotary_store_kv_ref_is_the_unfused_sequence(norm, dtype):
 def test_rotary_store_kv_triton(shape, norm, dtype):
     qkv, positions, cache, slots, k_cache, v_cache, weights = _prologue_inputs(*shape, dtype, norm)
     runs = {}
-    for name in ("fused", "unfused", "ref"):
+    for name in ("fused", "ref"):
         buf, k_c, v_c = qkv.clone(), k_cache.clone(), v_cache.clone()
         q, k, v = _qkv_views(buf, *shape)
         assert not q.is_contiguous() and not k.is_contiguous()
-        if name == "fused":
-            rotary_store_kv_triton(positions, q, k, v, cache, k_c, v_c, slots, *weights, 1e-6)
-        elif name == "unfused":
-            _unfused_prologue(
-                rms_norm_triton, rotary_triton, store_kv_cache_triton, positions, q, k, v, cache, k_c, v_c, slots,
-                weights, 1e-6,
-            )
-        else:
-            rotary_store_kv_ref(positions, q, k, v, cache, k_c, v_c, slots, *weights, 1e-6)
+        op = rotary_store_kv_triton if name == "fused" else rotary_store_kv_ref
+        op(positions, q, k, v, cache, k_c, v_c, slots, *weights, 1e-6)
         runs[name] = (buf, k_c, v_c)
-    # Same rounding steps and the same order of the sum of squares as the unfused Triton kernels.
-    for out, unfused in zip(runs["fused"], runs["unfused"]):
-        torch.testing.assert_close(out, unfused, atol=0, rtol=0)
     # Against the reference: the norm's sum adds in another order, and on the CPU the interpreter truncates
     # its two bfloat16 roundings; RoPE's cancellations then leave a unit of the inputs' scale, not the output's.
     for out, ref in zip(runs["fused"], runs["ref"]):
@@ -370,3 +323,27 @@ def test_rotary_store_kv_triton(shape, norm, dtype):
         if norm and dtype == torch.bfloat16:
             tol = dict(atol=2**-5 * ref.abs().max().item(), rtol=2**-6)
         torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("shape", [(4, 1, 64), (6, 2, 48), (12, 4, 128)])
+def test_rotary_store_kv_triton_norms_as_rms_norm_triton(shape, norm, dtype):
+    """At position 0 RoPE is the identity (cos 1, sin 0), so the fused op is the q/k norm and the store:
+    the same rounding steps and the same order of the sum of squares as rms_norm_triton, bit for bit."""
+    qkv, _, cache, slots, k_cache, v_cache, weights = _prologue_inputs(*shape, dtype, norm)
+    positions = torch.zeros(qkv.shape[0], dtype=torch.int64, device=DEVICE)
+    runs = []
+    for fused in (True, False):
+        buf, k_c, v_c = qkv.clone(), k_cache.clone(), v_cache.clone()
+        q, k, v = _qkv_views(buf, *shape)
+        if fused:
+            rotary_store_kv_triton(positions, q, k, v, cache, k_c, v_c, slots, *weights, 1e-6)
+        else:
+            identity = lambda *args: None
+            _unfused_prologue(
+                rms_norm_triton, identity, store_kv_cache_ref, positions, q, k, v, cache, k_c, v_c, slots, weights, 1e-6
+            )
+        runs.append((buf, k_c, v_c))
+    for out, unfused in zip(*runs):
+        torch.testing.assert_close(out, unfused, atol=0, rtol=0)

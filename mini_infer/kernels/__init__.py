@@ -1,4 +1,9 @@
-"""Kernels: each file holds a Triton kernel and the plain PyTorch reference beside it.
+"""Kernels: Triton kernels and the plain PyTorch references they are tested against.
+
+A kernel's reference sits in its file, except for the two attention kernels (prefill_attention.py,
+decode_attention.py), whose references share their block-table gather in paged_attention.py.
+_triton.py holds the optional Triton import and the helpers the kernels share, triton_ops.py the
+Triton set.
 
 `get_ops(backend)` returns the set the model uses: "torch" (the references; the CPU path) or
 "triton". The model and attention layers call only through a `KernelOps`, so switching backend

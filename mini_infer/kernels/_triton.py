@@ -1,7 +1,7 @@
 """Optional Triton import shared by the kernel files.
 
-Each kernel file holds its PyTorch reference and its Triton kernel side by side, and the references
-must keep working where Triton is not installed (CPU-only wheels, macOS). Without Triton, `triton.jit`
+The PyTorch references sit in the same files as the Triton kernels and must keep working where
+Triton is not installed (CPU-only wheels, macOS). Without Triton, `triton.jit`
 becomes a no-op decorator and `tl.constexpr` a plain annotation, so the kernel definitions still
 parse; calling a Triton wrapper then raises a clear error.
 

@@ -1,16 +1,42 @@
 """Attention prologue in one pass: optional per-head RMSNorm of q and k (Qwen3), RoPE, KV-cache store.
 
-Replaces rms_norm (q, k) -> rotary -> store_kv_cache, which cost six small kernels per layer: two
-copies (the q/k views of the fused qkv buffer are not contiguous), two norms, RoPE and the store.
-q and k are rotated in place in the qkv buffer; k and v are written to the cache at their slots.
+One kernel because the unfused sequence costs six small kernels per layer: two copies (the q/k views
+of the fused qkv buffer are not contiguous), two norms, RoPE and the store. q and k are rotated in
+place in the qkv buffer; k and v are written to the cache at their slots.
+
+RoPE uses the rotate-half layout: `cos_sin_cache[pos]` holds cos(pos * inv_freq) in its first half and
+sin in its second (float32, length head_dim); scaled frequencies (llama3) come in through the cache.
 """
 
 import torch
 
 from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
-from mini_infer.kernels.kv_cache import store_kv_cache_ref
 from mini_infer.kernels.rmsnorm import rms_norm_ref
-from mini_infer.kernels.rotary import rotary_ref
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def rotary_ref(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> None:
+    """RoPE of q: [T, Hq, D] and k: [T, Hk, D] in place (views with a unit last stride are fine)."""
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    q.copy_(_rotate(q, cos, sin))
+    k.copy_(_rotate(k, cos, sin))
+
+
+def store_kv_cache_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]; slot_mapping: [T] (slot -1 = skip)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
 def rotary_store_kv_ref(
@@ -28,7 +54,8 @@ def rotary_store_kv_ref(
 ) -> None:
     """q: [T, Hq, D], k, v: [T, Hk, D] (views with a unit last stride are fine); caches:
     [num_blocks, block_size, Hk, D]; slot_mapping: [T] (-1 = skip). A norm weight of None skips that
-    norm. Built from the unfused references, so its results are theirs by construction."""
+    norm. Built from rms_norm_ref, rotary_ref and store_kv_cache_ref, so its results are theirs by
+    construction."""
     head_dim = q.shape[-1]
     qn = q if q_norm_weight is None else rms_norm_ref(q.reshape(-1, head_dim), q_norm_weight, eps).view(q.shape)
     kn = k if k_norm_weight is None else rms_norm_ref(k.reshape(-1, head_dim), k_norm_weight, eps).view(k.shape)
@@ -44,8 +71,8 @@ def rotary_store_kv_ref(
 # Triton: a 2-D grid of (token, group of heads); a group is HEADS query heads, or HEADS key heads with
 # their value heads, and each of the HEADS warps holds one head row. That is the layout rms_norm_triton
 # gives a single row (one warp, D/32 values per lane), so the sum of squares adds in the same order and
-# the bfloat16 results on the GPU are bit-identical to the unfused kernels. Rounding follows them too:
-# the normed row to the input dtype, its product with the weight again, RoPE in float32 once.
+# the normed rows are bit-identical to rms_norm_triton's. Rounding follows rms_norm too: the normed row
+# to the input dtype, its product with the weight again; then RoPE in float32, rounded once.
 
 
 @triton.jit

@@ -43,15 +43,12 @@ U_MAX = 1.0 - 2.0**-20
 # number of BLOCK_V blocks, one block per loop step, and a second tiny launch reduces each row's
 # per-slice winners to its token (one launch only, straight into out, when a row is one slice).
 #
-# Measured on an H100 (benchmarks/sampling_sweep.py, CUDA-graph replay, cold logits, vocabulary 151936;
-# benchmarks/results/h100/sampling_sweep.json): BLOCK_V 2048 with 8 warps (8 elements a thread) and about
-# 4 programs per SM was the best or within 10% of the best configuration for 1 to 256 rows, greedy and
-# sampled. One sampled row takes ~5.5 us (the old one-program-per-row kernel: 96 us), 256 sampled rows
-# ~197 us (206 us). Many sampled rows were bound by instruction issue, not bandwidth: a sampled logit cost
-# about 110 instructions in the loop (sm_90 SASS: ten Philox rounds and two full-precision logs a logit);
-# 256 greedy rows take ~39 us. Four uniforms a Philox call and lg2.approx cut that to about 31
-# instructions (the same SASS count, Triton 3.9): 256 sampled rows now take ~66 us and one ~3.7 us
-# (the sweep rerun; the earlier one is sampling_sweep_before.json).
+# The defaults, BLOCK_V 2048 with 8 warps (8 elements a thread) and about 4 programs per SM, are within 7%
+# of the fastest shape swept on an H100 for 1 to 256 rows of 128256 or 151936 logits, sampled or greedy,
+# except 256 greedy rows, 20% behind (benchmarks/sampling_sweep.py: CUDA-graph replay, cold logits;
+# benchmarks/results/h100/sampling_sweep.json). One sampled row of 151936 takes ~3.7 us, 256 ~66 us, 256
+# greedy rows ~40 us. Many sampled rows are bound by instruction issue, not bandwidth, hence four uniforms
+# a Philox call and the hardware lg2.approx: about 31 instructions a sampled logit in the loop (sm_90 SASS).
 BLOCK_V = 2048
 ELEMENTS_PER_THREAD = 8
 MAX_WARPS = 16

@@ -1,7 +1,7 @@
 """The RoPE cos/sin cache, with Llama-3 frequency scaling.
 
 Frequencies follow Hugging Face's rope initialisation exactly (float32), so positions rotate the
-same way as in transformers. The kernel that applies it lives in kernels/rotary.py.
+same way as in transformers. kernels/rotary_store.py applies it, with the q/k norm and the KV-cache store.
 """
 
 import math
