@@ -1,8 +1,8 @@
 """Kernels: each file holds a Triton kernel and the plain PyTorch reference beside it.
 
-`get_ops(backend)` returns the set the model uses: "torch" (the references; the CPU path) or
-"triton". The model and attention layers call only through a `KernelOps`, so switching backend
-never touches model code.
+`get_ops(backend)` returns the set the model uses: "torch" (the references, the CPU path; its attention
+is the references' arithmetic batched over sequences, see paged_attention.py) or "triton". The model
+and attention layers call only through a `KernelOps`, so switching backend never touches model code.
 """
 
 from collections.abc import Callable
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from mini_infer.kernels.activation import silu_and_mul_ref
 from mini_infer.kernels.gemv import linear_ref
-from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
+from mini_infer.kernels.paged_attention import decode_attention_batched, prefill_attention_batched
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
 from mini_infer.kernels.rotary_store import rotary_store_kv_ref
 
@@ -33,8 +33,8 @@ TORCH_OPS = KernelOps(
     fused_add_rms_norm=fused_add_rms_norm_ref,
     silu_and_mul=silu_and_mul_ref,
     rotary_store_kv=rotary_store_kv_ref,
-    prefill_attention=prefill_attention_ref,
-    decode_attention=decode_attention_ref,
+    prefill_attention=prefill_attention_batched,
+    decode_attention=decode_attention_batched,
     linear=linear_ref,
 )
 
