@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the CLI builds its parsers from this module without loading torch
+    import torch
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _check_choice(name: str, value: object, allowed: tuple) -> None:
@@ -21,6 +23,12 @@ def _check_positive(name: str, value: int | None, allow_none: bool = False) -> N
         return
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -72,11 +80,13 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not self.cpu_kv_cache_gib > 0:
             raise ValueError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.device == "cuda" and not _cuda_available():
             raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU")
 
     @property
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -89,8 +99,10 @@ class EngineConfig:
 
     def resolve_dtype(self, model_dtype: torch.dtype | None) -> torch.dtype:
         """'auto' takes the checkpoint's dtype, except float32 on CPU is kept and bf16/fp16 run on GPU."""
+        import torch
+
         if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+            return getattr(torch, self.dtype)
         if self.resolved_device.type == "cpu":
             return torch.float32
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16

@@ -130,7 +130,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         torch.manual_seed(config.seed)
-        path = resolve_model_path(config.model)
+        path = resolve_model_path(config.model, config.load_format)
         self.model_config = load_hf_config(path)
         max_positions = getattr(self.model_config, "max_position_embeddings", None) or 2048
         if config.max_model_len is not None and config.max_model_len > max_positions:

@@ -68,8 +68,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Formats each conversation with the tokenizer's chat template, then generates."""
         tokenizer = self.get_tokenizer()
-        if tokenizer is None:
-            raise ValueError("chat needs a tokenizer with a chat template")
+        if tokenizer is None or not (chat_template or tokenizer.chat_template):
+            raise ValueError(f"{self.llm_engine.config.model} has no chat template: use generate() with a plain "
+                             "prompt, pass chat_template=, or load a chat model")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             {"prompt_token_ids": list(tokenizer.apply_chat_template(

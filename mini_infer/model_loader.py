@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,39 +20,70 @@ logger = logging.getLogger(__name__)
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
+# A hub id as the hub spells it: `org/name` (or a bare legacy `name`); anything else is a path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
 def preset_path(name: str) -> Path | None:
-    """`Qwen/Qwen3-0.6B` or `qwen3-0.6b` -> the shipped config presets/qwen3-0.6b.json, if any."""
-    candidate = PRESETS_DIR / f"{name.split('/')[-1].lower()}.json"
-    return candidate if candidate.is_file() else None
+    """A shipped architecture preset, by its own bare name only: `qwen3-0.6b` -> presets/qwen3-0.6b.json.
+    `Qwen/Qwen3-0.6B` is a hub id, never a preset."""
+    return PRESETS_DIR / f"{name}.json" if name in preset_names() else None
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local directory as is; a preset's JSON file; otherwise a hub id, downloaded if reachable."""
+def resolve_model_path(model: str, load_format: str = "auto") -> Path:
+    """A local directory as is; a preset's bare name with load_format "dummy" (a preset has no weights);
+    otherwise a hub id, downloaded or found in the local Hugging Face cache (HF_HUB_CACHE). Every way this
+    fails is a one-line ValueError that says what to change."""
     if os.path.isdir(model):
         return Path(model)
-    if preset := preset_path(model):
-        return preset
     if os.path.exists(model):
-        raise ValueError(f"model path {model!r} is not a directory")
-    try:
-        from huggingface_hub import snapshot_download
+        raise ValueError(f"model path {model!r} is a file, not a model folder")
+    if preset := preset_path(model):
+        if load_format != "dummy":
+            raise ValueError(f"{model!r} is an architecture preset with no weights: add --load-format dummy to run "
+                             "it with random weights, or give a model folder or hub id")
+        return preset
+    if not HUB_ID.match(model) or ".." in model:
+        raise ValueError(f"model {model!r} is neither a local directory nor a hub id (org/name): no such folder")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
+    patterns = ["*.json", "tokenizer*", "*.model", *(["*.safetensors"] if load_format != "dummy" else [])]
+    try:
         return Path(snapshot_download(model, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, no access: all end the same way for a user
-        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
-        raise ValueError(
-            f"model {model!r} is neither a local directory, a preset ({presets}) nor a reachable hub id: {e}"
-        ) from e
+    except Exception as e:  # each kind of failure in one line: what to do about it
+        error = e
+    if isinstance(error, GatedRepoError):
+        reason = "it is gated: accept its terms on the hub and log in (`hf auth login`)"
+    elif isinstance(error, RepositoryNotFoundError):
+        reason = "the hub has no such repository, or it is private (log in with `hf auth login`)"
+    elif isinstance(error, LocalEntryNotFoundError):
+        reason = f"the hub cannot be reached and the local cache ({constants.HF_HUB_CACHE}) does not hold it"
+    else:  # a network or disk error: its own message says which
+        reason = " ".join(str(error).split())[:300]
+    presets = f"; presets (with --load-format dummy): {', '.join(preset_names())}" if "/" not in model else ""
+    raise ValueError(f"model {model!r} is not a local directory, and as a hub id: {reason}{presets}") from error
 
 
 def load_hf_config(path: Path) -> PretrainedConfig:
     if path.is_file():  # a preset: config.json contents
         data = json.loads(path.read_text())
         return AutoConfig.for_model(data.pop("model_type"), **data)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"no config.json in {path}")
-    return AutoConfig.from_pretrained(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"no config.json in {path}: is it a Hugging Face model folder?")
+    try:
+        json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON ({e}): restore the file from the model's source") from e
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:  # e.g. a model_type this transformers does not know
+        raise ValueError(f"{config} could not be read by transformers: {' '.join(str(e).split())[:300]}") from e
 
 
 def eos_token_ids(path: Path, config: PretrainedConfig) -> set[int]:
@@ -153,6 +185,6 @@ def load_model(
         init_dummy_weights(model, seed)
     else:
         if path.is_file():
-            raise ValueError(f"{path.name} is an architecture preset with no weights: use load_format='dummy'")
+            raise ValueError(f"{path.stem} is an architecture preset with no weights: add --load-format dummy")
         load_weights(model, path)
     return model.eval()

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mini_infer.config import EngineConfig
+from mini_infer.cpu_threads import step_threads
 from mini_infer.forward_context import AttentionMetadata, forward_context
 from mini_infer.kernels.prefill_attention import build_prefill_tiles, default_prefill_config, max_prefill_tiles
 from mini_infer.sampler import (
@@ -101,6 +102,7 @@ class ModelRunner:
         # the last step's sampled tokens, still on the device, and the row of each sequence in them
         self.last_tokens: torch.Tensor | None = None
         self.last_rows: dict[int, int] = {}
+        self.num_weights = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # a step's MACs per token
 
     # -- KV pool ------------------------------------------------------------------------------
     @property
@@ -550,10 +552,15 @@ class ModelRunner:
             start += len(rs)
         return result
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> PendingStep:
         """Queues one step; the returned PendingStep yields the sampled token (and logprobs) of each
-        sequence that samples, in batch order, and the prompt logprobs its prefill chunks asked for."""
+        sequence that samples, in batch order, and the prompt logprobs its prefill chunks asked for.
+        Small CPU steps run single-threaded (cpu_threads.py)."""
+        with step_threads(self.device, out.num_tokens * self.num_weights):
+            return self._execute(out)
+
+    @torch.inference_mode()
+    def _execute(self, out: SchedulerOutput) -> PendingStep:
         sampling = [s for s in out.seqs if s.samples]
         prompt_rows = self._prompt_logprob_rows(out)
         prefill_size = self._prefill_graph_size(out.prefills) if out.prefills else None

@@ -44,6 +44,10 @@ class SchedulerOutput:
     def seqs(self) -> list[ScheduledSeq]:
         return self.decodes + self.prefills
 
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.decodes) + sum(s.num_new_tokens for s in self.prefills)
+
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
 

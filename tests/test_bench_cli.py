@@ -194,7 +194,8 @@ def test_report_tables(tmp_path, latency_record, throughput_record):
     (tmp_path / "throughput.json").write_text(json.dumps(throughput_record))
     text = report(tmp_path)
     assert "| 3 |" in text and "| mini-infer-static | 4 |" in text
-    assert "ratio mini-infer / mini-infer-static" in text and "### Targets" in text
+    assert "ratio mini-infer / mini-infer-static" in text
+    assert "Targets" not in text and "targets" not in text  # CPU runs: the H100 targets do not apply
 
 
 def test_transformers_stopped_at_its_time_limit_gives_a_lower_bound(tmp_path, stories_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import platform
@@ -10,12 +11,14 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so `mini-infer --help` need not load it
+    import torch
 
-from mini_infer.bench.roofline import Hardware, ModelShape, dtype_nbytes
+    from mini_infer.bench.roofline import Hardware, ModelShape
 
 
 def build_engine(args: Any, **overrides: Any) -> Any:
@@ -47,6 +50,8 @@ def free_device_memory() -> None:
 
     Call it after dropping every reference to the engine or model: memory still referenced stays held.
     """
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -55,6 +60,8 @@ def free_device_memory() -> None:
 
 def engine_dtype(engine: Any) -> torch.dtype:
     """The dtype the engine's weights (and KV) are held in."""
+    import torch
+
     model = getattr(getattr(engine, "model_runner", None), "model", None) or getattr(engine, "model", None)
     if isinstance(model, torch.nn.Module):
         param = next(model.parameters(), None)
@@ -67,14 +74,17 @@ def engine_dtype(engine: Any) -> torch.dtype:
 
 def engine_shape(engine: Any) -> tuple[ModelShape, int]:
     """The model's roofline shape and the bytes per weight/KV element."""
+    from mini_infer.bench.roofline import ModelShape, dtype_nbytes
+
     return ModelShape.from_hf_config(engine.model_config), dtype_nbytes(engine_dtype(engine))
 
 
-def load_model_config(model: str) -> Any:
-    """The HF config of a local dir, shipped preset, or hub id, resolved the way the engine does."""
+def load_model_config(model: str, load_format: str = "dummy") -> Any:
+    """The HF config of a local dir, hub id or preset, resolved as the engine does. A config needs no weights,
+    so by default a preset name resolves too; pass the run's load_format to refuse one as the engine will."""
     from mini_infer.model_loader import load_hf_config, resolve_model_path
 
-    return load_hf_config(resolve_model_path(model))
+    return load_hf_config(resolve_model_path(model, load_format))
 
 
 def _launcher(program: Path) -> list[str]:
@@ -88,6 +98,8 @@ def _launcher(program: Path) -> list[str]:
 
 def environment() -> dict[str, Any]:
     """What a result depends on besides the code: command, GPU, library versions."""
+    import torch
+
     info: dict[str, Any] = {
         "command": shlex.join([*_launcher(Path(sys.argv[0])), *sys.argv[1:]]),
         "python": platform.python_version(),
@@ -107,6 +119,15 @@ def hardware_dict(hw: Hardware | None) -> dict[str, float] | None:
     if hw is None:
         return None
     return {"hbm_gb_per_s": hw.hbm_bytes_per_s / 1e9, "bf16_peak_tflops": hw.peak_flops / 1e12}
+
+
+RESULTS_DIR = "bench-results"
+
+
+def default_result_path(benchmark: str, model: str, result_dir: str | None = None) -> str:
+    """Where a run writes its record when not told: RESULT_DIR/BENCHMARK-MODEL-YYYYmmdd-HHMMSS.json."""
+    name = Path(model.rstrip("/")).name or "model"
+    return str(Path(result_dir or RESULTS_DIR) / f"{benchmark}-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
 def write_json(path: str | None, record: dict[str, Any]) -> None:
@@ -201,3 +222,38 @@ def triton_compiles() -> Iterator[list[str]]:
         yield names
     finally:
         runtime.jit_post_compile_hook = previous
+
+
+@dataclass
+class RunResult:
+    """One backend on one workload."""
+
+    backend: str
+    num_requests: int
+    wall_seconds: float
+    prompt_tokens: int
+    output_tokens: int
+    ideal_seconds: float | None = None
+    kv_slot_utilisation: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    steps: list[list[Any]] | None = field(default=None, repr=False)  # per-step log, kept out of to_dict
+
+    @property
+    def output_tok_per_s(self) -> float:
+        return self.output_tokens / self.wall_seconds
+
+    @property
+    def total_tok_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.wall_seconds
+
+    @property
+    def roofline_fraction(self) -> float | None:
+        return None if self.ideal_seconds is None else self.ideal_seconds / self.wall_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **{k: v for k, v in dataclasses.asdict(self).items() if k != "steps"},
+            "output_tok_per_s": self.output_tok_per_s,
+            "total_tok_per_s": self.total_tok_per_s,
+            "roofline_fraction": self.roofline_fraction,
+        }

@@ -14,12 +14,12 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mini_infer.bench.common import (
+    RESULTS_DIR,
     build_engine,
+    default_result_path,
     engine_shape,
     environment,
     fmt_pct,
@@ -30,8 +30,10 @@ from mini_infer.bench.common import (
     step_log,
     write_json,
 )
-from mini_infer.bench.roofline import Hardware, decode_step_cost, measure_hardware
-from mini_infer.bench.throughput import Workload, make_workload
+from mini_infer.bench.workload import Workload, make_workload
+
+if TYPE_CHECKING:
+    from mini_infer.bench.roofline import Hardware
 
 DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64,128,256"
 
@@ -154,6 +156,8 @@ def _step_until_done(engine: Any, batch: int, prompt_len: dict[str, int], counts
 def measure_batch(
     engine: Any, batch_size: int, input_len: int, output_len: int, hw: Hardware | None, seed: int
 ) -> BatchResult:
+    from mini_infer.bench.roofline import decode_step_cost
+
     shape, dtype_bytes = engine_shape(engine)
     vocab = shape.vocab_size
     # Untimed run of the very same shape (other prompts): kernels specialised on batch or context
@@ -189,12 +193,21 @@ def print_table(results: list[BatchResult]) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    import torch
+    from tqdm.auto import tqdm
+
+    from mini_infer.bench.roofline import measure_hardware
+
+    batch_sizes = _batch_sizes(args.batch_sizes)
     if args.max_num_seqs is None:
         args.max_num_seqs = max(batch_sizes)
+    args.output_json = args.output_json or default_result_path("latency", args.model, args.result_dir)
     on_cuda = args.device in (None, "auto", "cuda") and torch.cuda.is_available()
     hw = measure_hardware() if on_cuda else None
     engine = build_engine(args)
+    if args.input_len + args.output_len > engine.max_model_len:
+        raise ValueError(f"--input-len {args.input_len} + --output-len {args.output_len} is more than "
+                         f"max_model_len {engine.max_model_len}: lower one of them")
     shape, dtype_bytes = engine_shape(engine)
     record: dict[str, Any] = {
         "benchmark": "latency",
@@ -210,7 +223,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "errors": {},
     }
     results = []
-    for i, batch in enumerate(batch_sizes):
+    for i, batch in enumerate(tqdm(batch_sizes, desc="batch sizes", unit="batch", leave=False,
+                                   disable=args.disable_tqdm)):
         try:
             seed = 1000 * (args.seed or 0) + i
             result = measure_batch(engine, batch, args.input_len, args.output_len, hw, seed)
@@ -229,6 +243,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     print(f"model {args.model}, input {args.input_len}, output {args.output_len}, "
           f"device {record['environment']['device']}, hardware {record['hardware'] or 'n/a'}")
     print_table(results)
+    print(f"results written to {args.output_json}")
     return record
 
 
@@ -240,14 +255,28 @@ def cli_entry(args: argparse.Namespace) -> int:
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from mini_infer.config import add_engine_args
 
-    parser.add_argument("--model", required=True, help="local dir, hub id, or preset (e.g. llama-3-8b)")
+    parser.add_argument("--model", required=True,
+                        help="model folder, hub id, or preset name with --load-format dummy (e.g. llama-3-8b)")
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, help="comma list")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--output-json", default=None)
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--output-json", default=None,
+                        help="where to write the results (default: RESULT_DIR/latency-MODEL-TIME.json)")
+    parser.add_argument("--result-dir", default=RESULTS_DIR, help="folder for results written by default")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     add_engine_args(parser)
     parser.set_defaults(func=cli_entry)
     return parser
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes must be a comma list of positive integers, got {text!r}")
+    return sizes
 
 
 def add_parser(bench_subparsers: Any) -> argparse.ArgumentParser:

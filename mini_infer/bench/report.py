@@ -1,4 +1,4 @@
-"""A short markdown summary of a folder of benchmark JSON files, with issue 4's targets beside the figures.
+"""A short markdown summary of a folder of benchmark JSON files; for GPU runs, the H100 targets beside them.
 
 Usage: python -m mini_infer.bench.report DIR
 """
@@ -87,10 +87,14 @@ def throughput_lines(name: str, record: dict[str, Any]) -> list[str]:
 
 
 def target_lines(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """Issue 4's H100 targets next to what the files show. Files are read in name order and the first
+    """The project's H100 targets next to what the GPU runs' files show (none for CPU runs: the targets are
+    for one H100, and a CPU figure beside them means nothing). Files are read in name order and the first
     with a figure for a target gives it, so `throughput_qwen3-0.6b.json` speaks before its `_repeat*`
     and other suffixed companions."""
     found: dict[str, str] = {}
+    records = [(name, rec) for name, rec in records if rec.get("hardware")]  # measured on a GPU
+    if not records:
+        return []
     for _, rec in records:
         model = str(rec.get("model", "")).lower()
         if rec.get("benchmark") == "latency" and "llama-3-8b" in model:
@@ -116,7 +120,7 @@ def target_lines(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
                 found.setdefault(f"Llama-3-8B >= 25x transformers generate_batch ({ratio})", f"{at_least}{value:.2f}x")
             if ratio == "mini-infer / mini-infer-static":
                 found.setdefault(f"continuous vs static >= 3x ({rec['model']})", f"{value:.2f}x")
-    lines = ["### Targets (issue 4, one H100)", "", "| target | measured |", "|---|---|"]
+    lines = ["### H100 targets", "", "| target | measured |", "|---|---|"]
     lines += [f"| {target} | {value} |" for target, value in found.items()] or ["| (no matching results) | |"]
     return lines
 

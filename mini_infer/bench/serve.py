@@ -394,7 +394,7 @@ def _get_default_model(args: argparse.Namespace) -> str:
 def run_bench_serve(args: argparse.Namespace) -> int:
     rates = [_rate(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
     if args.dataset == "jsonl" and not args.dataset_path:
-        raise SystemExit("bench serve: --dataset jsonl needs --dataset-path")
+        raise ValueError("--dataset jsonl needs --dataset-path FILE")
 
     def make_requests(seed: int) -> list[BenchRequest]:
         """Random prompts are new for each run, so no run is sped up by an earlier one's prefix cache."""
@@ -403,6 +403,10 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         return random_requests(args, random.Random(seed))
 
     model = args.model or _get_default_model(args)
+    if not args.result_file:
+        from mini_infer.bench.common import default_result_path
+
+        args.result_file = default_result_path("serve", model, args.result_dir)
     percentiles = [float(p) for p in str(args.percentiles).split(",")]
     runs: list[dict[str, Any]] = []
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "base_url": args.base_url, "endpoint": args.endpoint,
@@ -423,6 +427,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         print(format_sweep_table(runs), flush=True)
         if args.plot:
             plot_sweep(runs, args.plot, args.label or f"{model}: {args.endpoint}")
+    print(f"results written to {args.result_file}")
     return 0 if all(r["completed"] for r in runs) else 1
 
 
@@ -470,7 +475,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--max-duration", type=float, default=None,
                         help="seconds allowed for one rate's run; unfinished requests count as failed")
     parser.add_argument("--warmup", type=int, default=1, help="requests sent (and dropped) before timing")
-    parser.add_argument("--result-file", default=None, help="write the results as JSON here")
+    parser.add_argument("--result-file", default=None,
+                        help="write the results as JSON here (default: RESULT_DIR/serve-MODEL-TIME.json)")
+    parser.add_argument("--result-dir", default="bench-results", help="folder for results written by default")
     parser.add_argument("--plot", default=None, help="with --sweep: write a PNG plot here")
     parser.add_argument("--label", default=None, help="a title for the results and the plot")
     parser.add_argument("--disable-tqdm", action="store_true")

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import random
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from mini_infer.bench.common import (
+    RESULTS_DIR,
+    RunResult,
     build_engine,
+    default_result_path,
     environment,
     fmt_pct,
     free_device_memory,
@@ -40,107 +39,13 @@ from mini_infer.bench.common import (
     triton_compiles,
     write_json,
 )
-from mini_infer.bench.roofline import (
-    Hardware,
-    IdealEstimate,
-    ModelShape,
-    dtype_nbytes,
-    ideal_workload_time,
-    measure_hardware,
-)
+from mini_infer.bench.workload import NANO_VLLM_LENGTHS, Workload, fit_lengths, make_workload
 
-NANO_VLLM_TOKEN_ID_MAX = 10000
+__all__ = ["Workload", "make_workload", "make_plan", "run_benchmark", "static_step_bound"]
+
 BACKENDS = ("mini-infer", "hf", "hf-static")
 COMPARE_CHOICES = ("continuous", "static", "sync", "eager-prefill", "hf", "hf-static")
 LOWER_BOUND = " (lower bound: transformers stopped at its time limit)"
-
-
-@dataclass
-class Workload:
-    """Prompts (token ids) and the exact number of tokens each request must generate."""
-
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def head(self, n: int) -> Workload:
-        return Workload(self.prompts[:n], self.output_lens[:n])
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(self.output_lens)
-
-    def shape_pairs(self) -> list[tuple[int, int]]:
-        return [(len(p), o) for p, o in zip(self.prompts, self.output_lens)]
-
-
-def make_workload(
-    num_prompts: int,
-    vocab_size: int,
-    seed: int = 0,
-    input_len: int | None = None,
-    output_len: int | None = None,
-    min_input_len: int = 100,
-    max_input_len: int = 1024,
-    min_output_len: int = 100,
-    max_output_len: int = 1024,
-) -> Workload:
-    """nano-vllm's draw order: each prompt's length then its ids, then all output lengths.
-
-    Ids above the vocabulary (tiny test models) are folded into it, which keeps the random stream and so
-    the lengths identical to the full-size workload.
-    """
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(num_prompts):
-        length = input_len if input_len is not None else rng.randint(min_input_len, max_input_len)
-        prompts.append([rng.randint(0, NANO_VLLM_TOKEN_ID_MAX) % vocab_size for _ in range(length)])
-    output_lens = [
-        output_len if output_len is not None else rng.randint(min_output_len, max_output_len)
-        for _ in range(num_prompts)
-    ]
-    return Workload(prompts, output_lens)
-
-
-@dataclass
-class RunResult:
-    """One backend on one workload."""
-
-    backend: str
-    num_requests: int
-    wall_seconds: float
-    prompt_tokens: int
-    output_tokens: int
-    ideal_seconds: float | None = None
-    kv_slot_utilisation: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    steps: list[list[Any]] | None = field(default=None, repr=False)  # per-step log, kept out of to_dict
-
-    @property
-    def output_tok_per_s(self) -> float:
-        return self.output_tokens / self.wall_seconds
-
-    @property
-    def total_tok_per_s(self) -> float:
-        return (self.prompt_tokens + self.output_tokens) / self.wall_seconds
-
-    @property
-    def roofline_fraction(self) -> float | None:
-        return None if self.ideal_seconds is None else self.ideal_seconds / self.wall_seconds
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **{k: v for k, v in dataclasses.asdict(self).items() if k != "steps"},
-            "output_tok_per_s": self.output_tok_per_s,
-            "total_tok_per_s": self.total_tok_per_s,
-            "roofline_fraction": self.roofline_fraction,
-        }
 
 
 # --------------------------------------------------------------------------------------------- mini-infer
@@ -165,9 +70,12 @@ def warm_up_engine(engine: Any, workload: Workload) -> None:
 
 
 def run_mini_infer(
-    engine: Any, workload: Workload, temperature: float, label: str = "mini-infer"
+    engine: Any, workload: Workload, temperature: float, label: str = "mini-infer", progress: bool = False
 ) -> RunResult:
-    """Adds every request, then steps until done, sampling the KV statistics after each step."""
+    """Adds every request, then steps until done, sampling the KV statistics after each step. With
+    `progress`, a bar on stderr counts the output tokens (updated at most ten times a second)."""
+    from tqdm.auto import tqdm
+
     stats0 = engine.stats
     timings = getattr(engine, "step_timings", None)
     timings_start = len(timings) if timings is not None else 0
@@ -176,7 +84,8 @@ def run_mini_infer(
     generated: dict[str, int] = {}
     steps = 0
     block_size = engine.config.block_size
-    with triton_compiles() as compiled, gc_pauses() as collections:
+    bar = tqdm(total=workload.output_tokens, desc=label, unit="tok", disable=not progress, leave=False)
+    with bar, triton_compiles() as compiled, gc_pauses() as collections:
         start = time.perf_counter()
         for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
             params = _sampling_params(temperature, out_len)
@@ -187,6 +96,7 @@ def run_mini_infer(
                     generated[output.request_id] = len(output.outputs[0].token_ids)
             steps += 1
             stats = engine.stats
+            bar.update(stats.generation_tokens - stats0.generation_tokens - bar.n)
             if stats.num_kv_blocks_used > 0:
                 utilisation.append(stats.num_live_tokens / (stats.num_kv_blocks_used * block_size))
                 live_fraction_of_pool.append(stats.num_live_tokens / (stats.num_kv_blocks_total * block_size))
@@ -220,165 +130,6 @@ def run_mini_infer(
 
 
 # --------------------------------------------------------------------------------------------- transformers
-
-
-def load_hf_model(model: str, load_format: str, device: torch.device, dtype: torch.dtype, attn: str | None):
-    """The same architecture in transformers: random weights for `dummy`, the checkpoint otherwise."""
-    from transformers import AutoModelForCausalLM
-
-    from mini_infer.model_loader import resolve_model_path
-
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if attn:
-        kwargs["attn_implementation"] = attn
-    if load_format == "dummy":
-        with torch.device(device):
-            hf_model = AutoModelForCausalLM.from_config(load_model_config(model), **kwargs)
-    else:
-        path = resolve_model_path(model)
-        if not path.is_dir():
-            raise ValueError(f"{model!r} is a preset without weights: use --load-format dummy")
-        hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
-    return hf_model.eval()
-
-
-def _hf_generation_config(temperature: float, max_new_tokens: int, **extra: Any) -> Any:
-    from transformers import GenerationConfig
-
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=0, **sampling, **extra)
-
-
-def _accepted(fn: Callable, **kwargs: Any) -> dict[str, Any]:
-    """The kwargs `fn` takes: the continuous-batching API grew arguments across transformers 5.x."""
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
-def run_hf_continuous(
-    hf_model: Any, workload: Workload, temperature: float, time_limit: float | None = None
-) -> RunResult:
-    """transformers' continuous batching (paged attention), one request per prompt, EOS disabled.
-
-    This is the manager `generate_batch` wraps; it is driven directly because `generate_batch` takes a
-    single max_new_tokens for all prompts, while this workload gives each request its own length.
-    Its warmup (CUDA-graph capture) happens before the clock starts, as our engine's does at init.
-
-    With `time_limit` the run stops once that many seconds have passed. The whole workload then takes
-    longer than the elapsed time, so the result counts every requested token over that time: its tok/s
-    is an upper bound on transformers' and any ratio against it a lower bound (`stopped_at_time_limit`).
-    """
-    gen_config = _hf_generation_config(temperature, max(workload.output_lens))
-    gen_config.eos_token_id = -1  # no EOS: the request runs to its max_new_tokens (ignore_eos)
-    cm_kwargs: dict[str, Any] = {"generation_config": gen_config, "block": True, "timeout": 30}
-    try:
-        from transformers.generation.continuous_batching.utils import WorkloadHints
-
-        cm_kwargs["workload_hints"] = WorkloadHints(
-            max_prompt_length=max(len(p) for p in workload.prompts),
-            max_generated_length=max(workload.output_lens),
-            num_requests=len(workload),
-        )
-    except (ImportError, TypeError):  # absent or shaped differently in this transformers version
-        pass
-    if hf_model.device.type == "cpu":  # left alone, it sizes its cache from all of the host's RAM
-        from transformers import ContinuousBatchingConfig
-
-        pages = sum(-(-(len(p) + o) // 256) for p, o in zip(workload.prompts, workload.output_lens))
-        cm_kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
-            num_blocks=pages + 1, max_batch_tokens=max(256, max(len(p) for p in workload.prompts))
-        )
-    cm = hf_model.continuous_batching_context_manager
-    results: dict[str, int] = {}
-    finish_seconds: list[float] = []
-    with cm(**_accepted(cm, **cm_kwargs)) as manager:
-        attn_implementation = getattr(hf_model.config, "_attn_implementation", None)
-        start = time.perf_counter()
-        for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
-            manager.add_request(
-                **_accepted(manager.add_request, input_ids=prompt, request_id=f"hf-{i}",
-                            max_new_tokens=out_len, eos_token_id=-1)
-            )
-        while len(results) < len(workload):
-            if time_limit is not None and time.perf_counter() - start > time_limit:
-                break
-            result = manager.get_result(timeout=1)
-            if result is None:
-                if not manager.is_running():
-                    raise RuntimeError("transformers' continuous batching thread stopped early")
-                continue
-            if result.is_finished():
-                if getattr(result, "error", None):
-                    raise RuntimeError(f"transformers request {result.request_id} failed: {result.error}")
-                results[result.request_id] = len(result.generated_tokens)
-                finish_seconds.append(round(time.perf_counter() - start, 3))
-        wall = time.perf_counter() - start
-    extra: dict[str, Any] = {"attn_implementation": attn_implementation, "finish_seconds": finish_seconds}
-    output_tokens = sum(results.values())
-    if len(results) < len(workload):
-        extra.update(stopped_at_time_limit=time_limit, finished_requests=len(results),
-                     finished_output_tokens=output_tokens)
-        output_tokens = workload.output_tokens  # all of it, in less time than it takes: an upper bound
-    return RunResult(
-        backend="hf",
-        num_requests=len(workload),
-        wall_seconds=wall,
-        prompt_tokens=workload.prompt_tokens,
-        output_tokens=output_tokens,
-        extra=extra,
-    )
-
-
-def run_hf_static(
-    hf_model: Any, workload: Workload, temperature: float, batch_size: int, cache_implementation: str | None
-) -> RunResult:
-    """`model.generate` on left-padded batches in request order; each batch runs to its longest output.
-
-    Only each request's own output length counts as output; the tokens generated past it are waste.
-    """
-    device = hf_model.device
-    with torch.inference_mode():  # untimed warmup, as for the other backends
-        warm = torch.tensor([workload.prompts[0][:16]] * 2, device=device)
-        hf_model.generate(input_ids=warm, attention_mask=torch.ones_like(warm),
-                          generation_config=_hf_generation_config(temperature, 4, min_new_tokens=4))
-    useful = generated = 0
-    start = time.perf_counter()
-    for first in range(0, len(workload), batch_size):
-        prompts = workload.prompts[first : first + batch_size]
-        out_lens = workload.output_lens[first : first + batch_size]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
-        longest = max(out_lens)
-        extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
-        gen_config = _hf_generation_config(temperature, longest, min_new_tokens=longest, **extra)
-        with torch.inference_mode():
-            out = hf_model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
-            )
-        generated += (out.shape[1] - width) * len(prompts)
-        useful += sum(min(o, out.shape[1] - width) for o in out_lens)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    return RunResult(
-        backend="hf-static",
-        num_requests=len(workload),
-        wall_seconds=wall,
-        prompt_tokens=workload.prompt_tokens,
-        output_tokens=useful,
-        extra={"batch_size": batch_size, "generated_including_padding": generated,
-               "cache_implementation": cache_implementation},
-    )
-
-
-def shut_down_hf(hf_model: Any) -> None:
-    destroy = getattr(hf_model, "destroy_cached_continuous_batching_manager", None)
-    if callable(destroy):
-        destroy()
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -481,21 +232,33 @@ def print_table(results: list[RunResult], ratios: dict[str, float]) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from mini_infer.bench.hf_baseline import load_hf_model, run_hf_continuous, run_hf_static, shut_down_hf
+    from mini_infer.bench.roofline import (
+        Hardware,
+        IdealEstimate,
+        ModelShape,
+        dtype_nbytes,
+        ideal_workload_time,
+        measure_hardware,
+    )
     from mini_infer.config import EngineConfig
     from mini_infer.model_loader import checkpoint_dtype
 
     base = EngineConfig.from_cli_args(args)
-    hf_config = load_model_config(args.model)
+    hf_config = load_model_config(args.model, base.load_format)
     shape = ModelShape.from_hf_config(hf_config)
+    max_model_len = base.max_model_len or getattr(hf_config, "max_position_embeddings", None) or 2048
+    lengths, note = fit_lengths(vars(args), max_model_len)
+    if note:
+        print(f"[throughput] {note}", flush=True)
+    args.output_json = args.output_json or default_result_path("throughput", args.model, args.result_dir)
     dtype = base.resolve_dtype(checkpoint_dtype(hf_config))
     device = base.resolved_device
     hw: Hardware | None = measure_hardware() if device.type == "cuda" else None
-    workload = make_workload(
-        args.num_prompts, shape.vocab_size, seed=args.seed if args.seed is not None else 0,
-        input_len=args.input_len, output_len=args.output_len,
-        min_input_len=args.min_input_len, max_input_len=args.max_input_len,
-        min_output_len=args.min_output_len, max_output_len=args.max_output_len,
-    )
+    workload = make_workload(args.num_prompts, shape.vocab_size, seed=args.seed if args.seed is not None else 0,
+                             **lengths)
     main_label, plans = make_plan(args, len(workload))
     ideals: dict[int, IdealEstimate] = {}
     record: dict[str, Any] = {
@@ -508,8 +271,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "workload": {
             "num_prompts": len(workload), "prompt_tokens": workload.prompt_tokens,
             "output_tokens": workload.output_tokens, "temperature": args.temperature, "ignore_eos": True,
-            "input_len": args.input_len or [args.min_input_len, args.max_input_len],
-            "output_len": args.output_len or [args.min_output_len, args.max_output_len],
+            "input_len": lengths["input_len"] or [lengths["min_input_len"], lengths["max_input_len"]],
+            "output_len": lengths["output_len"] or [lengths["min_output_len"], lengths["max_output_len"]],
         },
         "engine_config": dataclasses.asdict(base),
         "runs": [],
@@ -547,7 +310,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     engine = build_engine(args, **overrides)
                     engine_kind = kind
                     warm_up_engine(engine, workload)
-                result = run_mini_infer(engine, sub, args.temperature, label=plan.label)
+                result = run_mini_infer(engine, sub, args.temperature, label=plan.label,
+                                        progress=not args.disable_tqdm)
             else:
                 if engine is not None:
                     shut_down(engine)
@@ -562,10 +326,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         args.model, base.load_format, device, dtype, args.hf_attn_implementation
                     )
                 if plan.backend == "hf":
-                    result = run_hf_continuous(hf_model, sub, args.temperature, args.hf_time_limit)
+                    result = run_hf_continuous(hf_model, sub, args.temperature, args.hf_time_limit,
+                                               progress=not args.disable_tqdm)
                 else:
                     result = run_hf_static(hf_model, sub, args.temperature, args.hf_static_batch_size,
-                                           args.hf_cache_implementation)
+                                           args.hf_cache_implementation, progress=not args.disable_tqdm)
                 result.backend = plan.label
         except Exception as error:  # one failing backend must not lose the others' numbers
             traceback.print_exc()
@@ -605,6 +370,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if bound := record.get("static_step_bound"):
         print(f"static batching: {bound['static_steps']} decode steps, continuous: at least "
               f"{bound['continuous_steps']}; at equal step cost, at most {bound['max_speedup']:.2f}x")
+    print(f"results written to {args.output_json}")
     return record
 
 
@@ -616,16 +382,18 @@ def cli_entry(args: argparse.Namespace) -> int:
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from mini_infer.config import add_engine_args
 
-    parser.add_argument("--model", required=True, help="local dir, hub id, or preset (e.g. qwen3-0.6b)")
-    workload = parser.add_argument_group("workload (nano-vllm protocol by default)")
-    workload.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--model", required=True,
+                        help="model folder, hub id, or preset name with --load-format dummy (e.g. qwen3-0.6b)")
+    workload = parser.add_argument_group(
+        "workload", "nano-vllm's protocol by default; lengths left unset are scaled down to fit a model "
+                    "whose max_model_len is under 2048")
+    workload.add_argument("--num-prompts", type=int, default=256, help="requests in the run")
     workload.add_argument("--input-len", type=int, default=None, help="fixed prompt length")
     workload.add_argument("--output-len", type=int, default=None, help="fixed output length")
-    workload.add_argument("--min-input-len", type=int, default=100)
-    workload.add_argument("--max-input-len", type=int, default=1024)
-    workload.add_argument("--min-output-len", type=int, default=100)
-    workload.add_argument("--max-output-len", type=int, default=1024)
-    workload.add_argument("--temperature", type=float, default=0.6)
+    for flag, default in NANO_VLLM_LENGTHS.items():
+        workload.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
+                              help=f"(default: {default}, scaled to the model)")
+    workload.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
     bench = parser.add_argument_group("backends")
     bench.add_argument("--backend", choices=BACKENDS, default="mini-infer")
     bench.add_argument("--compare", type=_compare_list, default=[],
@@ -634,11 +402,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        help="transformers backends run the first N requests only (mini-infer reruns them)")
     bench.add_argument("--hf-static-batch-size", type=int, default=64)
     bench.add_argument("--hf-cache-implementation", default=None, help="e.g. static (hf-static only)")
-    bench.add_argument("--hf-attn-implementation", default=None)
+    bench.add_argument("--hf-attn-implementation", default=None, help="e.g. sdpa, eager (transformers' default)")
     bench.add_argument("--hf-time-limit", type=_seconds, default=None,
                        help="stop transformers' continuous batching after this many seconds; the ratio "
                             "against it is then a lower bound")
-    bench.add_argument("--output-json", default=None)
+    bench.add_argument("--output-json", default=None,
+                       help="where to write the results (default: RESULT_DIR/throughput-MODEL-TIME.json)")
+    bench.add_argument("--result-dir", default=RESULTS_DIR, help="folder for results written by default")
+    bench.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
     bench.add_argument("--step-log", default=None,
                        help="write the main run's per-step host ms, GPU ms, decodes and prefill tokens here")
     add_engine_args(parser)

@@ -5,9 +5,9 @@ decode_attention.py), whose references share their block-table gather in paged_a
 _triton.py holds the optional Triton import and the helpers the kernels share, triton_ops.py the
 Triton set.
 
-`get_ops(backend)` returns the set the model uses: "torch" (the references; the CPU path) or
-"triton". The model and attention layers call only through a `KernelOps`, so switching backend
-never touches model code.
+`get_ops(backend)` returns the set the model uses: "torch" (the references, the CPU path; its attention
+is the references' arithmetic batched over sequences, see paged_attention.py) or "triton". The model
+and attention layers call only through a `KernelOps`, so switching backend never touches model code.
 """
 
 from collections.abc import Callable
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from mini_infer.kernels.activation import silu_and_mul_ref
 from mini_infer.kernels.gemv import linear_ref
-from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
+from mini_infer.kernels.paged_attention import decode_attention_batched, prefill_attention_batched
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
 from mini_infer.kernels.rotary_store import rotary_store_kv_ref
 
@@ -38,8 +38,8 @@ TORCH_OPS = KernelOps(
     fused_add_rms_norm=fused_add_rms_norm_ref,
     silu_and_mul=silu_and_mul_ref,
     rotary_store_kv=rotary_store_kv_ref,
-    prefill_attention=prefill_attention_ref,
-    decode_attention=decode_attention_ref,
+    prefill_attention=prefill_attention_batched,
+    decode_attention=decode_attention_batched,
     linear=linear_ref,
 )
 

@@ -1,0 +1,106 @@
+"""The torch backend's CPU fast path: batched attention equals the per-sequence references, and small
+steps run single-threaded without changing any result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mini_infer import LLM, SamplingParams
+from mini_infer.cpu_threads import SMALL_STEP_MACS, step_threads
+from mini_infer.kernels import get_ops
+from mini_infer.kernels.paged_attention import (
+    decode_attention_batched,
+    decode_attention_ref,
+    prefill_attention_batched,
+    prefill_attention_ref,
+)
+
+# (block_size, q heads, kv heads, head_dim, dtype): GQA 1, 4 and 2 (stories260K's 8/4 heads of dim 8).
+CASES = [(16, 4, 4, 64, torch.float32), (32, 8, 2, 128, torch.bfloat16), (16, 8, 4, 8, torch.float32)]
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def _paged(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    blocks = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks) + 2
+    k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    order = torch.randperm(num_blocks - 1, generator=gen) + 1
+    tables = torch.zeros(len(seq_lens), max(blocks) + 1, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks):
+        tables[i, :n] = order[used : used + n].int()
+        used += n
+    return k, v, tables, torch.tensor(seq_lens, dtype=torch.int32), gen
+
+
+@pytest.mark.parametrize("block_size,num_q_heads,num_kv_heads,head_dim,dtype", CASES)
+def test_batched_decode_attention_equals_the_reference(block_size, num_q_heads, num_kv_heads, head_dim, dtype):
+    # lengths in three power-of-two block groups, and a padding row (0 keys) that must stay zeros
+    seq_lens = [37, 0, 1, 100, 300, 17]
+    k, v, tables, lens, gen = _paged(seq_lens, block_size, num_kv_heads, head_dim, dtype)
+    q = torch.randn(len(seq_lens), num_q_heads + 2, head_dim, generator=gen).to(dtype)[:, 1 : 1 + num_q_heads]
+    out = decode_attention_batched(q, k, v, lens, tables, head_dim**-0.5)
+    ref = decode_attention_ref(q, k, v, lens, tables, head_dim**-0.5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("block_size,num_q_heads,num_kv_heads,head_dim,dtype", CASES)
+def test_batched_prefill_attention_equals_the_reference(block_size, num_q_heads, num_kv_heads, head_dim, dtype):
+    # (cached prefix, new tokens): fresh, prefix hit, empty chunk, long chunk, and one in another length group
+    chunks = [(0, 5), (20, 17), (9, 0), (37, 70), (200, 100)]
+    seq_lens = [p + n for p, n in chunks]
+    k, v, tables, lens, gen = _paged(seq_lens, block_size, num_kv_heads, head_dim, dtype)
+    cu = torch.tensor([0, *torch.tensor([n for _, n in chunks]).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), num_q_heads, head_dim, generator=gen).to(dtype)
+    out = prefill_attention_batched(q, k, v, cu, lens, tables, head_dim**-0.5)
+    ref = prefill_attention_ref(q, k, v, cu, lens, tables, head_dim**-0.5)
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+def test_torch_backend_uses_the_batched_attention():
+    ops = get_ops("torch")
+    assert ops.decode_attention is decode_attention_batched
+    assert ops.prefill_attention is prefill_attention_batched
+
+
+def test_small_cpu_steps_run_single_threaded():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with step_threads(torch.device("cpu"), SMALL_STEP_MACS - 1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # restored
+        with step_threads(torch.device("cpu"), SMALL_STEP_MACS):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), step_threads(torch.device("cpu"), 0):
+            raise RuntimeError("restored on errors too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_thread_count_changes_no_token(stories_path):
+    """The same greedy run with the process at 1 thread (every step single-threaded) and at 2 threads
+    with the step threshold forced to 0 (every step at 2 threads): identical tokens."""
+    import mini_infer.cpu_threads as cpu_threads
+
+    prompts = ["Once upon a time", "Lily and Tom went to the park. They saw a big dog."]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    llm = LLM(stories_path, max_num_seqs=4)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        torch.set_num_threads(2)
+        threshold, cpu_threads.SMALL_STEP_MACS = cpu_threads.SMALL_STEP_MACS, 0
+        try:
+            two = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            cpu_threads.SMALL_STEP_MACS = threshold
+    finally:
+        torch.set_num_threads(previous)
+    assert one == two and all(len(t) == 24 for t in one)
