@@ -107,13 +107,14 @@ def main() -> None:
     runner = engine.model_runner
     timed(phases, "schedule", engine.scheduler, "schedule")
     timed(phases, "execute (all)", runner, "execute")
-    timed(phases, "  fill inputs + replay launch", runner, "_run_decode_graph")
-    timed(phases, "  prefill inputs + replay launch", runner, "_run_prefill_graph")
-    timed(phases, "  prepare_inputs (eager)", runner, "prepare_inputs")
-    import mini_infer.model_runner as mr
+    import mini_infer.worker.model_runner as mr
+
+    timed(phases, "  build_step_inputs", mr, "build_step_inputs")
+    timed(phases, "  graph inputs + replay launch", runner, "_run_graphs")
+    timed(phases, "  eager forward", runner, "_forward")
     timed(phases, "  build_sampling_batch", mr, "build_sampling_batch")
     timed(phases, "  sample_on_device", mr, "sample_on_device")
-    timed(phases, "read back (+ wait for GPU) + append", engine, "_finish_step")
+    timed(phases, "read back (+ wait for GPU) + update", engine, "_update")
 
     prof_host = cProfile.Profile() if args.cprofile else None
     t0 = time.perf_counter()

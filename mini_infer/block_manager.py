@@ -2,7 +2,8 @@
 
 A full block is keyed by a chained hash of (parent block's hash, its token ids), so equal
 prefixes map to equal chains. Blocks with no user stay cached in a free queue and are evicted
-least-recently-used first when a new block is needed.
+least-recently-used first when a new block is needed. It never touches a sequence: the scheduler
+keeps each one's block table and hashes, and passes them in.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from collections import OrderedDict
 
 import numpy as np
 import xxhash
-
-from mini_infer.sequence import Sequence
 
 
 def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
@@ -60,70 +59,74 @@ class BlockManager:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     # -- prefix cache -------------------------------------------------------------------------
-    def match_prefix(self, seq: Sequence) -> None:
-        """Gives a sequence with no blocks yet the cached blocks of its longest cached prefix.
+    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """(block ids, hashes) of the longest cached prefix of token_ids, the blocks taken for the caller.
 
         The last token is never taken from the cache: it must run to produce logits.
         """
-        assert not seq.block_table
+        blocks: list[int] = []
+        hashes: list[int] = []
         if not self.enable_prefix_caching:
-            return
+            return blocks, hashes
         bs = self.block_size
-        num_query = seq.num_tokens - 1
         parent = None
-        for start in range(0, num_query - bs + 1, bs):
-            tokens = seq.token_ids[start : start + bs]
+        for start in range(0, len(token_ids) - bs, bs):
+            tokens = token_ids[start : start + bs]
             h = hash_block(parent, tokens)
             block_id = self.hash_to_block.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
                 break
             self._take(block_id)
-            seq.block_table.append(block_id)
-            seq.block_hashes.append(h)
+            blocks.append(block_id)
+            hashes.append(h)
             parent = h
-        seq.num_computed_tokens = len(seq.block_table) * bs
+        return blocks, hashes
 
-    def record_lookup(self, seq: Sequence) -> None:
-        self.prefix_cache_queries += seq.num_tokens
-        self.prefix_cache_hits += seq.num_computed_tokens
+    def record_lookup(self, num_tokens: int, num_hits: int) -> None:
+        self.prefix_cache_queries += num_tokens
+        self.prefix_cache_hits += num_hits
 
-    def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
-        """Registers the blocks that the first `num_tokens` tokens of `seq` fill completely.
+    def cache_full_blocks(self, token_ids: list[int], block_table: list[int], block_hashes: list[int],
+                          num_tokens: int) -> list[int]:
+        """Registers the blocks that the first num_tokens tokens fill completely, past the len(block_hashes)
+        already registered; returns their hashes.
 
         Called when those tokens are scheduled: the KV is written in the same forward pass,
         before any attention reads it, so a request later in the same batch may share them.
         """
         if not self.enable_prefix_caching:
-            return
+            return []
         bs = self.block_size
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
-        for i in range(len(seq.block_hashes), num_tokens // bs):
-            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+        parent = block_hashes[-1] if block_hashes else None
+        new: list[int] = []
+        for i in range(len(block_hashes), num_tokens // bs):
+            tokens = token_ids[i * bs : (i + 1) * bs]
             h = hash_block(parent, tokens)
-            block = self.blocks[seq.block_table[i]]
+            block = self.blocks[block_table[i]]
             if h not in self.hash_to_block:
                 self.hash_to_block[h] = block.block_id
                 block.hash, block.token_ids = h, tuple(tokens)
-            seq.block_hashes.append(h)
+            new.append(h)
             parent = h
+        return new
 
     # -- allocation ---------------------------------------------------------------------------
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Makes room in `seq`'s block table for `num_new_tokens` more tokens; False if out of blocks."""
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        if need > self.num_free_blocks:
-            return False
-        for _ in range(need):
+    def allocate(self, num_blocks: int) -> list[int] | None:
+        """num_blocks fresh blocks (evicting cached ones, least recently used first), or None if too few."""
+        if num_blocks > self.num_free_blocks:
+            return None
+        taken = []
+        for _ in range(num_blocks):
             block_id, _ = self.free_queue.popitem(last=False)
             self._evict(block_id)
             self.blocks[block_id].ref_count = 1
-            seq.block_table.append(block_id)
-        return True
+            taken.append(block_id)
+        return taken
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, block_table: list[int]) -> None:
         """Releases a sequence's blocks. The tail goes in first so it is evicted before the head,
         which other requests are likelier to share."""
-        for block_id in reversed(seq.block_table):
+        for block_id in reversed(block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
@@ -131,9 +134,6 @@ class BlockManager:
                 self.free_queue[block_id] = None
                 if block.hash is None:  # holds nothing reusable: hand it out first
                     self.free_queue.move_to_end(block_id, last=False)
-        seq.block_table = []
-        seq.block_hashes = []
-        seq.num_computed_tokens = 0
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

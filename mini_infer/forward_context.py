@@ -8,25 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-
-@dataclass
-class AttentionMetadata:
-    """A flat batch: decode tokens first (one per sequence), then prefill chunks."""
-
-    slot_mapping: torch.Tensor  # [T] cache slot of every token (-1 = do not store)
-    num_decode_tokens: int
-    decode_seq_lens: torch.Tensor  # [D] keys per decoding sequence, its new token included
-    decode_block_tables: torch.Tensor  # [D, max_blocks]
-    prefill_cu_seqlens_q: torch.Tensor  # [P + 1] offsets of the chunks in the prefill part
-    prefill_seq_lens: torch.Tensor  # [P] keys per prefilling sequence (cached + this chunk)
-    prefill_block_tables: torch.Tensor  # [P, max_blocks]
-    num_prefill_tokens: int
-    prefill_tiles: torch.Tensor | None = None  # [n, 2] work list of the Triton prefill kernel, built on the host
-
+if TYPE_CHECKING:
+    from mini_infer.attention.backend import AttentionMetadata
 
 _forward_context: AttentionMetadata | None = None
 

@@ -70,9 +70,9 @@ class DeviceSample:
         return SamplerOutput(tokens, list(zip(sampled, ranks, top_ids, top_values)))
 
 
-def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: list | np.ndarray, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
     """A host list/array on the device without a stream sync: a copy from pageable memory would wait for
-    all queued GPU work, so CUDA copies go through pinned memory, non-blocking."""
+    all queued GPU work, so CUDA copies go through pinned memory, non-blocking. dtype None keeps the array's."""
     t = torch.as_tensor(np.asarray(values), dtype=dtype)
     if device.type != "cuda":
         return t.to(device)

@@ -1,16 +1,18 @@
 """Continuous batching with chunked prefill, a token budget, priorities and preemption.
 
-Each step spends at most `max_num_batched_tokens` tokens: running sequences first (a decode
-costs one token, an unfinished prefill continues its chunks), then waiting sequences in
-priority order. When the KV pool runs dry, the lowest-priority, most recently arrived running
-sequence is preempted: its blocks are freed and it is recomputed later (its prefix is likely
-still cached). Waiting requests take turns by request, not by sequence (`_admission_order`), so
-one request's n samples cannot hold back everyone behind it.
+The scheduler owns the sequences' token state and the KV cache manager: `schedule()` picks what runs
+next and `update_from_output()` takes the tokens a step sampled. Each step spends at most
+`max_num_batched_tokens` tokens: running sequences first (a decode costs one token, an unfinished
+prefill continues its chunks), then waiting sequences. When the KV pool runs dry, the lowest-priority,
+most recently arrived running sequence is preempted: its blocks are freed and it is recomputed later
+(its prefix is likely still cached). Waiting requests take turns by request, not by sequence
+(`_admission_order`), so one request's n samples cannot hold back everyone behind it.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 from mini_infer.block_manager import BlockManager
@@ -18,19 +20,15 @@ from mini_infer.config import EngineConfig
 from mini_infer.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
+    """One sequence's part of a step, fixed when it is scheduled."""
+
     seq: Sequence
-    num_new_tokens: int  # tokens of this sequence that run this step
-
-    @property
-    def start(self) -> int:
-        return self.seq.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence, so its last logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_total_tokens
+    start: int  # position of its first token this step (tokens before it are in the KV cache)
+    num_new_tokens: int
+    samples: bool  # the chunk reaches the sequence's end, so its last logits are sampled
+    num_generated: int  # output tokens before the one this step samples (seeds and min_tokens use it)
 
 
 @dataclass
@@ -45,6 +43,10 @@ class SchedulerOutput:
         return self.decodes + self.prefills
 
     @property
+    def sampling(self) -> list[ScheduledSeq]:
+        return [s for s in self.seqs if s.samples]
+
+    @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.decodes) + sum(s.num_new_tokens for s in self.prefills)
 
@@ -53,9 +55,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -64,6 +67,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a sequence of num_tokens tokens fits the KV pool at all."""
+        return self.block_manager.blocks_needed(num_tokens) <= self.block_manager.num_blocks
+
+    # -- schedule -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
@@ -82,13 +90,13 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(num_new, budget)
-            while not self.block_manager.allocate(seq, num_new):
+            while not self._allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                self._schedule(scheduled, seq, num_new)
+                scheduled.append(self._commit(seq, num_new))
                 budget -= num_new
                 i += 1
 
@@ -105,22 +113,22 @@ class Scheduler:
             if seq.num_pending:  # preempted before its last token landed: recompute needs that token
                 break
             if not seq.block_table and seq.params.prompt_logprobs is None:  # those need every prompt position
-                self.block_manager.match_prefix(seq)
+                self._match_prefix(seq)
             num_new = seq.num_tokens - seq.num_computed_tokens
             if num_new > budget and not chunked:
                 break
             num_new = min(num_new, budget)
-            if not self.block_manager.allocate(seq, num_new):
+            if not self._allocate(seq, num_new):
                 break
-            if not seq.prefix_looked_up:  # count the prompt once, at its first admission
-                seq.prefix_looked_up = True
+            if seq.first_scheduled_time is None:  # count the prompt once, at its first admission
+                seq.first_scheduled_time = time.monotonic()
                 seq.num_cached_tokens = seq.num_computed_tokens
-                self.block_manager.record_lookup(seq)
+                self.block_manager.record_lookup(seq.num_tokens, seq.num_computed_tokens)
             admitted.add(seq.seq_id)
             self.static_slots = max(0, self.static_slots - 1)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self._schedule(scheduled, seq, num_new)
+            scheduled.append(self._commit(seq, num_new))
             budget -= num_new
         if admitted:
             self.waiting = [s for s in self.waiting if s.seq_id not in admitted]
@@ -129,14 +137,28 @@ class Scheduler:
         # a waiting sequence that could not be admitted must not pin cached blocks meanwhile
         for seq in self.waiting:
             if seq.block_table:
-                self.block_manager.free(seq)
+                self._free_blocks(seq)
 
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         # Longest context first: the decode attention kernel starts its programs in row order, so long
         # rows start early and short ones fill the tail (on the H100, 5-7% faster with mixed lengths).
-        decodes.sort(key=lambda s: -s.seq.num_computed_tokens)
+        decodes.sort(key=lambda s: -s.start)
         return SchedulerOutput(decodes, prefills)
+
+    def _commit(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        """Fixes a sequence's part of the step and advances it: its tokens count as computed (their KV is
+        written in this step's forward pass) and a sampled token as pending. The blocks the chunk fills are
+        published to the prefix cache at once: the forward pass stores every token's K/V before any
+        attention reads, so a sequence admitted later in this step (another of n samples) may share them.
+        A block holding a pending token waits until the token lands (update_from_output publishes it)."""
+        start = seq.num_computed_tokens
+        samples = start + num_new == seq.num_total_tokens
+        scheduled = ScheduledSeq(seq, start, num_new, samples, seq.num_total_tokens - seq.num_prompt_tokens)
+        seq.num_computed_tokens += num_new
+        seq.num_pending += samples
+        self._publish(seq, min(seq.num_computed_tokens, seq.num_tokens))
+        return scheduled
 
     def _admission_order(self) -> list[Sequence]:
         """Waiting sequences in the order they may be admitted: by priority, and within one priority
@@ -156,31 +178,75 @@ class Scheduler:
                 order.extend(q[turn] for q in queues if turn < len(q))
         return order
 
-    def _schedule(self, scheduled: list[ScheduledSeq], seq: Sequence, num_new: int) -> None:
-        """Adds a sequence to this step and publishes the blocks its chunk fills to the prefix
-        cache at once: the forward pass stores every token's K/V before any attention reads,
-        so a sequence admitted later in this same step (another of n samples) may share them.
-        A block holding a pending token waits until the token lands (the engine publishes it then)."""
-        scheduled.append(ScheduledSeq(seq, num_new))
-        self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens + num_new, seq.num_tokens))
-
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the KV, requeue; the tokens so far are kept."""
-        self.block_manager.free(seq)
+        self._free_blocks(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.insert(0, seq)
         self.num_preemptions += 1
 
-    def advance(self, out: SchedulerOutput) -> None:
-        """Marks this step's tokens as computed (their KV is now in the cache)."""
-        for s in out.seqs:
-            s.seq.num_computed_tokens += s.num_new_tokens
+    # -- the KV cache manager, on behalf of a sequence -------------------------------------------
+    def _match_prefix(self, seq: Sequence) -> None:
+        seq.block_table, seq.block_hashes = self.block_manager.match_prefix(seq.token_ids)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_manager.block_size
 
-    def finish(self, seq: Sequence) -> None:
-        """Removes a finished or aborted sequence and frees its blocks at once."""
+    def _allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        need = self.block_manager.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        blocks = self.block_manager.allocate(need)
+        if blocks is None:
+            return False
+        seq.block_table += blocks
+        return True
+
+    def _publish(self, seq: Sequence, num_tokens: int) -> None:
+        seq.block_hashes += self.block_manager.cache_full_blocks(seq.token_ids, seq.block_table, seq.block_hashes,
+                                                                 num_tokens)
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.block_table)
+        seq.block_table, seq.block_hashes, seq.num_computed_tokens = [], [], 0
+
+    # -- update -------------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, token_ids: list[int]) -> list[tuple[Sequence, int]]:
+        """Appends the token each sampling sequence of `out` got (token_ids in `out.sampling` order),
+        finishes those that reached EOS, a stop token, max_tokens or max_model_len, and publishes the
+        blocks the tokens completed. Returns (sequence, its row in token_ids) for each sequence that took
+        its token; one that finished or was aborted while the step ran drops it."""
+        taken = []
+        for row, (s, token) in enumerate(zip(out.sampling, token_ids)):
+            seq = s.seq
+            seq.num_pending -= 1
+            if seq.is_finished:
+                continue
+            seq.token_ids.append(token)
+            taken.append((seq, row))
+            if stop := self._stop(seq, token):
+                self.finish(seq, *stop)
+            else:
+                self._publish(seq, min(seq.num_computed_tokens, seq.num_tokens))
+        return taken
+
+    def _stop(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
+        """(finish reason, stop reason) if this token ends the sequence (stop strings are the output
+        processor's: they need the text)."""
+        params = seq.params
+        at_limit = seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
+        if seq.num_output_tokens < params.min_tokens:
+            return ("length", None) if at_limit else None
+        if not params.ignore_eos and token in params.eos_token_ids:
+            return "stop", None
+        if token in params.stop_token_ids:
+            return "stop", token
+        return ("length", None) if at_limit else None
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Ends a sequence (finished, aborted or failed) and frees its blocks at once."""
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self._free_blocks(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -1,4 +1,8 @@
-"""Sequence: one generation stream (a request with n > 1 has n of them) and its bookkeeping."""
+"""Sequence: one generation stream's token state (a request with n > 1 has n of them).
+
+Only the scheduler changes it. What the client sees of a sequence (its text, logprobs) is the output
+processor's (output_processor.py).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from mini_infer.outputs import Logprob
 from mini_infer.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -30,31 +33,17 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache (or is written by the step in flight)
     num_pending: int = 0  # tokens sampled on the device that the host has not read yet (async steps)
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at first admission
-    prefix_looked_up: bool = False
+    first_scheduled_time: float | None = None
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block
-    # output
-    output_text: str = ""
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float = 0.0
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # entry 0 is None, as in vLLM
-    prompt_token_texts: list[str] | None = None  # the prompt's tokens as pieces of its text, for those
-    first_scheduled_time: float | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
-    # incremental detokenizer offsets into the generated ids
-    prefix_offset: int = 0
-    read_offset: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        if self.params.logprobs is not None:
-            self.logprobs = []
-        if self.params.prompt_logprobs is not None:
-            self.prompt_logprobs = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -43,14 +43,13 @@ def test_utf8_split_across_byte_tokens(stories_path):
     ids = tok.encode(text, add_special_tokens=False)
     assert any(3 <= t <= 258 for t in ids)
     engine = llm.llm_engine
-    # feed the ids as a forced "generation" by checking the detokenizer on the output path
-    from mini_infer.sequence import Sequence
+    # feed the ids one by one, as a generation would
+    from mini_infer.detokenizer import DecodeWindow
 
-    seq = Sequence("x", 0, [1], SamplingParams())
-    pieces = []
+    window, fed, pieces = DecodeWindow(), [], []
     for t in ids:
-        seq.token_ids.append(t)
-        piece = engine.detokenizer.new_text(seq)
+        fed.append(t)
+        piece = engine.detokenizer.new_text(fed, window)
         assert REPLACEMENT not in piece
         pieces.append(piece)
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)

@@ -102,11 +102,11 @@ def test_static_graph_inputs_on_triton_kernels(stories_path, expected):
     llm = LLM(stories_path, dtype="float32", kernel_backend="triton", max_num_batched_tokens=32, max_num_seqs=4)
     _with_static_inputs(llm)
     runner = llm.llm_engine.model_runner
-    assert sorted(runner.prefill_graphs) == [16, 32] and sorted(runner.graphs) == [1, 2, 4]
+    assert runner.graphs.prefill.sizes == [16, 32] and runner.graphs.decode.sizes == [1, 2, 4]
     outs = llm.generate(PROMPTS[:4], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
     for out, (ids, _) in zip(outs, expected[:4]):
         assert out.outputs[0].token_ids == ids[:12]
-    assert runner.prefill_steps > 0 and runner.graph_steps > 0
+    assert runner.graphs.prefill.num_replays > 0 and runner.graphs.decode.num_replays > 0
 
 
 def test_static_graph_inputs_with_preemption(stories_path, expected):
@@ -114,7 +114,7 @@ def test_static_graph_inputs_with_preemption(stories_path, expected):
     _with_static_inputs(llm)
     check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected)
     assert llm.llm_engine.stats.num_preemptions > 0
-    assert llm.llm_engine.model_runner.prefill_steps > 0
+    assert llm.llm_engine.model_runner.graphs.prefill.num_replays > 0
 
 
 def test_sync_scheduling_matches(stories_path, expected):
@@ -143,5 +143,5 @@ def test_async_and_sync_agree_on_sampling_stops_and_penalties(stories_path):
                           [{t: round(lp.logprob, 5) for t, lp in e.items()} for e in c.logprobs or []])
                          for c in o.outputs] for o in outs])
         assert llm.llm_engine.stats.num_kv_blocks_used == 0
-        assert llm.llm_engine.num_penalty_requests == 0
+        assert llm.llm_engine.output_processor.num_penalty_requests == 0
     assert results[0] == results[1]

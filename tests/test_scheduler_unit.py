@@ -18,9 +18,12 @@ BLOCK = 16
 
 class FakeBlockManager:
     """A pool of `num_blocks` blocks. `cached[request_id]` blocks of a prompt count as found in the prefix
-    cache; like BlockManager's, they come out of the free pool when a sequence takes them."""
+    cache; like BlockManager's, they come out of the free pool when a sequence takes them. Requests are
+    told apart by their prompts' first token (`add` makes it the request's number)."""
 
     def __init__(self, num_blocks: int, cached: dict[str, int] | None = None) -> None:
+        self.block_size = BLOCK
+        self.num_blocks = num_blocks
         self.free_ids = list(range(num_blocks))
         self.cached = cached or {}
 
@@ -31,39 +34,40 @@ class FakeBlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // BLOCK)
 
-    def match_prefix(self, seq: Sequence) -> None:
-        hits = min(self.cached.get(seq.request_id, 0), len(self.free_ids), (seq.num_tokens - 1) // BLOCK)
-        seq.block_table = [self.free_ids.pop() for _ in range(hits)]
-        seq.num_computed_tokens = hits * BLOCK
+    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        hits = min(self.cached.get(NAMES[token_ids[0]], 0), len(self.free_ids), (len(token_ids) - 1) // BLOCK)
+        return [self.free_ids.pop() for _ in range(hits)], []
 
-    def record_lookup(self, seq: Sequence) -> None:
+    def record_lookup(self, num_tokens: int, num_hits: int) -> None:
         pass
 
-    def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
-        pass
+    def cache_full_blocks(self, token_ids, block_table, block_hashes, num_tokens: int) -> list[int]:
+        return []
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        if need > len(self.free_ids):
-            return False
-        seq.block_table += [self.free_ids.pop() for _ in range(need)]
-        return True
+    def allocate(self, num_blocks: int) -> list[int] | None:
+        if num_blocks > len(self.free_ids):
+            return None
+        return [self.free_ids.pop() for _ in range(num_blocks)]
 
-    def free(self, seq: Sequence) -> None:
-        self.free_ids += seq.block_table
-        seq.block_table, seq.block_hashes, seq.num_computed_tokens = [], [], 0
+    def free(self, block_table: list[int]) -> None:
+        self.free_ids += block_table
+
+
+NAMES: dict[int, str] = {}
 
 
 def make_scheduler(num_blocks: int = 1000, cached: dict[str, int] | None = None,
                    **config) -> tuple[Scheduler, FakeBlockManager]:
     block_manager = FakeBlockManager(num_blocks, cached)
-    return Scheduler(EngineConfig(model="unit-test", block_size=BLOCK, **config), block_manager), block_manager
+    return Scheduler(EngineConfig(model="unit-test", block_size=BLOCK, **config), block_manager, 10**6), block_manager
 
 
 def add(scheduler: Scheduler, name: str, prompt_len: int, max_tokens: int = 100, priority: int = 0,
         arrival: float = 0.0) -> Sequence:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    seq = Sequence(name, 0, list(range(prompt_len)), params, priority, arrival_time=arrival)
+    first = len(NAMES) + 1000
+    NAMES[first] = name
+    seq = Sequence(name, 0, [first, *range(prompt_len - 1)], params, priority, arrival_time=arrival)
     scheduler.add(seq)
     return seq
 
@@ -72,12 +76,7 @@ def run_step(scheduler: Scheduler) -> SchedulerOutput:
     """One synchronous engine step: schedule, mark the tokens computed, append a token to every sequence
     whose chunk reached its end, finish those at max_tokens."""
     out = scheduler.schedule()
-    sampling = [s.seq for s in out.seqs if s.samples]
-    scheduler.advance(out)
-    for seq in sampling:
-        seq.token_ids.append(7)
-        if seq.num_output_tokens >= seq.params.max_tokens:
-            scheduler.finish(seq)
+    scheduler.update_from_output(out, [7] * len(out.sampling))
     return out
 
 

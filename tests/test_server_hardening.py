@@ -185,15 +185,16 @@ def test_docs_off_unless_asked_and_no_path_leaks(server, stories_path):
 
 # ---- fault isolation ---------------------------------------------------------------------------
 def _fail_on(engine: LLMEngine, monkeypatch, marker_token: int) -> None:
-    """Makes the detokenizer raise for any sequence whose prompt holds `marker_token`."""
-    original = engine.detokenizer.new_text
+    """Makes the processing of each new token raise for any sequence whose prompt holds `marker_token`."""
+    processor = engine.output_processor
+    original = processor._take_token
 
-    def new_text(seq, flush=False):
-        if marker_token in seq.prompt_token_ids:
+    def take_token(request, out, logprobs):
+        if marker_token in out.seq.prompt_token_ids:
             raise RuntimeError("injected fault: secret internals")
-        return original(seq, flush)
+        return original(request, out, logprobs)
 
-    monkeypatch.setattr(engine.detokenizer, "new_text", new_text)
+    monkeypatch.setattr(processor, "_take_token", take_token)
 
 
 def test_a_failing_request_ends_alone_offline(stories_path, monkeypatch):

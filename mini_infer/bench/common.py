@@ -24,11 +24,14 @@ if TYPE_CHECKING:  # torch is imported where it is used, so `mini-infer --help` 
 def build_engine(args: Any, **overrides: Any) -> Any:
     """An LLMEngine from parsed engine flags (see `mini_infer.config.add_engine_args`) plus overrides."""
     from mini_infer import LLMEngine
+    from mini_infer.bench.step_timer import attach_step_timer
     from mini_infer.config import EngineConfig
 
     settings = {**vars(args), **overrides}
     config = EngineConfig.from_cli_args(_Namespace(settings))
-    return LLMEngine(config)
+    engine = LLMEngine(config)
+    attach_step_timer(engine)
+    return engine
 
 
 class _Namespace:
@@ -138,7 +141,7 @@ def write_json(path: str | None, record: dict[str, Any]) -> None:
 
 
 def mean_step_timings(timings: Any) -> dict[str, float | None]:
-    """Mean host and GPU milliseconds per step from the engine's optional `step_timings` records.
+    """Mean host and GPU milliseconds per step from StepTimer records (bench/step_timer.py).
 
     A record is a (host_seconds, gpu_seconds or None) pair, or an object with those two attributes.
     """
@@ -165,7 +168,7 @@ def mean_step_timings(timings: Any) -> dict[str, float | None]:
 
 
 def step_log(timings: Any) -> list[list[float | int | None]]:
-    """Per step [host ms, GPU ms, decodes, prefill tokens], from the engine's `step_timings` records."""
+    """Per step [host ms, GPU ms, decodes, prefill tokens], from StepTimer records."""
     return [[round(1e3 * t.host_seconds, 4), None if t.gpu_seconds is None else round(1e3 * t.gpu_seconds, 4),
              t.num_decodes, t.num_prefill_tokens] for t in timings]
 

@@ -30,6 +30,7 @@ from mini_infer.bench.common import (
     step_log,
     write_json,
 )
+from mini_infer.bench.step_timer import step_timings
 from mini_infer.bench.workload import Workload, make_workload
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def run_batch(engine: Any, workload: Workload, tag: str) -> tuple[float, list[St
     batch = len(workload)
     prompt_len = {f"{tag}-{i}": len(p) for i, p in enumerate(workload.prompts)}
     counts = dict.fromkeys(prompt_len, 0)
-    timings = getattr(engine, "step_timings", None)
+    timings = step_timings(engine)
     timings_start = len(timings) if timings is not None else 0
     decode_steps: list[StepRecord] = []
     with gc_pauses() as collections:

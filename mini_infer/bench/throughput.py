@@ -39,6 +39,7 @@ from mini_infer.bench.common import (
     triton_compiles,
     write_json,
 )
+from mini_infer.bench.step_timer import step_timings
 from mini_infer.bench.workload import NANO_VLLM_LENGTHS, Workload, fit_lengths, make_workload
 
 __all__ = ["Workload", "make_workload", "make_plan", "run_benchmark", "static_step_bound"]
@@ -77,7 +78,7 @@ def run_mini_infer(
     from tqdm.auto import tqdm
 
     stats0 = engine.stats
-    timings = getattr(engine, "step_timings", None)
+    timings = step_timings(engine)
     timings_start = len(timings) if timings is not None else 0
     utilisation: list[float] = []
     live_fraction_of_pool: list[float] = []

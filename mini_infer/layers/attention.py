@@ -22,6 +22,13 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """This layer's share of the KV pool: keys and values of every slot."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def bind_kv_cache(self, cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = cache[0], cache[1]
+
     def forward(
         self,
         positions: torch.Tensor,

@@ -1,0 +1,286 @@
+"""ModelRunner: owns the model and its KV pool; runs one step's forward pass and samples.
+
+A step's scheduled sequences become one StepInputs (step_inputs.py); the attention backend turns it
+into its metadata; the forward pass runs eagerly or replays CUDA graphs (cuda_graphs.py). Only the
+rows that sample get logits.
+
+`execute` only queues work: every host-to-device copy is pinned and non-blocking, and the sampled
+tokens come back through a `PendingStep`, so the engine can queue the next step before it reads
+this one. A decode whose input token the host has not read yet takes it from the previous step's
+sampled tokens on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from mini_infer.attention.backend import AttentionBackend, AttentionMetadata, Put
+from mini_infer.config import EngineConfig
+from mini_infer.cpu_threads import step_threads
+from mini_infer.forward_context import forward_context
+from mini_infer.sampler import DeviceSample, SamplerOutput, build_sampling_batch, sample, sample_on_device, to_device
+from mini_infer.sampling_params import SamplingParams
+from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
+from mini_infer.sequence import Sequence
+from mini_infer.worker.cuda_graphs import CUDAGraphs
+from mini_infer.worker.kv_cache import KVCache, num_kv_blocks, profile_free_gpu_memory
+from mini_infer.worker.step_inputs import StepInputs, build_step_inputs
+
+logger = logging.getLogger(__name__)
+
+
+class PendingStep:
+    """A queued step's sampled tokens on their way to the host. They are copied into pinned memory
+    without blocking and an event marks the copy, so `result()` waits for this step only, not for
+    the steps queued after it."""
+
+    def __init__(self, sample: DeviceSample | None, prompt_logprobs: dict[int, tuple[int, list]] | None = None) -> None:
+        self.event: torch.cuda.Event | None = None
+        self.tensors: list[torch.Tensor] = []
+        self.prompt_logprobs = prompt_logprobs or {}  # already on the host: computed synchronously, rarely
+        self.waited = 0.0  # seconds result() waited for the device
+        if sample is None:
+            return
+        tensors = sample.tensors()
+        if tensors[0].is_cuda:
+            self.tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, dev in zip(self.tensors, tensors):
+                host.copy_(dev, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tensors = tensors
+
+    def result(self) -> SamplerOutput:
+        if self.event is not None:
+            start = time.perf_counter()
+            self.event.synchronize()
+            self.waited = time.perf_counter() - start
+        output = DeviceSample.to_output(self.tensors) if self.tensors else SamplerOutput([], None)
+        output.prompt_logprobs = self.prompt_logprobs
+        return output
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: EngineConfig, hf_config: PretrainedConfig, dtype: torch.dtype,
+                 device: torch.device, max_model_len: int, backend: AttentionBackend) -> None:
+        self.model, self.config, self.backend = model, config, backend
+        self.dtype, self.device = dtype, device
+        self.block_size, self.max_model_len = config.block_size, max_model_len
+        self.vocab_size, self.hidden_size = hf_config.vocab_size, hf_config.hidden_size
+        self.kv_cache = KVCache(model.attention_layers(), config.block_size, dtype, device)
+        self.use_cuda_graphs = device.type == "cuda" and not config.enforce_eager and backend.supports_cuda_graphs
+        self.graphs: CUDAGraphs | None = None
+        self.seed_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fused sampler)
+        # the last step's sampled tokens, still on the device, and the row of each sequence in them
+        self.last_tokens: torch.Tensor | None = None
+        self.last_rows: dict[int, int] = {}
+        self.num_weights = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # a step's MACs per token
+
+    # -- setup --------------------------------------------------------------------------------
+    def init_kv_cache(self) -> int:
+        """Sizes and allocates the KV pool, then captures the CUDA graphs and warms the sampler up."""
+        graph_batch = min(self.config.max_num_seqs, 512) if self.use_cuda_graphs else None
+        num_blocks = num_kv_blocks(self.config, self.kv_cache, self.max_model_len, lambda: profile_free_gpu_memory(
+            self.config, self.kv_cache, self.max_model_len, self._profile_run, graph_batch))
+        self.kv_cache.allocate(num_blocks)
+        if self.use_cuda_graphs:
+            self.capture_cuda_graphs()
+        if self.device.type == "cuda":
+            self.warm_up_sampling()
+        return num_blocks
+
+    def _profile_run(self, lens: list[int]) -> None:
+        """A prefill of prompts of these lengths and its sampling, on consecutive blocks (KV sizing)."""
+        seqs, first_block = [], 0
+        for n in lens:
+            seq = Sequence("profile", 0, [0] * n, SamplingParams())
+            seq.block_table = list(range(first_block, first_block + -(-n // self.block_size)))
+            first_block += len(seq.block_table)
+            seqs.append(ScheduledSeq(seq, 0, n, True, 0))
+        inputs = build_step_inputs(seqs, 0, self.block_size, {})
+        with torch.inference_mode():
+            logits = self.model.compute_logits(self._forward(inputs)[to_device(inputs.logits_indices, torch.int64,
+                                                                                self.device)])
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * len(lens)
+        batch = build_sampling_batch(params, [[0]] * len(lens), [[]] * len(lens), [None] * len(lens),
+                                     self.vocab_size, self.device)
+        sample(logits.float(), batch)
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        cuda = self.device.type == "cuda"
+        free_before = torch.cuda.mem_get_info()[0] if cuda else 0
+        self.graphs = CUDAGraphs(self)
+        self.graphs.capture()
+        if cuda:
+            torch.cuda.synchronize()
+            logger.info("captured %d decode CUDA graphs (batch 1..%d) and %d prefill graphs (up to %d tokens) "
+                        "using %.2f GiB", len(self.graphs.decode.sizes), self.graphs.max_batch,
+                        len(self.graphs.prefill.sizes), max(self.graphs.prefill.sizes, default=0),
+                        (free_before - torch.cuda.mem_get_info()[0]) / 2**30)
+
+    @torch.inference_mode()
+    def warm_up_sampling(self) -> None:
+        """Runs the LM head and the fused sampler once for every number of rows a step can sample, so
+        the Triton kernels outside the CUDA graphs compile now and not in the middle of a run: the GEMV
+        compiles a variant for 1 and for 2 rows, and the sampler's launch shape follows the row count.
+        Each variant costs a few hundred milliseconds once; every call after it, well under one."""
+        for n in range(1, self.config.max_num_seqs + 1):
+            logits = self.model.compute_logits(torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device))
+            params = [SamplingParams(temperature=1.0)] * n
+            batch = build_sampling_batch(params, [[0]] * n, [[]] * n, [None] * n, self.vocab_size, self.device,
+                                         seeds=list(range(n)))
+            sample_on_device(logits, batch)
+            if n in (1, 2, self.config.max_num_seqs):  # logprobs and penalties sample float32 logits
+                sample_on_device(logits.float(), batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # -- a forward pass -----------------------------------------------------------------------
+    def prepare(self, inputs: StepInputs, put: Put) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The device inputs of a forward pass (through `put`: fresh tensors, or a graph's buffers)."""
+        ids = put("input_ids", inputs.token_ids)
+        if len(inputs.pending):  # inputs sampled by the previous step, still on the device
+            rows = to_device(inputs.pending, torch.int64, self.device)
+            ids.index_copy_(0, rows[:, 0], self.last_tokens.index_select(0, rows[:, 1]))
+        return ids, put("positions", inputs.positions), self.backend.build_metadata(inputs, put)
+
+    def _put(self, name: str, array: np.ndarray) -> torch.Tensor:
+        return to_device(array, None, self.device)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        ids, positions, meta = self.prepare(inputs, self._put)
+        with forward_context(meta):
+            return self.model(ids, positions)
+
+    def record(self, meta: AttentionMetadata, ids: torch.Tensor, positions: torch.Tensor,
+               pool: object) -> tuple[Callable[[], torch.Tensor], object]:
+        """A replayable forward over static inputs and the graph memory pool to share with the next:
+        a CUDA graph, or off CUDA (tests of the static-input path) the same forward run eagerly."""
+        if self.device.type != "cuda":
+            def run_eagerly() -> torch.Tensor:
+                with forward_context(meta):
+                    return self.model(ids, positions)
+
+            return run_eagerly, pool
+        with forward_context(meta):
+            self.model(ids, positions)  # warm-up: compiles kernels outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(ids, positions)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return hidden
+
+        return replay, pool or graph.pool()
+
+    def _run_graphs(self, out: SchedulerOutput) -> torch.Tensor:
+        """Replays the prefill graph, then the decode graph, and returns the hidden states of the rows
+        that sample (decodes first). The graphs share a memory pool, so the prefill rows are copied
+        out before the decode graph runs."""
+        parts = []
+        for scheduled, graphs in ((out.prefills, self.graphs.prefill), (out.decodes, self.graphs.decode)):
+            if not scheduled:
+                continue
+            nd = len(scheduled) if graphs.is_decode else 0
+            inputs = build_step_inputs(scheduled, nd, self.block_size, self.last_rows)
+            hidden = graphs.replay(inputs, graphs.size_for(inputs.num_tokens))
+            parts.insert(0, hidden[to_device(inputs.logits_indices, torch.int64, self.device)])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # -- one step -----------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> PendingStep:
+        """Queues one step; the returned PendingStep yields the sampled token (and logprobs) of each
+        sequence that samples, in `out.sampling` order, and the prompt logprobs its prefill chunks asked
+        for. Small CPU steps run single-threaded (cpu_threads.py)."""
+        with step_threads(self.device, out.num_tokens * self.num_weights):
+            return self._execute(out)
+
+    @torch.inference_mode()
+    def _execute(self, out: SchedulerOutput) -> PendingStep:
+        sampling = out.sampling
+        prompt_rows = self._prompt_logprob_rows(out)
+        max_table = max(len(s.seq.block_table) for s in out.seqs)
+        prompt_logprobs = None
+        if self.graphs and not prompt_rows and self.graphs.can_run(len(out.decodes), out.prefills, max_table):
+            hidden = self._run_graphs(out)
+        else:  # prompt logprobs need every row: eager
+            inputs = build_step_inputs(out.seqs, len(out.decodes), self.block_size, self.last_rows)
+            all_hidden = self._forward(inputs)
+            prompt_logprobs = self._prompt_logprobs(all_hidden, prompt_rows, out) if prompt_rows else None
+            hidden = all_hidden[to_device(inputs.logits_indices, torch.int64, self.device)]
+        if not sampling:
+            self.last_tokens, self.last_rows = None, {}
+            return PendingStep(None, prompt_logprobs)
+        logits = self.model.compute_logits(hidden)
+        params = [s.seq.params for s in sampling]
+        penalties = any(p.uses_penalties for p in params)
+        seeds = self._row_seeds(sampling)
+        batch = build_sampling_batch(
+            params,
+            [s.seq.prompt_token_ids for s in sampling],
+            [s.seq.output_token_ids for s in sampling] if penalties else [[]] * len(sampling),
+            [None if s.seq.params.seed is None else torch.Generator(self.device).manual_seed(seed)
+             for s, seed in zip(sampling, seeds)],
+            self.vocab_size,
+            self.device,
+            num_outputs=[s.num_generated for s in sampling],
+            seeds=seeds if self.device.type == "cuda" else None,
+        )
+        result = sample_on_device(logits, batch)
+        self.last_tokens = result.tokens
+        self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
+        return PendingStep(result, prompt_logprobs)
+
+    def _row_seeds(self, sampling: list[ScheduledSeq]) -> list[int]:
+        """Per-row sampler seeds: a seeded request's depend only on its seed, which of its n samples it is
+        and how many tokens it has made (so its tokens do not depend on its batch); the others are fresh."""
+        fresh = self.seed_rng.integers(0, 2**63 - 1, size=len(sampling)).tolist()
+        seeds = [s.seq.params.seed for s in sampling]
+        return [r if seed is None else hash((seed, s.seq.index, s.num_generated)) & (2**63 - 1)
+                for s, seed, r in zip(sampling, seeds, fresh)]
+
+    # -- prompt logprobs ----------------------------------------------------------------------
+    def _prompt_logprob_rows(self, out: SchedulerOutput) -> list[tuple[int, int, list[int], list[int]]]:
+        """(seq id, first prompt position, rows of the flat batch, target tokens) for each prefill chunk of a
+        request that wants prompt logprobs: row p's logits predict prompt token p + 1."""
+        entries, offset = [], 0
+        for s in out.seqs:
+            seq = s.seq
+            end = min(s.start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+            if seq.params.prompt_logprobs is not None and s.start < end:
+                rows = list(range(offset, offset + end - s.start))
+                entries.append((seq.seq_id, s.start + 1, rows, seq.prompt_token_ids[s.start + 1 : end + 1]))
+            offset += s.num_new_tokens
+        return entries
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, entries: list, out: SchedulerOutput,
+                         chunk_rows: int = 512) -> dict[int, tuple[int, list]]:
+        """Per sequence: (first position, [(logprob, rank, top ids, top logprobs)] per position), read back
+        at once. Logits are made `chunk_rows` rows at a time, since a whole prompt's would not fit."""
+        k = max(s.seq.params.prompt_logprobs or 0 for s in out.seqs)
+        rows = [r for _, _, rs, _ in entries for r in rs]
+        targets = [t for _, _, _, ts in entries for t in ts]
+        values: list[tuple] = []
+        for i in range(0, len(rows), chunk_rows):
+            index = to_device(rows[i : i + chunk_rows], torch.int64, self.device)
+            target = to_device(targets[i : i + chunk_rows], torch.int64, self.device).unsqueeze(1)
+            logprobs = self.model.compute_logits(hidden[index]).float().log_softmax(dim=-1)
+            chosen = logprobs.gather(1, target)
+            ranks = (logprobs > chosen).sum(dim=-1) + 1
+            top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], target[:, :0])
+            values += zip(chosen.squeeze(1).tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist())
+        result, start = {}, 0
+        for seq_id, first, rs, _ in entries:
+            result[seq_id] = (first, values[start : start + len(rs)])
+            start += len(rs)
+        return result

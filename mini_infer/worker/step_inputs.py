@@ -1,0 +1,88 @@
+"""StepInputs: everything one forward pass reads, built once per step on the host.
+
+The batch is flat, with no padding: decodes first (one token each), then prefill chunks. Every
+token's position and cache slot come from one formula (`slot = table[p // block_size] * block_size
++ p % block_size`). Only rows in `logits_indices` become logits. A token the previous step sampled
+but the host has not read yet is 0 here and listed in `pending`; the runner copies it in on the device.
+Plain numpy arrays, so the inputs can be padded for a CUDA graph or sent to another rank as they are.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from mini_infer.scheduler import ScheduledSeq
+
+
+@dataclass
+class StepInputs:
+    token_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64, -1 = store nothing (padding)
+    query_lens: np.ndarray  # [B] int64: this step's tokens per sequence
+    seq_lens: np.ndarray  # [B] int64: keys per sequence after this step (cached + new)
+    block_tables: np.ndarray  # [B, W] int32
+    num_decodes: int  # the first num_decodes sequences have one query token each
+    logits_indices: np.ndarray  # [S] int64: rows whose hidden states are sampled
+    pending: np.ndarray  # [P, 2] int64: (row here, row of the previous step's sampled tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    def padded(self, num_tokens: int, num_seqs: int) -> StepInputs:
+        """The same step at a CUDA graph's size: padding tokens store nothing, padding sequences have no
+        queries and no keys (block tables are not padded: padding rows read none of theirs)."""
+
+        def pad(a: np.ndarray, n: int, value: int) -> np.ndarray:
+            return np.concatenate((a, np.full(n - len(a), value, dtype=a.dtype))) if n > len(a) else a
+
+        all_decodes = self.num_decodes == self.num_seqs  # a decode batch stays one (padding rows decode nothing)
+        return replace(self, token_ids=pad(self.token_ids, num_tokens, 0), positions=pad(self.positions, num_tokens, 0),
+                       slot_mapping=pad(self.slot_mapping, num_tokens, -1),
+                       query_lens=pad(self.query_lens, num_seqs, 0), seq_lens=pad(self.seq_lens, num_seqs, 0),
+                       num_decodes=num_seqs if all_decodes else self.num_decodes)
+
+
+def build_step_inputs(seqs: list[ScheduledSeq], num_decodes: int, block_size: int,
+                      last_rows: dict[int, int]) -> StepInputs:
+    """last_rows: each sequence's row in the previous step's sampled tokens (for its pending input)."""
+    n = len(seqs)
+    query_lens = np.fromiter((s.num_new_tokens for s in seqs), np.int64, n)
+    starts = np.fromiter((s.start for s in seqs), np.int64, n)
+    tables = np.zeros((n, max(len(s.seq.block_table) for s in seqs)), dtype=np.int32)
+    ids: list[list[int]] = []
+    pending: list[tuple[int, int]] = []
+    offset = 0
+    for i, s in enumerate(seqs):
+        seq = s.seq
+        tables[i, : len(seq.block_table)] = seq.block_table
+        known = seq.token_ids[s.start : s.start + s.num_new_tokens]
+        if len(known) < s.num_new_tokens:  # only the last input can be pending: the token just sampled
+            pending.append((offset + s.num_new_tokens - 1, last_rows[seq.seq_id]))
+            known = [*known, 0]
+        ids.append(known)
+        offset += s.num_new_tokens
+    ends = np.cumsum(query_lens)
+    seq_of_token = np.repeat(np.arange(n), query_lens)
+    positions = np.arange(offset) - np.repeat(ends - query_lens - starts, query_lens)
+    slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    samples = np.fromiter((s.samples for s in seqs), bool, n)
+    return StepInputs(
+        token_ids=np.fromiter(itertools.chain.from_iterable(ids), np.int64, offset),
+        positions=positions,
+        slot_mapping=slots,
+        query_lens=query_lens,
+        seq_lens=starts + query_lens,
+        block_tables=tables,
+        num_decodes=num_decodes,
+        logits_indices=(ends - 1)[samples],
+        pending=np.array(pending, dtype=np.int64).reshape(-1, 2),
+    )
