@@ -21,7 +21,13 @@ from mini_infer.kernels.decode_attention import decode_attention_triton
 
 PAGE, HEAD_DIM, KV_HEADS, Q_HEADS, POOL_BLOCKS, WIDTH_TOKENS = 16, 128, 8, 16, 37_000, 4096
 CASES = (  # (batch, shortest context, longest context): the run's batches as they shrink
-    (256, 100, 1024), (256, 100, 2048), (192, 300, 2048), (128, 500, 2048), (64, 800, 2048), (256, 800, 800))
+    (256, 100, 1024),
+    (256, 100, 2048),
+    (192, 300, 2048),
+    (128, 500, 2048),
+    (64, 800, 2048),
+    (256, 800, 800),
+)
 
 
 def main() -> None:
@@ -50,15 +56,18 @@ def main() -> None:
         outputs = {}
         for order, index in (("as_is", torch.arange(batch)), ("sorted", torch.argsort(lens, descending=True))):
             rows_q, seq_lens, block_tables = q[index.cuda()], lens[index].int().cuda(), tables[index].cuda()
-            us = graph_us(lambda q=rows_q, s=seq_lens, t=block_tables: decode_attention_triton(q, k_cache, v_cache,
-                                                                                               s, t, 0.088))
+            us = graph_us(
+                lambda q=rows_q, s=seq_lens, t=block_tables: decode_attention_triton(q, k_cache, v_cache, s, t, 0.088)
+            )
             outputs[order] = decode_attention_triton(rows_q, k_cache, v_cache, seq_lens, block_tables, 0.088)
             row[order] = {"us": us, "pct_copy_bw": 100 * moved / (us * 1e-6) / 1e9 / gbps}
         inverse = torch.argsort(torch.argsort(lens, descending=True)).cuda()
         assert torch.equal(outputs["sorted"][inverse], outputs["as_is"]), "row order changed a row's output"
         rows.append(row)
-        print(f"{batch:>6} {f'{shortest}-{longest}':>10} {row['as_is']['us']:9.1f} {row['as_is']['pct_copy_bw']:5.0f}"
-              f" {row['sorted']['us']:10.1f} {row['sorted']['pct_copy_bw']:5.0f}")
+        print(
+            f"{batch:>6} {f'{shortest}-{longest}':>10} {row['as_is']['us']:9.1f} {row['as_is']['pct_copy_bw']:5.0f}"
+            f" {row['sorted']['us']:10.1f} {row['sorted']['pct_copy_bw']:5.0f}"
+        )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": gbps, "cases": rows}, f, indent=1)

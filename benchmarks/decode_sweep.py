@@ -22,8 +22,17 @@ from mini_infer.kernels.decode_attention import DecodeConfig, decode_attention_t
 PAGE, HEAD_DIM, DTYPE = 16, 128, torch.bfloat16
 
 
-def case(batch: int, context: int, q_heads: int, kv_heads: int, width_tokens: int, pool_blocks: int,
-         scatter: bool, configs: dict[str, DecodeConfig], gbps: float) -> dict:
+def case(
+    batch: int,
+    context: int,
+    q_heads: int,
+    kv_heads: int,
+    width_tokens: int,
+    pool_blocks: int,
+    scatter: bool,
+    configs: dict[str, DecodeConfig],
+    gbps: float,
+) -> dict:
     width = width_tokens // PAGE
     k_cache = torch.randn(pool_blocks, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=DTYPE)
     v_cache = torch.randn_like(k_cache)
@@ -42,8 +51,12 @@ def case(batch: int, context: int, q_heads: int, kv_heads: int, width_tokens: in
         err = (got.float() - ref.float()).abs().max().item()
         us = graph_us(lambda cfg=cfg: decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg))
         splits = decode_num_splits(batch, kv_heads, width * PAGE, q.device, cfg)
-        out[name] = {"us": us, "pct_copy_bw": 100 * moved / (us * 1e-6) / 1e9 / gbps, "splits": splits,
-                     "max_abs_err": err}
+        out[name] = {
+            "us": us,
+            "pct_copy_bw": 100 * moved / (us * 1e-6) / 1e9 / gbps,
+            "splits": splits,
+            "max_abs_err": err,
+        }
     return out
 
 
@@ -82,8 +95,10 @@ def main() -> None:
         torch.cuda.empty_cache()
         print(f"\n== {label}")
         for name, r in res.items():
-            print(f"  {name:28s} {r['us']:9.1f} us {r['pct_copy_bw']:6.1f}% splits {r['splits']} "
-                  f"err {r['max_abs_err']:.1e}")
+            print(
+                f"  {name:28s} {r['us']:9.1f} us {r['pct_copy_bw']:6.1f}% splits {r['splits']} "
+                f"err {r['max_abs_err']:.1e}"
+            )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,6 +1,6 @@
 """GPU smoke check of the engine: parity with transformers on CUDA, then a first speed probe.
 
-    python benchmarks/engine_smoke.py --fixtures DIR   (DIR holds stories260K and tiny-random-qwen3)
+python benchmarks/engine_smoke.py --fixtures DIR   (DIR holds stories260K and tiny-random-qwen3)
 """
 
 from __future__ import annotations
@@ -13,8 +13,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mini_infer import LLM, SamplingParams
 
-PROMPTS = ["Once upon a time", "The cat sat on the", "Lily and Tom went to the park. They saw a big dog.",
-           "One day, a little bird", "Ben had a red ball.", "The sun was hot and", "Sara", "Tim and his mom"]
+PROMPTS = [
+    "Once upon a time",
+    "The cat sat on the",
+    "Lily and Tom went to the park. They saw a big dog.",
+    "One day, a little bird",
+    "Ben had a red ball.",
+    "The sun was hot and",
+    "Sara",
+    "Tim and his mom",
+]
 
 
 def parity(path: str, backend: str, dtype: str) -> str:
@@ -25,8 +33,14 @@ def parity(path: str, backend: str, dtype: str) -> str:
     same = 0
     for p, o in zip(PROMPTS, outs):
         ids = torch.tensor([tok.encode(p)], device="cuda")
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=48,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, ids.shape[1] :].tolist()
         same += ref == o.outputs[0].token_ids
     return f"{path.split('/')[-1]} {backend} {dtype}: {same}/{len(PROMPTS)} identical"
 
@@ -60,8 +74,10 @@ if __name__ == "__main__":
             lines.append(parity(f"{args.fixtures}/tiny-random-qwen3", backend, "float32"))
         print("\n".join(lines), flush=True)
     runs = [
-        ("llama-3-8b", 1, 128, 128, {}), ("llama-3-8b", 1, 128, 128, {"enforce_eager": True}),
-        ("llama-3-8b", 64, 256, 128, {}), ("qwen3-0.6b", 256, 256, 256, {}),
+        ("llama-3-8b", 1, 128, 128, {}),
+        ("llama-3-8b", 1, 128, 128, {"enforce_eager": True}),
+        ("llama-3-8b", 64, 256, 128, {}),
+        ("qwen3-0.6b", 256, 256, 256, {}),
         ("qwen3-0.6b", 256, 256, 256, {"enforce_eager": True}),
     ]
     for model, batch, inp, outp, kw in [] if args.skip_speed else runs:

@@ -37,8 +37,23 @@ SWEEP_ROWS = {16: (16,), 64: (32, 64), 128: (64, 128), 256: (64, 128)}  # rows: 
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, x_stride, w_stride, y_stride,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _gemm_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    ws_ptr,
+    count_ptr,
+    M,
+    N,
+    K,
+    x_stride,
+    w_stride,
+    y_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
     """y[m, n] = sum_k x[m, k] w[n, k]: the weight rows are the MMA's M side, so few rows still fill it."""
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k_len = K // SPLIT_K
@@ -50,8 +65,9 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, x_stride, w_st
     x_ptrs = x_ptr + offs_m[None, :] * x_stride + offs_k[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(0, k_len, BLOCK_K):
-        acc = tl.dot(tl.load(w_ptrs, mask=n_mask[:, None], other=0.0),
-                     tl.load(x_ptrs, mask=m_mask[None, :], other=0.0), acc)
+        acc = tl.dot(
+            tl.load(w_ptrs, mask=n_mask[:, None], other=0.0), tl.load(x_ptrs, mask=m_mask[None, :], other=0.0), acc
+        )
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     y_ptrs = y_ptr + offs_m[None, :] * y_stride + offs_n[:, None]
@@ -77,9 +93,25 @@ def triton_gemm(x, w, counters, block_m, block_n, block_k, split_k, stages):
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws = torch.empty(split_k * m * n if split_k > 1 else 1, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
-    _gemm_kernel[grid](x, w, y, ws, counters, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                       num_warps=8 if block_m * block_n >= 8192 else 4, num_stages=stages)
+    _gemm_kernel[grid](
+        x,
+        w,
+        y,
+        ws,
+        counters,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        y.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        num_warps=8 if block_m * block_n >= 8192 else 4,
+        num_stages=stages,
+    )
     return y
 
 
@@ -102,8 +134,10 @@ def kernel_floor_us(chain: int = 100) -> float:
 
 
 def cublas_table(shapes, layers, peak_bw, peak_flops) -> list[dict]:
-    weights = {k: [torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
-               for k, (n, kk) in shapes.items()}
+    weights = {
+        k: [torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+        for k, (n, kk) in shapes.items()
+    }
     rows = []
     for m in ROWS:
         for name, (n, k) in shapes.items():
@@ -117,8 +151,10 @@ def cublas_table(shapes, layers, peak_bw, peak_flops) -> list[dict]:
 def triton_sweep(budget_s: float) -> list[dict]:
     start = time.time()
     counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
-    weights = {k: [torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(28)]
-               for k, (n, kk) in QWEN.items()}
+    weights = {
+        k: [torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(28)]
+        for k, (n, kk) in QWEN.items()
+    }
     out = []
     for m, block_ms in SWEEP_ROWS.items():
         for name, (_, k) in QWEN.items():
@@ -129,8 +165,9 @@ def triton_sweep(budget_s: float) -> list[dict]:
             for bm, bn, bk, stages, split in itertools.product(block_ms, (16, 32, 64), (128, 256), (3, 5), (1, 2)):
                 if k % (bk * split) or time.time() - start > budget_s:
                     continue
-                gemm = functools.partial(triton_gemm, counters=counters, block_m=bm, block_n=bn, block_k=bk,
-                                         split_k=split, stages=stages)
+                gemm = functools.partial(
+                    triton_gemm, counters=counters, block_m=bm, block_n=bn, block_k=bk, split_k=split, stages=stages
+                )
                 try:
                     y = gemm(x, weights[name][0])
                 except triton.runtime.errors.OutOfResources:  # tiles and stages beyond shared memory
@@ -138,16 +175,28 @@ def triton_sweep(budget_s: float) -> list[dict]:
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 same = torch.equal(y, gemm(x, weights[name][0]))
                 us = graph_us(over_layers(gemm, x, weights[name]), calls=1) / 28
-                tried.append({"us": us, "block_m": bm, "block_n": bn, "block_k": bk, "split_k": split,
-                              "stages": stages, "rel_err": err, "deterministic": same})
+                tried.append(
+                    {
+                        "us": us,
+                        "block_m": bm,
+                        "block_n": bn,
+                        "block_k": bk,
+                        "split_k": split,
+                        "stages": stages,
+                        "rel_err": err,
+                        "deterministic": same,
+                    }
+                )
             tried.sort(key=lambda r: r["us"])
-            out.append({"rows": m, "proj": name, "cublas_us": cublas, "configs_tried": len(tried),
-                        "best": tried[:3]})
+            out.append({"rows": m, "proj": name, "cublas_us": cublas, "configs_tried": len(tried), "best": tried[:3]})
             if tried:
                 b = tried[0]
-                print(f"triton M={m:3d} {name:8s} cuBLAS {cublas:5.2f} us, best Triton {b['us']:5.2f} us "
-                      f"(BM {b['block_m']} BN {b['block_n']} BK {b['block_k']} split {b['split_k']} "
-                      f"stages {b['stages']}) of {len(tried)}", flush=True)
+                print(
+                    f"triton M={m:3d} {name:8s} cuBLAS {cublas:5.2f} us, best Triton {b['us']:5.2f} us "
+                    f"(BM {b['block_m']} BN {b['block_n']} BK {b['block_k']} split {b['split_k']} "
+                    f"stages {b['stages']}) of {len(tried)}",
+                    flush=True,
+                )
     return out
 
 
@@ -157,13 +206,24 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=300, help="time for the Triton sweep")
     args = parser.parse_args()
     hw = measure_hardware()
-    record = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "roofline_hbm_gbps": hw.hbm_bytes_per_s / 1e9, "roofline_tflops": hw.peak_flops / 1e12,
-              "read_gbps": read_gbps(), "kernel_floor_us": kernel_floor_us()}
-    print(f"copy {record['roofline_hbm_gbps']:.0f} GB/s, read {record['read_gbps']:.0f} GB/s, one 4 KB copy "
-          f"kernel in a graph: {record['kernel_floor_us']:.2f} us", flush=True)
-    record["cublas"] = {"qwen3-0.6b": cublas_table(QWEN, 28, hw.hbm_bytes_per_s, hw.peak_flops),
-                        "llama-3-8b": cublas_table(LLAMA, 4, hw.hbm_bytes_per_s, hw.peak_flops)}
+    record = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "roofline_hbm_gbps": hw.hbm_bytes_per_s / 1e9,
+        "roofline_tflops": hw.peak_flops / 1e12,
+        "read_gbps": read_gbps(),
+        "kernel_floor_us": kernel_floor_us(),
+    }
+    print(
+        f"copy {record['roofline_hbm_gbps']:.0f} GB/s, read {record['read_gbps']:.0f} GB/s, one 4 KB copy "
+        f"kernel in a graph: {record['kernel_floor_us']:.2f} us",
+        flush=True,
+    )
+    record["cublas"] = {
+        "qwen3-0.6b": cublas_table(QWEN, 28, hw.hbm_bytes_per_s, hw.peak_flops),
+        "llama-3-8b": cublas_table(LLAMA, 4, hw.hbm_bytes_per_s, hw.peak_flops),
+    }
     print(f"{'model':12}{'rows':>5}" + "".join(f"{p:>20}" for p in QWEN) + "   (cuBLAS us / ideal us)")
     for model, rows in record["cublas"].items():
         for m in ROWS:

@@ -301,8 +301,15 @@ def bench_gemv(report: Report, rows: int, sweep: dict | None) -> None:
         fns = {"triton": lambda x=x, w=w: gemv_triton(x, w), "eager": lambda x=x, w=w: linear_ref(x, w)}
         measure(report, f"gemv {name}", f"{rows}x{k} @ {n}x{k}", fns, err, bytes_moved=w.nbytes + x.nbytes)
         if sweep is not None:
-            for bn, bk, warps, stages in ((4, 1024, 4, 3), (4, 1024, 4, 4), (8, 1024, 4, 3), (8, 512, 4, 3),
-                                          (4, 2048, 8, 3), (2, 2048, 4, 3), (16, 512, 4, 4)):
+            for bn, bk, warps, stages in (
+                (4, 1024, 4, 3),
+                (4, 1024, 4, 4),
+                (8, 1024, 4, 3),
+                (8, 512, 4, 3),
+                (4, 2048, 8, 3),
+                (2, 2048, 4, 3),
+                (16, 512, 4, 4),
+            ):
                 config = GemvConfig(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
                 sweep.setdefault(f"gemv_{name}_{rows}_rows", {})[f"{bn}/{bk}/{warps}/{stages}"] = median_ms(
                     lambda x=x, w=w, config=config: gemv_triton(x, w, config=config)
@@ -370,14 +377,14 @@ def bench_decode(report: Report, batch: int, context: int, sweep: dict | None) -
         hbm = report.ceilings["hbm_copy_GBps"]
         for cfg in configs:
             ms = median_ms(
-                lambda cfg=cfg: decode_attention_triton(
-                    q, k_cache, v_cache, seq_lens, block_tables, scale, config=cfg
-                )
+                lambda cfg=cfg: decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale, config=cfg)
             )
             results[repr(cfg)] = {"ms": ms, "pct_hbm": 100 * moved / (ms * 1e-3) / 1e9 / hbm}
         # The same attention over 64-token pages: one block-table lookup per key tile.
-        k64, v64 = (gather_kv(c, block_tables).transpose(1, 2).reshape(-1, 64, NUM_KV_HEADS, HEAD_DIM)
-                    for c in (k_cache, v_cache))
+        k64, v64 = (
+            gather_kv(c, block_tables).transpose(1, 2).reshape(-1, 64, NUM_KV_HEADS, HEAD_DIM)
+            for c in (k_cache, v_cache)
+        )
         table64 = torch.arange(k64.shape[0], device=DEVICE, dtype=torch.int32).view(batch, -1)
         ms = median_ms(lambda: decode_attention_triton(q, k64, v64, seq_lens, table64, scale))
         results["page 64, default config"] = {"ms": ms, "pct_hbm": 100 * moved / (ms * 1e-3) / 1e9 / hbm}
@@ -411,9 +418,7 @@ def bench_prefill(report: Report, prefix: int, sweep: dict | None) -> None:
             q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, tiles=tiles, config=config
         )
 
-    ref = prefill_attention_ref(
-        q.float(), k_cache.float(), v_cache.float(), cu_seqlens, seq_lens, block_tables, scale
-    )
+    ref = prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), cu_seqlens, seq_lens, block_tables, scale)
     err = rel_err(run(), ref)
     # SDPA flash on contiguous K/V, gathered once outside the timing; GQA heads expanded if needed.
     q4 = q.transpose(0, 1).unsqueeze(0)
@@ -459,9 +464,7 @@ def bench_prefill(report: Report, prefix: int, sweep: dict | None) -> None:
         table64 = torch.arange(k64.shape[0], device=DEVICE, dtype=torch.int32).view(1, -1)
         if k64.shape[2] == NUM_KV_HEADS:
             ms = median_ms(
-                lambda: prefill_attention_triton(
-                    q, k64, v64, cu_seqlens, seq_lens, table64, scale, tiles=default_tiles
-                )
+                lambda: prefill_attention_triton(q, k64, v64, cu_seqlens, seq_lens, table64, scale, tiles=default_tiles)
             )
             results["page 64, default config"] = {"ms": ms, "TFLOPs": flops / (ms * 1e-3) / 1e12}
 
@@ -477,8 +480,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="(default: benchmarks/results/<gpu>)")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated steps: rms_norm,rotary_store_kv,silu_and_mul,gemv,decode,prefill")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated steps: rms_norm,rotary_store_kv,silu_and_mul,gemv,decode,prefill"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.time()

@@ -63,11 +63,19 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25, help="kernels listed")
     ap.add_argument("--trace", default=None, help="write a chrome trace here")
     ap.add_argument("--output-json", default=None)
-    ap.add_argument("--new-prompt-len", type=int, default=0,
-                    help="each profiled step also prefills one new request of this many prompt tokens")
+    ap.add_argument(
+        "--new-prompt-len",
+        type=int,
+        default=0,
+        help="each profiled step also prefills one new request of this many prompt tokens",
+    )
     ap.add_argument("--new-prompts", type=int, default=1, help="new requests each profiled step takes")
-    ap.add_argument("--new-max-tokens", type=int, default=0,
-                    help="output tokens of each new request (0: as many as fit); 1 keeps the decode batch fixed")
+    ap.add_argument(
+        "--new-max-tokens",
+        type=int,
+        default=0,
+        help="output tokens of each new request (0: as many as fit); 1 keeps the decode batch fixed",
+    )
     ap.add_argument("--cprofile", type=int, default=0, help="list this many functions by host self-time")
     args = ap.parse_args()
 
@@ -75,12 +83,20 @@ def main() -> None:
     added_seqs = args.new_prompts if args.new_max_tokens == 1 else args.new_prompts * (3 * args.steps + 10)
     max_num_seqs = args.batch_size + (added_seqs if args.new_prompt_len else 0)
     step_tokens = args.new_prompts * args.new_prompt_len + max_num_seqs
-    config = EngineConfig(model=args.model, load_format="dummy", max_model_len=args.max_model_len,
-                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max(8192, step_tokens),
-                          enforce_eager=args.enforce_eager)
+    config = EngineConfig(
+        model=args.model,
+        load_format="dummy",
+        max_model_len=args.max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max(8192, step_tokens),
+        enforce_eager=args.enforce_eager,
+    )
     engine = LLMEngine(config)
-    params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.max_model_len
-                            - max(args.context_len, args.new_prompt_len))
+    params = SamplingParams(
+        temperature=args.temperature,
+        ignore_eos=True,
+        max_tokens=args.max_model_len - max(args.context_len, args.new_prompt_len),
+    )
     gen = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
     for i in range(args.batch_size):
@@ -88,16 +104,21 @@ def main() -> None:
         engine.add_request(str(i), ids, params)
     added = iter(range(args.batch_size, 10**9))
 
-    new_params = params if not args.new_max_tokens else SamplingParams(
-        temperature=args.temperature, ignore_eos=True, max_tokens=args.new_max_tokens)
+    new_params = (
+        params
+        if not args.new_max_tokens
+        else SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=args.new_max_tokens)
+    )
 
     def step() -> None:
         for _ in range(args.new_prompts if args.new_prompt_len else 0):
             ids = torch.randint(0, vocab, (args.new_prompt_len,), generator=gen).tolist()
             engine.add_request(str(next(added)), ids, new_params)
         engine.step()
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
-            or engine.scheduler.waiting:
+
+    while (
+        any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or engine.scheduler.waiting
+    ):
         engine.step()
     for _ in range(5):  # warm steps
         step()
@@ -150,11 +171,15 @@ def main() -> None:
             busy += us
     n = args.steps
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-    print(f"\n== {args.model} batch {args.batch_size} context {args.context_len} new prompts {args.new_prompts} x "
-          f"{args.new_prompt_len} tokens"
-          f" {'eager' if args.enforce_eager else 'cuda graphs'} temperature {args.temperature}")
-    print(f"step wall {plain_ms:.3f} ms unprofiled, {wall / n * 1e3:.3f} ms profiled; GPU kernels busy "
-          f"{busy / n / 1e3:.3f} ms/step, idle {wall / n * 1e3 - busy / n / 1e3:.3f} ms/step")
+    print(
+        f"\n== {args.model} batch {args.batch_size} context {args.context_len} new prompts {args.new_prompts} x "
+        f"{args.new_prompt_len} tokens"
+        f" {'eager' if args.enforce_eager else 'cuda graphs'} temperature {args.temperature}"
+    )
+    print(
+        f"step wall {plain_ms:.3f} ms unprofiled, {wall / n * 1e3:.3f} ms profiled; GPU kernels busy "
+        f"{busy / n / 1e3:.3f} ms/step, idle {wall / n * 1e3 - busy / n / 1e3:.3f} ms/step"
+    )
     print("host phases (ms/step, profiled run):")
     for k, v in phases.items():
         print(f"  {k:34s} {v / n * 1e3:8.3f}")
@@ -166,9 +191,18 @@ def main() -> None:
         pstats.Stats(prof_host).sort_stats("tottime").print_stats(args.cprofile)
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"args": vars(args), "step_ms": plain_ms, "profiled_step_ms": wall / n * 1e3,
-                       "gpu_busy_ms": busy / n / 1e3, "host_phases_ms": {k: v / n * 1e3 for k, v in phases.items()},
-                       "kernels_ms": {k: v[0] / n / 1e3 for k, v in rows}}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "step_ms": plain_ms,
+                    "profiled_step_ms": wall / n * 1e3,
+                    "gpu_busy_ms": busy / n / 1e3,
+                    "host_phases_ms": {k: v / n * 1e3 for k, v in phases.items()},
+                    "kernels_ms": {k: v[0] / n / 1e3 for k, v in rows},
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,13 @@ def main() -> None:
     arrivals: list[float] = []
 
     def stream() -> None:
-        body = {"prompt": "Once", "max_tokens": args.stream_tokens, "temperature": 0, "ignore_eos": True,
-                "stream": True}
+        body = {
+            "prompt": "Once",
+            "max_tokens": args.stream_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as resp:
             for line in resp.iter_lines():
                 if line.startswith("data: {"):
@@ -55,10 +60,12 @@ def main() -> None:
     worker.start()
     while len(arrivals) < 3:
         time.sleep(0.005)
-    hostile = {"prompt_10MB": {"prompt": "word " * 2_000_000, "max_tokens": 4},
-               "prompt_1MB": {"prompt": "word " * 200_000, "max_tokens": 4},
-               "n_200000": {"prompt": "Once", "n": 200_000, "max_tokens": 4},
-               "small_4_tokens": {"prompt": "The cat", "max_tokens": 4, "temperature": 0}}
+    hostile = {
+        "prompt_10MB": {"prompt": "word " * 2_000_000, "max_tokens": 4},
+        "prompt_1MB": {"prompt": "word " * 200_000, "max_tokens": 4},
+        "n_200000": {"prompt": "Once", "n": 200_000, "max_tokens": 4},
+        "small_4_tokens": {"prompt": "The cat", "max_tokens": 4, "temperature": 0},
+    }
     results = {}
     for name, body in hostile.items():
         start = time.monotonic()
@@ -76,9 +83,19 @@ def main() -> None:
     engine.shutdown()
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"command": "python benchmarks/server_stall.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "output_json"),
-                "results": results}, f, indent=1)
+            json.dump(
+                {
+                    "command": "python benchmarks/server_stall.py "
+                    + " ".join(
+                        f"--{k.replace('_', '-')} {v}"
+                        for k, v in vars(args).items()
+                        if v is not None and k != "output_json"
+                    ),
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

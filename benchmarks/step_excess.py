@@ -42,8 +42,17 @@ def step_excess(run: dict, steps: list[list]) -> list[dict]:
         row[0] += 1
         row[1] += gpu_ms
         row[2] += 1e3 * decode_step_cost(shape, contexts, dtype_bytes).ideal_seconds(hw)
-    return [{"batch_up_to": b, "steps": n, "gpu_ms": g / n, "ideal_ms": i / n, "excess_ms": (g - i) / n,
-             "excess_s_total": (g - i) / 1e3} for b, (n, g, i) in sorted(rows.items())]
+    return [
+        {
+            "batch_up_to": b,
+            "steps": n,
+            "gpu_ms": g / n,
+            "ideal_ms": i / n,
+            "excess_ms": (g - i) / n,
+            "excess_s_total": (g - i) / 1e3,
+        }
+        for b, (n, g, i) in sorted(rows.items())
+    ]
 
 
 def main() -> None:
@@ -59,8 +68,10 @@ def main() -> None:
     rows = step_excess(run, steps)
     print(f"{'batch <=':>9}{'steps':>7}{'GPU ms':>9}{'ideal ms':>10}{'excess ms':>11}{'excess s':>10}")
     for r in rows:
-        print(f"{r['batch_up_to']:>9}{r['steps']:>7}{r['gpu_ms']:>9.2f}{r['ideal_ms']:>10.2f}"
-              f"{r['excess_ms']:>11.2f}{r['excess_s_total']:>10.3f}")
+        print(
+            f"{r['batch_up_to']:>9}{r['steps']:>7}{r['gpu_ms']:>9.2f}{r['ideal_ms']:>10.2f}"
+            f"{r['excess_ms']:>11.2f}{r['excess_s_total']:>10.3f}"
+        )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"run": args.run, "steps": args.steps, "rows": rows}, f, indent=1)

@@ -19,8 +19,16 @@ _EXPORTS = {
     "CompletionOutput": "mini_infer.outputs",
     "Logprob": "mini_infer.outputs",
 }
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "EngineStats", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "Logprob"]
+__all__ = [
+    "LLM",
+    "LLMEngine",
+    "EngineConfig",
+    "EngineStats",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

@@ -86,8 +86,9 @@ class BlockManager:
         self.prefix_cache_queries += num_tokens
         self.prefix_cache_hits += num_hits
 
-    def cache_full_blocks(self, token_ids: list[int], block_table: list[int], block_hashes: list[int],
-                          num_tokens: int) -> list[int]:
+    def cache_full_blocks(
+        self, token_ids: list[int], block_table: list[int], block_hashes: list[int], num_tokens: int
+    ) -> list[int]:
         """Registers the blocks that the first num_tokens tokens fill completely, past the len(block_hashes)
         already registered; returns their hashes.
 

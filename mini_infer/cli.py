@@ -27,10 +27,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a prompt, streamed to the terminal",
-                              description="Prints the prompt, then streams the generated text after it.")
-    p.add_argument("--model", default=None,
-                   help="model folder or hub id (org/name); omitted: the built-in demo model, random weights")
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a prompt, streamed to the terminal",
+        description="Prints the prompt, then streams the generated text after it.",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder or hub id (org/name); omitted: the built-in demo model, random weights",
+    )
     p.add_argument("--prompt", default="Once upon a time", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
@@ -40,8 +46,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is none")
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                   help="logging threshold")
+    p.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="logging threshold"
+    )
     from mini_infer.config import add_engine_args
 
     add_engine_args(p)
@@ -55,21 +62,30 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.model is None:
         from mini_infer.demo import demo_model_dir
 
-        print("[no --model given: this is the built-in demo model. Its weights are random, so its text is random "
-              "characters. For real text pass --model with a Hugging Face model folder or hub id.]", file=sys.stderr)
+        print(
+            "[no --model given: this is the built-in demo model. Its weights are random, so its text is random "
+            "characters. For real text pass --model with a Hugging Face model folder or hub id.]",
+            file=sys.stderr,
+        )
         args.model, args.load_format = demo_model_dir(), "dummy"
     engine = LLMEngine(EngineConfig.from_cli_args(args))
     params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
         seed=args.seed,
     )
     prompt = args.prompt
     if args.chat:
         if engine.tokenizer is None or not engine.tokenizer.chat_template:
             raise ValueError(f"{args.model} has no chat template: leave out --chat, or pick a chat model")
-        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         prompt = {"prompt_token_ids": list(ids)}
     engine.add_request("cli", prompt, params)
     sys.stdout.write(args.prompt + ("\n" if args.chat else ""))  # the completion continues the prompt
@@ -111,7 +127,8 @@ def build_parser() -> ArgumentParser:
 
     add_serve_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks: throughput, latency, serve").add_subparsers(
-        dest="bench_command", required=True)
+        dest="bench_command", required=True
+    )
     from mini_infer.bench import latency, throughput
     from mini_infer.bench.serve import add_bench_serve_parser
 

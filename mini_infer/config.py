@@ -122,8 +122,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.type in ("bool", bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default: {default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
             group.add_argument(flag, type=kind, default=None, help=f"(default: {default})")

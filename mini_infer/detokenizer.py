@@ -45,14 +45,16 @@ class Detokenizer:
     def decode(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def new_text(self, ids: list[int], window: DecodeWindow, skip_special_tokens: bool = True,
-                 flush: bool = False) -> str:
+    def new_text(
+        self, ids: list[int], window: DecodeWindow, skip_special_tokens: bool = True, flush: bool = False
+    ) -> str:
         """The text that ids' newest tokens add; moves the window past what it returns. flush: release
         what is held back too (at the end)."""
         if not flush and ids and ids[-1] in self.byte_token_ids:
             return ""
-        prefix_text = self.tokenizer.decode(ids[window.prefix_offset : window.read_offset],
-                                            skip_special_tokens=skip_special_tokens)
+        prefix_text = self.tokenizer.decode(
+            ids[window.prefix_offset : window.read_offset], skip_special_tokens=skip_special_tokens
+        )
         full_text = self.tokenizer.decode(ids[window.prefix_offset :], skip_special_tokens=skip_special_tokens)
         if len(full_text) > len(prefix_text) and (flush or not full_text.endswith(REPLACEMENT_CHAR)):
             window.prefix_offset, window.read_offset = window.read_offset, len(ids)
@@ -63,11 +65,14 @@ class Detokenizer:
         """One piece per token that joins to exactly decode(ids): each token's piece is the text that
         becomes final with it (a character split over byte tokens goes to the one completing it)."""
         window = DecodeWindow()
-        return [self.new_text(ids[:end], window, skip_special_tokens, flush=end == len(ids))
-                for end in range(1, len(ids) + 1)]
+        return [
+            self.new_text(ids[:end], window, skip_special_tokens, flush=end == len(ids))
+            for end in range(1, len(ids) + 1)
+        ]
 
-    def next_token_texts(self, ids: list[int], window: DecodeWindow, candidates: list[int],
-                         skip_special_tokens: bool = True) -> list[str]:
+    def next_token_texts(
+        self, ids: list[int], window: DecodeWindow, candidates: list[int], skip_special_tokens: bool = True
+    ) -> list[str]:
         """What each candidate would add as the next token after ids, in the context of the text so far
         (so SentencePiece's leading spaces survive); for logprobs' alternatives."""
         context = ids[window.prefix_offset :]

@@ -98,8 +98,9 @@ class LLMEngine:
             )
         self.max_model_len = config.max_model_len or max_positions
         tokenizer_src = config.tokenizer or (str(path) if path.is_dir() else None)  # presets have none
-        self.tokenizer = (load_tokenizer(tokenizer_src, required=config.load_format != "dummy")
-                          if tokenizer_src else None)
+        self.tokenizer = (
+            load_tokenizer(tokenizer_src, required=config.load_format != "dummy") if tokenizer_src else None
+        )
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = frozenset(eos_token_ids(path, self.model_config))
         device = config.resolved_device
@@ -107,19 +108,29 @@ class LLMEngine:
         backend = get_attention_backend(config.resolved_kernel_backend, device)
         start = time.perf_counter()
         model = load_model(path, self.model_config, backend.ops, dtype, device, config.load_format, config.seed)
-        logger.info("loaded %s (%s, %s, %s kernels) in %.1fs", config.model,
-                    type(model).__name__, dtype, backend.ops.name, time.perf_counter() - start)
+        logger.info(
+            "loaded %s (%s, %s, %s kernels) in %.1fs",
+            config.model,
+            type(model).__name__,
+            dtype,
+            backend.ops.name,
+            time.perf_counter() - start,
+        )
         self.model_runner = ModelRunner(model, config, self.model_config, dtype, device, self.max_model_len, backend)
         num_blocks = self.model_runner.init_kv_cache()
         logger.info(
             "KV pool: %d blocks of %d tokens (%.2f GiB); up to %.1f concurrent sequences of %d tokens",
-            num_blocks, config.block_size, num_blocks * self.model_runner.kv_cache.block_bytes / 2**30,
-            num_blocks * config.block_size / self.max_model_len, self.max_model_len,
+            num_blocks,
+            config.block_size,
+            num_blocks * self.model_runner.kv_cache.block_bytes / 2**30,
+            num_blocks * config.block_size / self.max_model_len,
+            self.max_model_len,
         )
         block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, block_manager, self.max_model_len)
-        self.input_processor = InputProcessor(config, self.model_config, self.detokenizer, self.max_model_len,
-                                              self.eos_token_ids, self.scheduler.fits)
+        self.input_processor = InputProcessor(
+            config, self.model_config, self.detokenizer, self.max_model_len, self.eos_token_ids, self.scheduler.fits
+        )
         self.output_processor = OutputProcessor(self.detokenizer, self.scheduler)
         self.observer: StepObserver | None = None
         self.in_flight: _InFlight | None = None
@@ -140,8 +151,9 @@ class LLMEngine:
         """(text, token ids) of a prompt; thread-safe, so servers run it off the engine's thread."""
         return self.input_processor.tokenize(prompt, add_special_tokens)
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
+    def add_request(
+        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
+    ) -> None:
         """Validates and queues a request; raises ValueError (and adds nothing) on bad input."""
         if request_id in self.output_processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use")

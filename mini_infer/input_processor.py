@@ -22,12 +22,23 @@ PromptType = str | list[int] | dict
 
 
 class InputProcessor:
-    def __init__(self, config: EngineConfig, model_config: PretrainedConfig, detokenizer: Detokenizer | None,
-                 max_model_len: int, eos_token_ids: frozenset[int], fits: Callable[[int], bool]) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: PretrainedConfig,
+        detokenizer: Detokenizer | None,
+        max_model_len: int,
+        eos_token_ids: frozenset[int],
+        fits: Callable[[int], bool],
+    ) -> None:
         """fits(num_tokens): whether a sequence that long fits the KV pool at all."""
         self.config, self.vocab_size = config, model_config.vocab_size
-        self.detokenizer, self.max_model_len, self.eos_token_ids, self.fits = detokenizer, max_model_len, \
-            eos_token_ids, fits
+        self.detokenizer, self.max_model_len, self.eos_token_ids, self.fits = (
+            detokenizer,
+            max_model_len,
+            eos_token_ids,
+            fits,
+        )
 
     def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         """(text, token ids) of a prompt. A text too long to fit max_model_len whatever its tokens is refused
@@ -46,8 +57,10 @@ class InputProcessor:
                 raise ValueError("this engine has no tokenizer: pass prompts as token ids")
             # Normalization may merge characters, hence the margin of 4.
             if len(prompt) > 4 * self.max_model_len * self.detokenizer.max_token_chars:
-                raise ValueError(f"the prompt has {len(prompt)} characters, more tokens than max_model_len "
-                                 f"({self.max_model_len}) holds")
+                raise ValueError(
+                    f"the prompt has {len(prompt)} characters, more tokens than max_model_len "
+                    f"({self.max_model_len}) holds"
+                )
             tokenizer = self.detokenizer.tokenizer
             return prompt, tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
         if isinstance(prompt, list | tuple) and all(type(t) is int for t in prompt):
@@ -77,18 +90,30 @@ class InputProcessor:
             raise ValueError("the prompt is empty")
         room = self.max_model_len - len(ids)
         if room < 1:
-            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
-                             "it must be shorter to leave room for generated tokens")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                "it must be shorter to leave room for generated tokens"
+            )
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got one of {max(ids)}")
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens > room:
-            raise ValueError(f"max_tokens={max_tokens} cannot fit: the prompt has {len(ids)} tokens and "
-                             f"max_model_len is {self.max_model_len}, leaving room for {room}")
+            raise ValueError(
+                f"max_tokens={max_tokens} cannot fit: the prompt has {len(ids)} tokens and "
+                f"max_model_len is {self.max_model_len}, leaving room for {room}"
+            )
         if not self.fits(len(ids) + max_tokens):
-            raise ValueError(f"{len(ids)} prompt tokens + {max_tokens} max_tokens need more KV blocks than the "
-                             f"pool has (block size {self.config.block_size})")
+            raise ValueError(
+                f"{len(ids)} prompt tokens + {max_tokens} max_tokens need more KV blocks than the "
+                f"pool has (block size {self.config.block_size})"
+            )
         params = dataclasses.replace(params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
         seqs = [Sequence(request_id, i, ids, params, priority) for i in range(params.n)]
-        return RequestState(request_id, text, ids, [SeqOutput(s) for s in seqs], time.monotonic(),
-                            final_only=params.output_kind == "final_only")
+        return RequestState(
+            request_id,
+            text,
+            ids,
+            [SeqOutput(s) for s in seqs],
+            time.monotonic(),
+            final_only=params.output_kind == "final_only",
+        )

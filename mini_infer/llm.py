@@ -69,13 +69,23 @@ class LLM:
         """Formats each conversation with the tokenizer's chat template, then generates."""
         tokenizer = self.get_tokenizer()
         if tokenizer is None or not (chat_template or tokenizer.chat_template):
-            raise ValueError(f"{self.llm_engine.config.model} has no chat template: use generate() with a plain "
-                             "prompt, pass chat_template=, or load a chat model")
+            raise ValueError(
+                f"{self.llm_engine.config.model} has no chat template: use generate() with a plain "
+                "prompt, pass chat_template=, or load a chat model"
+            )
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            {"prompt_token_ids": list(tokenizer.apply_chat_template(
-                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=True, return_dict=False))}
+            {
+                "prompt_token_ids": list(
+                    tokenizer.apply_chat_template(
+                        conv,
+                        chat_template=chat_template,
+                        add_generation_prompt=add_generation_prompt,
+                        tokenize=True,
+                        return_dict=False,
+                    )
+                )
+            }
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

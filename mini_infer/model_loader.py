@@ -44,8 +44,10 @@ def resolve_model_path(model: str, load_format: str = "auto") -> Path:
         raise ValueError(f"model path {model!r} is a file, not a model folder")
     if preset := preset_path(model):
         if load_format != "dummy":
-            raise ValueError(f"{model!r} is an architecture preset with no weights: add --load-format dummy to run "
-                             "it with random weights, or give a model folder or hub id")
+            raise ValueError(
+                f"{model!r} is an architecture preset with no weights: add --load-format dummy to run "
+                "it with random weights, or give a model folder or hub id"
+            )
         return preset
     if not HUB_ID.match(model) or ".." in model:
         raise ValueError(f"model {model!r} is neither a local directory nor a hub id (org/name): no such folder")
@@ -150,8 +152,10 @@ def load_weights(model: nn.Module, path: Path) -> None:
                     else:
                         loader(param, tensor, shard)
                 except RuntimeError as e:
-                    raise ValueError(f"checkpoint tensor {name!r} {tuple(tensor.shape)} does not fit "
-                                     f"parameter {target!r} {tuple(param.shape)}: {e}") from e
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} {tuple(tensor.shape)} does not fit "
+                        f"parameter {target!r} {tuple(param.shape)}: {e}"
+                    ) from e
                 loaded.add(target)
     if tied:
         loaded.add("lm_head.weight")
@@ -171,8 +175,13 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 
 def load_model(
-    path: Path, config: PretrainedConfig, ops: KernelOps, dtype: torch.dtype, device: torch.device,
-    load_format: str, seed: int,
+    path: Path,
+    config: PretrainedConfig,
+    ops: KernelOps,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str,
+    seed: int,
 ) -> nn.Module:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

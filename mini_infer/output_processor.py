@@ -94,16 +94,18 @@ class OutputProcessor:
             if not out.seq.is_finished:
                 self.scheduler.finish(out.seq, "abort")
 
-    def process(self, step: SchedulerOutput, taken: list[tuple[Sequence, int]], result: SamplerOutput
-                ) -> list[RequestOutput]:
+    def process(
+        self, step: SchedulerOutput, taken: list[tuple[Sequence, int]], result: SamplerOutput
+    ) -> list[RequestOutput]:
         """Outputs of the requests that moved: `taken` are (sequence, row in result) of the tokens the
         scheduler appended for `step`."""
         outputs: list[RequestOutput] = []
         moved: dict[str, RequestState] = {}
         for s in step.prefills:
             if s.seq.seq_id in result.prompt_logprobs and not s.seq.is_finished:
-                self._guarded(outputs, s.seq, self._record_prompt_logprobs, s.seq,
-                              *result.prompt_logprobs[s.seq.seq_id])
+                self._guarded(
+                    outputs, s.seq, self._record_prompt_logprobs, s.seq, *result.prompt_logprobs[s.seq.seq_id]
+                )
         for seq, row in taken:
             request = self.requests.get(seq.request_id)
             if request is None:
@@ -165,8 +167,13 @@ class OutputProcessor:
             out.text += text
         if logprobs is not None and out.logprobs is not None:
             self._record_logprobs(out, ids[-1], logprobs, text, alternatives)
-        if text and params.stop and seq.finish_reason in (None, "length") and \
-                seq.num_output_tokens >= params.min_tokens and (hit := find_stop_string(out.text, params, len(text))):
+        if (
+            text
+            and params.stop
+            and seq.finish_reason in (None, "length")
+            and seq.num_output_tokens >= params.min_tokens
+            and (hit := find_stop_string(out.text, params, len(text)))
+        ):
             stop, cut = hit
             out.text = out.text[:cut]
             self._trim_logprob_texts(out)
@@ -186,8 +193,9 @@ class OutputProcessor:
         texts = self.detokenizer.next_token_texts(ids, out.window, top_ids, out.seq.params.skip_special_tokens)
         return dict(zip(top_ids, texts))
 
-    def _record_logprobs(self, out: SeqOutput, token: int, logprobs: tuple, text: str,
-                         alternatives: dict[int, str | None]) -> None:
+    def _record_logprobs(
+        self, out: SeqOutput, token: int, logprobs: tuple, text: str, alternatives: dict[int, str | None]
+    ) -> None:
         """The sampled token's text is what it added to the output, so a request's tokens join to its text."""
         sampled_lp, rank, top_ids, top_lps = logprobs
         entry = {token: Logprob(sampled_lp, rank, text if self.detokenizer is not None else None)}
@@ -246,8 +254,20 @@ class OutputProcessor:
         ]
         first = r.outputs[0]
         scheduled = [o.seq.first_scheduled_time for o in r.outputs if o.seq.first_scheduled_time is not None]
-        metrics = RequestMetrics(r.arrival_time, min(scheduled) if scheduled else None, r.first_token_time,
-                                 time.monotonic() if r.finished else None)
+        metrics = RequestMetrics(
+            r.arrival_time,
+            min(scheduled) if scheduled else None,
+            r.first_token_time,
+            time.monotonic() if r.finished else None,
+        )
         prompt_logprobs = list(first.prompt_logprobs) if first.prompt_logprobs is not None else None
-        return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, r.finished,
-                             first.seq.num_cached_tokens, metrics, prompt_logprobs=prompt_logprobs)
+        return RequestOutput(
+            r.request_id,
+            r.prompt,
+            r.prompt_token_ids,
+            completions,
+            r.finished,
+            first.seq.num_cached_tokens,
+            metrics,
+            prompt_logprobs=prompt_logprobs,
+        )

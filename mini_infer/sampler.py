@@ -96,9 +96,7 @@ def build_sampling_batch(
     need_top_k = any(p.top_k > 0 for p in params)
     need_top_p = any(p.top_p < 1.0 for p in params)
     need_min_p = any(p.min_p > 0 for p in params)
-    need_penalty = any(
-        p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params
-    )
+    need_penalty = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
     penalties = output_counts = prompt_mask = None
     if need_penalty:
         penalties = (
@@ -124,8 +122,11 @@ def build_sampling_batch(
     logit_bias = None
     if bias:
         rows, cols, values = zip(*bias)
-        logit_bias = (to_device(rows, torch.int64, device), to_device(cols, torch.int64, device),
-                      to_device(values, torch.float32, device))
+        logit_bias = (
+            to_device(rows, torch.int64, device),
+            to_device(cols, torch.int64, device),
+            to_device(values, torch.float32, device),
+        )
     allowed = None
     allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
     if allowed_rows:
@@ -136,7 +137,8 @@ def build_sampling_batch(
     return SamplingBatch(
         temperature=temperature,
         top_k=to_device([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device)
-        if need_top_k else None,
+        if need_top_k
+        else None,
         top_p=to_device([p.top_p for p in params], torch.float32, device) if need_top_p else None,
         min_p=to_device([p.min_p for p in params], torch.float32, device) if need_min_p else None,
         penalties=penalties,
@@ -192,8 +194,14 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
 
 def sample_on_device(logits: torch.Tensor, b: SamplingBatch) -> DeviceSample:
     """Samples every row without a host sync; the result stays on the device."""
-    fused = (b.seeds is not None and HAS_TRITON and logits.is_cuda and b.top_k is None and b.top_p is None
-             and b.min_p is None)
+    fused = (
+        b.seeds is not None
+        and HAS_TRITON
+        and logits.is_cuda
+        and b.top_k is None
+        and b.top_p is None
+        and b.min_p is None
+    )
     plain = b.penalties is None and not b.banned and b.logit_bias is None and b.allowed is None
     if fused and plain and not b.max_logprobs:  # straight from bf16 logits
         return DeviceSample(sample_tokens_triton(logits, b.temperature, b.seeds), None)
@@ -236,6 +244,9 @@ def _with_logprobs(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, b: S
         return DeviceSample(tokens, None)
     sampled = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     ranks = (raw_logprobs > sampled.unsqueeze(1)).sum(dim=-1) + 1
-    top_values, top_ids = raw_logprobs.topk(b.max_logprobs - 1, dim=-1) if b.max_logprobs > 1 else (
-        raw_logprobs[:, :0], tokens[:, None][:, :0])
+    top_values, top_ids = (
+        raw_logprobs.topk(b.max_logprobs - 1, dim=-1)
+        if b.max_logprobs > 1
+        else (raw_logprobs[:, :0], tokens[:, None][:, :0])
+    )
     return DeviceSample(tokens, (sampled, ranks, top_ids, top_values))

@@ -106,8 +106,9 @@ class SamplingParams:
         if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be a string or a list of non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
-            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most "
-                             f"{MAX_STOP_STRING_CHARS} characters each")
+            raise ValueError(
+                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters each"
+            )
         if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of token ids")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):

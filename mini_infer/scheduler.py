@@ -201,8 +201,9 @@ class Scheduler:
         return True
 
     def _publish(self, seq: Sequence, num_tokens: int) -> None:
-        seq.block_hashes += self.block_manager.cache_full_blocks(seq.token_ids, seq.block_table, seq.block_hashes,
-                                                                 num_tokens)
+        seq.block_hashes += self.block_manager.cache_full_blocks(
+            seq.token_ids, seq.block_table, seq.block_hashes, num_tokens
+        )
 
     def _free_blocks(self, seq: Sequence) -> None:
         self.block_manager.free(seq.block_table)

@@ -47,20 +47,28 @@ def hf_greedy(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> li
     """transformers' greedy continuation (without the prompt)."""
     model = _hf_model(model_path)
     ids = torch.tensor([prompt_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def hf_step_logprobs(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and the log-softmax of each step's logits: [steps, vocab]."""
     model = _hf_model(model_path)
     ids = torch.tensor([prompt_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-                         eos_token_id=None)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     logprobs = torch.stack([s[0].float().log_softmax(-1) for s in out.logits])
-    return out.sequences[0, len(prompt_ids):].tolist(), logprobs
+    return out.sequences[0, len(prompt_ids) :].tolist(), logprobs
 
 
 _HF_CACHE: dict[str, torch.nn.Module] = {}

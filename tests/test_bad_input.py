@@ -111,8 +111,9 @@ def test_mismatched_weights(tmp_path):
 
 def test_sharded_index_missing_file(tmp_path):
     dst = _copy_model(tmp_path)
-    (dst / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}})
+    )
     with pytest.raises(ValueError, match="missing"):
         LLM(str(dst))
 

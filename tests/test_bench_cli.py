@@ -45,7 +45,9 @@ def test_plan_runs_mini_infer_again_on_the_hf_subset():
     main, plans = make_plan(_plan_args(compare=["static", "hf"], hf_num_prompts=16), 256)
     assert main == "mini-infer"
     assert [(p.label, p.num_requests, p.static_batching) for p in plans] == [
-        ("mini-infer", 256, False), ("mini-infer@16", 16, False), ("mini-infer-static", 256, True),
+        ("mini-infer", 256, False),
+        ("mini-infer@16", 16, False),
+        ("mini-infer-static", 256, True),
         ("hf@16", 16, False),
     ]
 
@@ -53,7 +55,9 @@ def test_plan_runs_mini_infer_again_on_the_hf_subset():
 def test_plan_sync_and_eager_prefill_variants():
     _, plans = make_plan(_plan_args(compare=["sync", "eager-prefill"]), 64)
     assert [(p.label, p.sync, p.eager_prefill) for p in plans] == [
-        ("mini-infer", False, False), ("mini-infer-eager-prefill", False, True), ("mini-infer-sync", True, False),
+        ("mini-infer", False, False),
+        ("mini-infer-eager-prefill", False, True),
+        ("mini-infer-sync", True, False),
     ]
 
 
@@ -69,9 +73,26 @@ def throughput_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def throughput_record(throughput_dir, stories_path) -> dict:
     out = throughput_dir / "throughput.json"
-    rc = cli_main(["bench", "throughput", "--model", stories_path, "--num-prompts", "4", "--input-len", "20",
-                   "--output-len", "6", "--compare", "static", "--output-json", str(out),
-                   "--step-log", str(out.with_name("steps.json"))])
+    rc = cli_main(
+        [
+            "bench",
+            "throughput",
+            "--model",
+            stories_path,
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "20",
+            "--output-len",
+            "6",
+            "--compare",
+            "static",
+            "--output-json",
+            str(out),
+            "--step-log",
+            str(out.with_name("steps.json")),
+        ]
+    )
     assert rc == 0
     return _read(out)
 
@@ -79,8 +100,22 @@ def throughput_record(throughput_dir, stories_path) -> dict:
 @pytest.fixture(scope="module")
 def latency_record(tmp_path_factory, stories_path) -> dict:
     out = tmp_path_factory.mktemp("bench") / "latency.json"
-    rc = cli_main(["bench", "latency", "--model", stories_path, "--batch-sizes", "1,3", "--input-len", "10",
-                   "--output-len", "5", "--output-json", str(out)])
+    rc = cli_main(
+        [
+            "bench",
+            "latency",
+            "--model",
+            stories_path,
+            "--batch-sizes",
+            "1,3",
+            "--input-len",
+            "10",
+            "--output-len",
+            "5",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert rc == 0
     return _read(out)
 
@@ -102,14 +137,12 @@ def test_throughput_cli_end_to_end(throughput_record):
 
 def test_static_step_bound():
     """Waves [4, 10], [2, 8], [6] take 10 + 8 + 6 steps; continuous needs max(ceil(30 / 2), 10)."""
-    assert static_step_bound([4, 10, 2, 8, 6], 2) == {"static_steps": 24, "continuous_steps": 15,
-                                                      "max_speedup": 1.6}
+    assert static_step_bound([4, 10, 2, 8, 6], 2) == {"static_steps": 24, "continuous_steps": 15, "max_speedup": 1.6}
     assert static_step_bound([5, 5], 4)["max_speedup"] == 1.0  # one wave, as long as its longest
 
 
 def test_throughput_record_has_the_static_bound(throughput_record):
-    assert throughput_record["static_step_bound"] == {"static_steps": 6, "continuous_steps": 6,
-                                                      "max_speedup": 1.0}
+    assert throughput_record["static_step_bound"] == {"static_steps": 6, "continuous_steps": 6, "max_speedup": 1.0}
 
 
 def test_step_log_lists_what_each_step_ran(throughput_record, throughput_dir):
@@ -125,9 +158,30 @@ def test_step_log_lists_what_each_step_ran(throughput_record, throughput_dir):
 def test_throughput_against_transformers_on_a_preset(tmp_path, stories_path):
     # the tiny-llama preset with random weights; the tokenizer is given so nothing is looked up online
     out = tmp_path / "hf.json"
-    rc = cli_main(["bench", "throughput", "--model", "tiny-llama", "--load-format", "dummy", "--tokenizer",
-                   stories_path, "--num-prompts", "3", "--input-len", "12", "--output-len", "4",
-                   "--compare", "hf,hf-static", "--hf-num-prompts", "2", "--output-json", str(out)])
+    rc = cli_main(
+        [
+            "bench",
+            "throughput",
+            "--model",
+            "tiny-llama",
+            "--load-format",
+            "dummy",
+            "--tokenizer",
+            stories_path,
+            "--num-prompts",
+            "3",
+            "--input-len",
+            "12",
+            "--output-len",
+            "4",
+            "--compare",
+            "hf,hf-static",
+            "--hf-num-prompts",
+            "2",
+            "--output-json",
+            str(out),
+        ]
+    )
     record = _read(out)
     assert rc == 0, record["errors"]
     runs = {r["backend"]: r for r in record["runs"]}
@@ -149,8 +203,7 @@ def test_plots_from_results(tmp_path, latency_record, throughput_record):
     pytest.importorskip("matplotlib")
     from mini_infer.bench.plots import plot_latency, plot_throughput
 
-    pngs = (plot_latency(latency_record, tmp_path / "l.png"),
-            plot_throughput([throughput_record], tmp_path / "t.png"))
+    pngs = (plot_latency(latency_record, tmp_path / "l.png"), plot_throughput([throughput_record], tmp_path / "t.png"))
     for png in pngs:
         assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -158,8 +211,9 @@ def test_plots_from_results(tmp_path, latency_record, throughput_record):
 def _run_steps(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> tuple[dict, list[int]]:
     """Greedy run of all prompts; returns tokens per request and the number running after each step."""
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
-        engine.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=n,
-                                                                            ignore_eos=True))
+        engine.add_request(
+            str(i), {"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        )
     tokens, running = {}, []
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -170,13 +224,15 @@ def _run_steps(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int
 
 
 def test_static_batching_gives_identical_tokens(stories_path):
-    workload = make_workload(6, vocab_size=512, seed=3, min_input_len=5, max_input_len=30, min_output_len=2,
-                             max_output_len=12)
+    workload = make_workload(
+        6, vocab_size=512, seed=3, min_input_len=5, max_input_len=30, min_output_len=2, max_output_len=12
+    )
     prompts, lens = workload.prompts, workload.output_lens
     runs = {}
     for static in (False, True):
-        engine = LLMEngine(EngineConfig(model=stories_path, max_num_seqs=2, static_batching=static,
-                                        enable_prefix_caching=False))
+        engine = LLMEngine(
+            EngineConfig(model=stories_path, max_num_seqs=2, static_batching=static, enable_prefix_caching=False)
+        )
         runs[static] = _run_steps(engine, prompts, lens)
     (cont_tokens, cont_running), (static_tokens, static_running) = runs[False], runs[True]
     assert static_tokens == cont_tokens
@@ -202,9 +258,30 @@ def test_transformers_stopped_at_its_time_limit_gives_a_lower_bound(tmp_path, st
     """A zero time limit stops transformers before any request finishes: its row counts every requested
     token over the elapsed time (an upper bound on its tok/s), and the ratio's key says lower bound."""
     out = tmp_path / "hf_limit.json"
-    rc = cli_main(["bench", "throughput", "--model", "tiny-llama", "--load-format", "dummy", "--tokenizer",
-                   stories_path, "--num-prompts", "2", "--input-len", "12", "--output-len", "4",
-                   "--compare", "hf", "--hf-time-limit", "0", "--output-json", str(out)])
+    rc = cli_main(
+        [
+            "bench",
+            "throughput",
+            "--model",
+            "tiny-llama",
+            "--load-format",
+            "dummy",
+            "--tokenizer",
+            stories_path,
+            "--num-prompts",
+            "2",
+            "--input-len",
+            "12",
+            "--output-len",
+            "4",
+            "--compare",
+            "hf",
+            "--hf-time-limit",
+            "0",
+            "--output-json",
+            str(out),
+        ]
+    )
     record = _read(out)
     assert rc == 0, record["errors"]
     hf = {r["backend"]: r for r in record["runs"]}["hf"]

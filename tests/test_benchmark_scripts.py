@@ -38,6 +38,7 @@ def test_every_benchmark_script_parses_help():
     scripts = sorted(str(p) for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS)
     assert len(scripts) >= 5
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", DRIVER, *scripts], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, *scripts], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]

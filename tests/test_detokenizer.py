@@ -57,8 +57,9 @@ def test_utf8_split_across_byte_tokens(stories_path):
 
 def test_skip_special_tokens(stories_path):
     llm = LLM(stories_path)
-    kept = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=400,
-                                                           skip_special_tokens=False), use_tqdm=False)[0]
+    kept = llm.generate(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=400, skip_special_tokens=False), use_tqdm=False
+    )[0]
     skipped = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=400), use_tqdm=False)[0]
     assert kept.outputs[0].text.endswith("<s>")
     assert not skipped.outputs[0].text.endswith("<s>")

@@ -87,8 +87,10 @@ MISTAKES = [
 
 @pytest.mark.parametrize("argv,names", MISTAKES, ids=[" ".join(a[:3]) for a, _ in MISTAKES])
 def test_cli_mistakes_are_one_line_and_exit_2(argv, names, capsys, tmp_path, stories_path, offline_hub):
-    paths = {"STORIES": stories_path, "TRUNCATED": _broken_config(tmp_path, stories_path) if "TRUNCATED" in argv
-             else ""}
+    paths = {
+        "STORIES": stories_path,
+        "TRUNCATED": _broken_config(tmp_path, stories_path) if "TRUNCATED" in argv else "",
+    }
     argv = [paths.get(a, a) for a in argv]
     try:
         rc = cli_main(argv)
@@ -106,8 +108,19 @@ def test_bench_throughput_defaults_fit_the_model(tmp_path, capsys, stories_path)
     """The default workload (prompts up to 1024 tokens) failed on stories260K (max_model_len 512) with a
     traceback and an empty table; unset lengths now scale to the model and the run says so."""
     out = tmp_path / "t.json"
-    rc = cli_main(["bench", "throughput", "--model", stories_path, "--num-prompts", "2", "--output-json", str(out),
-                   "--disable-tqdm"])
+    rc = cli_main(
+        [
+            "bench",
+            "throughput",
+            "--model",
+            stories_path,
+            "--num-prompts",
+            "2",
+            "--output-json",
+            str(out),
+            "--disable-tqdm",
+        ]
+    )
     assert rc == 0
     record = json.loads(out.read_text())
     assert record["errors"] == {} and record["runs"][0]["output_tokens"] > 0
@@ -120,14 +133,21 @@ def test_bench_throughput_defaults_fit_the_model(tmp_path, capsys, stories_path)
 
 def test_help_shows_defaults_and_needs_no_torch():
     """`mini-infer --help` took 6 s: it imported torch and transformers before parsing."""
-    code = ("import sys; from mini_infer.cli import build_parser; p = build_parser(); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
-            "sub = p._subparsers._group_actions[0].choices; print(sub['generate'].format_help()); "
-            "print(sub['bench']._subparsers._group_actions[0].choices['throughput'].format_help())")
+    code = (
+        "import sys; from mini_infer.cli import build_parser; p = build_parser(); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
+        "sub = p._subparsers._group_actions[0].choices; print(sub['generate'].format_help()); "
+        "print(sub['bench']._subparsers._group_actions[0].choices['throughput'].format_help())"
+    )
     text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     squashed = " ".join(text.split())
-    for shown in ("tokens to generate at most (default: 128)", "(default: Once upon a time)",
-                  "(default: 256)", "requests in the run (default: 256)", "0 is greedy (default: 0.6)"):
+    for shown in (
+        "tokens to generate at most (default: 128)",
+        "(default: Once upon a time)",
+        "(default: 256)",
+        "requests in the run (default: 256)",
+        "0 is greedy (default: 0.6)",
+    ):
         assert shown in squashed
 
 
@@ -148,8 +168,23 @@ def test_the_demo_model_prints_printable_text_and_says_it_is_random(capsys):
 
 
 def test_bench_writes_a_result_file_by_default_and_says_where(tmp_path, capsys, stories_path):
-    rc = cli_main(["bench", "latency", "--model", stories_path, "--batch-sizes", "2", "--input-len", "8",
-                   "--output-len", "4", "--result-dir", str(tmp_path / "results"), "--disable-tqdm"])
+    rc = cli_main(
+        [
+            "bench",
+            "latency",
+            "--model",
+            stories_path,
+            "--batch-sizes",
+            "2",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--result-dir",
+            str(tmp_path / "results"),
+            "--disable-tqdm",
+        ]
+    )
     assert rc == 0
     files = list((tmp_path / "results").glob("latency-stories260K-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["results"]
@@ -159,11 +194,25 @@ def test_bench_writes_a_result_file_by_default_and_says_where(tmp_path, capsys, 
 def test_report_shows_h100_targets_only_for_gpu_runs(tmp_path):
     from mini_infer.bench.report import report
 
-    record = {"benchmark": "latency", "model": "llama-3-8b", "input_len": 8, "output_len": 4, "hardware": None,
-              "environment": {"device": "cpu", "torch": "x", "triton": "x", "transformers": "x"},
-              "results": [{"batch_size": 1, "mean_step_ms": 1.0, "decode_tok_per_s": 1000.0,
-                           "per_sequence_tok_per_s": 1000.0, "achieved_gb_per_s": 1.0, "hbm_fraction": None,
-                           "roofline_fraction": None}]}
+    record = {
+        "benchmark": "latency",
+        "model": "llama-3-8b",
+        "input_len": 8,
+        "output_len": 4,
+        "hardware": None,
+        "environment": {"device": "cpu", "torch": "x", "triton": "x", "transformers": "x"},
+        "results": [
+            {
+                "batch_size": 1,
+                "mean_step_ms": 1.0,
+                "decode_tok_per_s": 1000.0,
+                "per_sequence_tok_per_s": 1000.0,
+                "achieved_gb_per_s": 1.0,
+                "hbm_fraction": None,
+                "roofline_fraction": None,
+            }
+        ],
+    }
     (tmp_path / "latency.json").write_text(json.dumps(record))
     text = report(tmp_path)
     assert "issue 4" not in text and "Targets" not in text
@@ -180,8 +229,12 @@ def test_docs_agree_with_the_code():
     floor = re.search(r'"triton>=([\d.]+)"', pyproject).group(1)
     needed = re.search(r"interpreter tests need Triton ([\d.]+)", " ".join(kernels_md.split())).group(1)
     assert floor == needed
-    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                "tests/test_kernels.py"], capture_output=True, text=True, cwd=REPO).stdout
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout
     found = re.search(r"test_kernels.py: (\d+)|(\d+) tests? collected", collected)  # with -qq or -q
     count = int(found.group(1) or found.group(2))
     assert f"# {count} tests" in kernels_md

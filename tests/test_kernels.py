@@ -149,16 +149,17 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("block_size,num_q_heads,num_kv_heads,head_dim,dtype", ATTENTION_CASES)
 @pytest.mark.parametrize(
     "config",
-    [DecodeConfig(), DecodeConfig(block_n=16, num_splits=3),
-     # splits capped at 32 keys: most sequences end before the last split, which must be skipped
-     DecodeConfig(block_n=16, programs_per_sm=0, min_split_tokens=16, max_split_tokens=32)],
+    [
+        DecodeConfig(),
+        DecodeConfig(block_n=16, num_splits=3),
+        # splits capped at 32 keys: most sequences end before the last split, which must be skipped
+        DecodeConfig(block_n=16, programs_per_sm=0, min_split_tokens=16, max_split_tokens=32),
+    ],
     ids=["auto-splits", "three-splits", "capped-splits"],
 )
 def test_decode_attention(block_size, num_q_heads, num_kv_heads, head_dim, dtype, config):
     seq_lens = [37, 0, 1, 100]  # row 1 is CUDA-graph padding and must come out as zeros
-    k_cache, v_cache, block_tables, seq_lens_t = _paged_kv(
-        seq_lens, block_size, num_kv_heads, head_dim, dtype
-    )
+    k_cache, v_cache, block_tables, seq_lens_t = _paged_kv(seq_lens, block_size, num_kv_heads, head_dim, dtype)
     # q as a strided view of a wider buffer, as the engine slices it out of qkv
     q = _randn(len(seq_lens), num_q_heads + 2, head_dim, dtype=dtype)[:, 1 : 1 + num_q_heads]
     scale = head_dim**-0.5
@@ -174,9 +175,7 @@ def test_prefill_attention_with_cached_prefix(block_size, num_q_heads, num_kv_he
     # and a chunk longer than one query tile after an unaligned prefix.
     chunks = [(0, 5), (20, 17), (9, 0), (37, 70)]
     seq_lens = [p + n for p, n in chunks]
-    k_cache, v_cache, block_tables, seq_lens_t = _paged_kv(
-        seq_lens, block_size, num_kv_heads, head_dim, dtype
-    )
+    k_cache, v_cache, block_tables, seq_lens_t = _paged_kv(seq_lens, block_size, num_kv_heads, head_dim, dtype)
     cu = [0]
     for _, n in chunks:
         cu.append(cu[-1] + n)
@@ -184,9 +183,7 @@ def test_prefill_attention_with_cached_prefix(block_size, num_q_heads, num_kv_he
     q = _randn(cu[-1], num_q_heads, head_dim, dtype=dtype)
     scale = head_dim**-0.5
     config = PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
-    out = prefill_attention_triton(
-        q, k_cache, v_cache, cu_seqlens_q, seq_lens_t, block_tables, scale, config=config
-    )
+    out = prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens_t, block_tables, scale, config=config)
     ref = prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens_t, block_tables, scale)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
 
@@ -296,8 +293,17 @@ def test_rotary_store_kv_ref_is_the_unfused_sequence(norm, dtype):
     (fused, fused_k, fused_v), (old, old_k, old_v) = bufs
     rotary_store_kv_ref(positions, *_qkv_views(fused, *shape), cache, fused_k, fused_v, slots, *weights, 1e-6)
     _unfused_prologue(
-        rms_norm_ref, rotary_ref, store_kv_cache_ref, positions, *_qkv_views(old, *shape), cache, old_k, old_v, slots,
-        weights, 1e-6,
+        rms_norm_ref,
+        rotary_ref,
+        store_kv_cache_ref,
+        positions,
+        *_qkv_views(old, *shape),
+        cache,
+        old_k,
+        old_v,
+        slots,
+        weights,
+        1e-6,
     )
     for out, ref in ((fused, old), (fused_k, old_k), (fused_v, old_v)):
         torch.testing.assert_close(out, ref, atol=0, rtol=0)

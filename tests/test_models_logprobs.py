@@ -15,8 +15,15 @@ from mini_infer import LLM, SamplingParams
 
 STEPS = 24
 PROMPT_IDS = [1, 400, 301, 260, 290, 334, 267, 41, 73, 300, 285, 389, 290, 411, 266, 280, 322, 348, 290]
-SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+SMALL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def _save_random(tmp: Path, config) -> str:
@@ -35,8 +42,14 @@ def _save_random(tmp: Path, config) -> str:
 
 
 def _llama3_scaled():
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     return LlamaConfig(**SMALL, rope_parameters=rope, tie_word_embeddings=False)
 
 

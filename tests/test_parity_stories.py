@@ -67,8 +67,14 @@ def test_preemption(stories_path, expected):
 
 
 def test_preemption_without_prefix_cache_and_chunking(stories_path, expected):
-    llm = LLM(stories_path, dtype="float32", num_gpu_blocks_override=8, max_model_len=128,
-              enable_prefix_caching=False, enable_chunked_prefill=False)
+    llm = LLM(
+        stories_path,
+        dtype="float32",
+        num_gpu_blocks_override=8,
+        max_model_len=128,
+        enable_prefix_caching=False,
+        enable_chunked_prefill=False,
+    )
     check(llm.generate(PROMPTS, GREEDY, use_tqdm=False), expected)
     assert llm.llm_engine.stats.num_preemptions > 0
 
@@ -130,8 +136,9 @@ def test_async_and_sync_agree_on_sampling_stops_and_penalties(stories_path):
     params = [
         SamplingParams(temperature=0.8, seed=7, max_tokens=40, n=2, logprobs=2),
         SamplingParams(temperature=0.0, max_tokens=40, stop=[" the"], min_tokens=3),
-        SamplingParams(temperature=1.0, seed=3, top_p=0.9, max_tokens=30, repetition_penalty=1.3,
-                       frequency_penalty=0.2),
+        SamplingParams(
+            temperature=1.0, seed=3, top_p=0.9, max_tokens=30, repetition_penalty=1.3, frequency_penalty=0.2
+        ),
         SamplingParams(temperature=0.0, max_tokens=60),
     ]
     prompts = PROMPTS[: len(params)]
@@ -139,9 +146,21 @@ def test_async_and_sync_agree_on_sampling_stops_and_penalties(stories_path):
     for async_scheduling in (True, False):
         llm = LLM(stories_path, dtype="float32", async_scheduling=async_scheduling, max_num_batched_tokens=16)
         outs = llm.generate(prompts, params, use_tqdm=False)
-        results.append([[(c.token_ids, c.text, c.finish_reason, c.stop_reason,
-                          [{t: round(lp.logprob, 5) for t, lp in e.items()} for e in c.logprobs or []])
-                         for c in o.outputs] for o in outs])
+        results.append(
+            [
+                [
+                    (
+                        c.token_ids,
+                        c.text,
+                        c.finish_reason,
+                        c.stop_reason,
+                        [{t: round(lp.logprob, 5) for t, lp in e.items()} for e in c.logprobs or []],
+                    )
+                    for c in o.outputs
+                ]
+                for o in outs
+            ]
+        )
         assert llm.llm_engine.stats.num_kv_blocks_used == 0
         assert llm.llm_engine.output_processor.num_penalty_requests == 0
     assert results[0] == results[1]

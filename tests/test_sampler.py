@@ -38,8 +38,14 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(llm):
 
 
 def _batch(params, n_rows, vocab, outputs=None, prompts=None):
-    return build_sampling_batch([params] * n_rows, prompts or [[0]] * n_rows, outputs or [[]] * n_rows,
-                                [None] * n_rows, vocab, torch.device("cpu"))
+    return build_sampling_batch(
+        [params] * n_rows,
+        prompts or [[0]] * n_rows,
+        outputs or [[]] * n_rows,
+        [None] * n_rows,
+        vocab,
+        torch.device("cpu"),
+    )
 
 
 def test_empirical_distribution_matches_softmax():
@@ -86,14 +92,16 @@ def test_penalties_match_plain_reference():
 
 def test_repetition_penalty_changes_greedy_text(llm):
     plain = tokens(llm, ["Once upon a time"], SamplingParams(temperature=0, max_tokens=60))[0]
-    penalised = tokens(llm, ["Once upon a time"], SamplingParams(temperature=0, max_tokens=60,
-                                                                 repetition_penalty=1.5))[0]
+    penalised = tokens(llm, ["Once upon a time"], SamplingParams(temperature=0, max_tokens=60, repetition_penalty=1.5))[
+        0
+    ]
     assert plain != penalised
 
 
 def test_logprobs_shape(llm):
-    out = llm.generate("Once upon a time", SamplingParams(temperature=0.7, seed=3, max_tokens=8, logprobs=3),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        "Once upon a time", SamplingParams(temperature=0.7, seed=3, max_tokens=8, logprobs=3), use_tqdm=False
+    )[0].outputs[0]
     assert len(out.logprobs) == len(out.token_ids) == 8
     total = 0.0
     for token, entry in zip(out.token_ids, out.logprobs):
@@ -117,29 +125,35 @@ def test_stop_strings_across_token_boundaries(llm, stories_path):
     boundary = len(pieces[10])
     stop = text[boundary - 2 : boundary + 3]
     assert text.find(stop) == boundary - 2
-    cut = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=60, stop=[stop]),
-                       use_tqdm=False)[0].outputs[0]
+    cut = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=60, stop=[stop]), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert cut.text == text[: boundary - 2]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
-    kept = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=60, stop=stop,
-                                                           include_stop_str_in_output=True),
-                        use_tqdm=False)[0].outputs[0]
+    kept = llm.generate(
+        "Once upon a time",
+        SamplingParams(temperature=0, max_tokens=60, stop=stop, include_stop_str_in_output=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert kept.text == text[: boundary + 3]
 
 
 def test_stop_token_ids_and_min_tokens(llm):
     base = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=400), use_tqdm=False)[0]
     n = len(base.outputs[0].token_ids)  # ends with EOS id 1
-    longer = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=n + 20, min_tokens=n + 5),
-                          use_tqdm=False)[0].outputs[0]
+    longer = llm.generate(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=n + 20, min_tokens=n + 5), use_tqdm=False
+    )[0].outputs[0]
     assert len(longer.token_ids) >= n + 5 and 1 not in longer.token_ids[: n + 4]
     stop_tok = base.outputs[0].token_ids[3]
-    stopped = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=50,
-                                                              stop_token_ids=[stop_tok]), use_tqdm=False)[0]
+    stopped = llm.generate(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=50, stop_token_ids=[stop_tok]), use_tqdm=False
+    )[0]
     assert stopped.outputs[0].token_ids == base.outputs[0].token_ids[:4]
     assert stopped.outputs[0].stop_reason == stop_tok
-    ignored = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=n + 10, ignore_eos=True),
-                           use_tqdm=False)[0].outputs[0]
+    ignored = llm.generate(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=n + 10, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert len(ignored.token_ids) == n + 10 and ignored.finish_reason == "length"
 
 

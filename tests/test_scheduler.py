@@ -6,8 +6,15 @@ from mini_infer import EngineConfig, LLMEngine, SamplingParams
 
 
 def test_static_batch_fills_over_several_prefill_steps(stories_path):
-    engine = LLMEngine(EngineConfig(model=stories_path, max_num_seqs=4, max_num_batched_tokens=16,
-                                    static_batching=True, enable_prefix_caching=False))
+    engine = LLMEngine(
+        EngineConfig(
+            model=stories_path,
+            max_num_seqs=4,
+            max_num_batched_tokens=16,
+            static_batching=True,
+            enable_prefix_caching=False,
+        )
+    )
     prompt = {"prompt_token_ids": list(range(10, 22))}  # 12 tokens: one prompt fills most of a step
     for i in range(6):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=10 + i))

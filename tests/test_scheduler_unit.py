@@ -56,14 +56,16 @@ class FakeBlockManager:
 NAMES: dict[int, str] = {}
 
 
-def make_scheduler(num_blocks: int = 1000, cached: dict[str, int] | None = None,
-                   **config) -> tuple[Scheduler, FakeBlockManager]:
+def make_scheduler(
+    num_blocks: int = 1000, cached: dict[str, int] | None = None, **config
+) -> tuple[Scheduler, FakeBlockManager]:
     block_manager = FakeBlockManager(num_blocks, cached)
     return Scheduler(EngineConfig(model="unit-test", block_size=BLOCK, **config), block_manager, 10**6), block_manager
 
 
-def add(scheduler: Scheduler, name: str, prompt_len: int, max_tokens: int = 100, priority: int = 0,
-        arrival: float = 0.0) -> Sequence:
+def add(
+    scheduler: Scheduler, name: str, prompt_len: int, max_tokens: int = 100, priority: int = 0, arrival: float = 0.0
+) -> Sequence:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     first = len(NAMES) + 1000
     NAMES[first] = name
@@ -153,8 +155,10 @@ def _three_decoding(num_blocks: int) -> tuple[Scheduler, FakeBlockManager, dict[
     """a (priority 0, first), b (priority 1, second), c (priority 0, last), each a one-block prompt that
     is prefilled; each one's next decode needs a second block."""
     scheduler, block_manager = make_scheduler(num_blocks)
-    seqs = {name: add(scheduler, name, BLOCK, max_tokens=3, priority=priority, arrival=arrival)
-            for name, priority, arrival in (("a", 0, 0), ("b", 1, 1), ("c", 0, 2))}
+    seqs = {
+        name: add(scheduler, name, BLOCK, max_tokens=3, priority=priority, arrival=arrival)
+        for name, priority, arrival in (("a", 0, 0), ("b", 1, 1), ("c", 0, 2))
+    }
     assert tokens(run_step(scheduler)) == {"a": BLOCK, "b": BLOCK, "c": BLOCK}
     return scheduler, block_manager, seqs
 

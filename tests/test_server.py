@@ -24,8 +24,7 @@ from mini_infer.entrypoints.openai.api_server import build_app
 from mini_infer.model_loader import PRESETS_DIR
 
 NUM_BLOCKS = 1024
-STORY_PROMPTS = ["Once upon a time", "The cat sat on the", "Lily and Tom went to the park.",
-                 "One day, a little bird"]
+STORY_PROMPTS = ["Once upon a time", "The cat sat on the", "Lily and Tom went to the park.", "One day, a little bird"]
 
 
 class ServerThread:
@@ -123,9 +122,16 @@ def test_completion_greedy_equals_offline(client, offline_stories):
 
 def test_completion_stream_deltas_join_and_usage(client, offline_stories):
     expected = greedy(offline_stories, STORY_PROMPTS[1], 20)[0]
-    chunks = list(client.completions.create(model="stories", prompt=STORY_PROMPTS[1], max_tokens=20,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="stories",
+            prompt=STORY_PROMPTS[1],
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text_chunks = [c for c in chunks if c.choices]
     assert len(text_chunks) > 1
     assert "".join(c.choices[0].text for c in text_chunks) == expected
@@ -152,19 +158,22 @@ def test_completion_batch_of_prompts_and_token_ids(client, offline_stories):
 
 
 def test_completion_n2_and_echo(client):
-    resp = client.completions.create(model="stories", prompt=STORY_PROMPTS[0], max_tokens=10, n=2,
-                                     temperature=1.0, seed=7)
+    resp = client.completions.create(
+        model="stories", prompt=STORY_PROMPTS[0], max_tokens=10, n=2, temperature=1.0, seed=7
+    )
     assert sorted(c.index for c in resp.choices) == [0, 1]
     assert all(c.finish_reason in ("length", "stop") for c in resp.choices)
     assert 2 <= resp.usage.completion_tokens <= 20
-    chunks = list(client.completions.create(model="stories", prompt=STORY_PROMPTS[0], max_tokens=8, n=2,
-                                            temperature=1.0, seed=7, stream=True))
+    chunks = list(
+        client.completions.create(
+            model="stories", prompt=STORY_PROMPTS[0], max_tokens=8, n=2, temperature=1.0, seed=7, stream=True
+        )
+    )
     joined = {0: "", 1: ""}
     for c in chunks:
         joined[c.choices[0].index] += c.choices[0].text
     assert joined[0] and joined[1]
-    echo = client.completions.create(model="stories", prompt=STORY_PROMPTS[2], max_tokens=5, temperature=0,
-                                     echo=True)
+    echo = client.completions.create(model="stories", prompt=STORY_PROMPTS[2], max_tokens=5, temperature=0, echo=True)
     plain = client.completions.create(model="stories", prompt=STORY_PROMPTS[2], max_tokens=5, temperature=0)
     assert echo.choices[0].text == STORY_PROMPTS[2] + plain.choices[0].text
 
@@ -175,18 +184,22 @@ def test_completion_stop_string(client, offline_stories):
     assert stop in full, full
     expected = greedy(offline_stories, STORY_PROMPTS[0], 30, stop=[stop])[0]
     assert expected == full[: full.index(stop)]
-    resp = client.completions.create(model="stories", prompt=STORY_PROMPTS[0], max_tokens=30, temperature=0,
-                                     stop=[stop])
+    resp = client.completions.create(
+        model="stories", prompt=STORY_PROMPTS[0], max_tokens=30, temperature=0, stop=[stop]
+    )
     assert resp.choices[0].text == expected
     assert resp.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="stories", prompt=STORY_PROMPTS[0], max_tokens=30, temperature=0, stop=stop, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="stories", prompt=STORY_PROMPTS[0], max_tokens=30, temperature=0, stop=stop, stream=True
+        )
+    )
     assert streamed == expected
 
 
 def test_completion_logprobs(client, offline_stories):
-    resp = client.completions.create(model="stories", prompt=STORY_PROMPTS[0], max_tokens=6, temperature=0,
-                                     logprobs=3)
+    resp = client.completions.create(model="stories", prompt=STORY_PROMPTS[0], max_tokens=6, temperature=0, logprobs=3)
     lp = resp.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
     for token_lp, top in zip(lp.token_logprobs, lp.top_logprobs):
@@ -198,8 +211,12 @@ def test_completion_logprobs(client, offline_stories):
     expected = [entry[t].logprob for t, entry in zip(offline.token_ids, offline.logprobs)]
     assert lp.tokens == [entry[t].decoded_token for t, entry in zip(offline.token_ids, offline.logprobs)]
     assert lp.token_logprobs == pytest.approx(expected, abs=1e-5)
-    streamed = [c.choices[0].logprobs for c in client.completions.create(
-        model="stories", prompt=STORY_PROMPTS[0], max_tokens=6, temperature=0, logprobs=3, stream=True)]
+    streamed = [
+        c.choices[0].logprobs
+        for c in client.completions.create(
+            model="stories", prompt=STORY_PROMPTS[0], max_tokens=6, temperature=0, logprobs=3, stream=True
+        )
+    ]
     assert [t for s in streamed for t in s.token_logprobs] == pytest.approx(expected, abs=1e-5)
 
 
@@ -208,7 +225,8 @@ def test_chat_non_stream_and_stream(qwen, qwen3_path):
     client = openai.OpenAI(base_url=qwen.url + "/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "Tell me a story"}]
     offline = LLM(qwen3_path, num_gpu_blocks_override=64).chat(
-        messages, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+        messages, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False
+    )[0]
     resp = client.chat.completions.create(model="qwen", messages=messages, max_tokens=12, temperature=0)
     assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion"
     assert resp.choices[0].message.role == "assistant"
@@ -216,9 +234,16 @@ def test_chat_non_stream_and_stream(qwen, qwen3_path):
     assert resp.usage.prompt_tokens == len(offline.prompt_token_ids)
     assert resp.usage.completion_tokens == len(offline.outputs[0].token_ids)
 
-    stream = list(client.chat.completions.create(model="qwen", messages=messages, max_completion_tokens=12,
-                                                 temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    stream = list(
+        client.chat.completions.create(
+            model="qwen",
+            messages=messages,
+            max_completion_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert stream[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert content == offline.outputs[0].text
@@ -230,30 +255,36 @@ def test_chat_non_stream_and_stream(qwen, qwen3_path):
 def test_chat_logprobs_and_n(qwen):
     client = openai.OpenAI(base_url=qwen.url + "/v1", api_key="unused", max_retries=0)
     resp = client.chat.completions.create(
-        model="qwen", max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+        model="qwen",
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
         extra_body={"ignore_eos": True},
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    )
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens == 5
     for entry in content:
         assert len(entry.top_logprobs) == 2
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)
-    resp = client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=4, n=2, temperature=1.0, seed=3)
+    resp = client.chat.completions.create(
+        model="qwen", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2, temperature=1.0, seed=3
+    )
     assert sorted(c.index for c in resp.choices) == [0, 1]
 
 
 # ---- many clients -------------------------------------------------------------------------------
 def test_100_concurrent_streams_share_steps(stories, offline_stories):
-    prompts = [f"{STORY_PROMPTS[i % 4]} {word}" for i, word in
-               enumerate(("big", "small", "red", "happy", "sad") * 20)]
+    prompts = [f"{STORY_PROMPTS[i % 4]} {word}" for i, word in enumerate(("big", "small", "red", "happy", "sad") * 20)]
     expected = greedy(offline_stories, prompts, 16)
     steps_before = stories.engine.num_steps
 
     async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None]:
         text, finish = "", None
-        stream = await client.completions.create(model="stories", prompt=prompt, max_tokens=16, temperature=0,
-                                                 stream=True)
+        stream = await client.completions.create(
+            model="stories", prompt=prompt, max_tokens=16, temperature=0, stream=True
+        )
         async for chunk in stream:
             text += chunk.choices[0].text
             finish = chunk.choices[0].finish_reason or finish
@@ -261,8 +292,9 @@ def test_100_concurrent_streams_share_steps(stories, offline_stories):
 
     async def main() -> list[tuple[str, str | None]]:
         http = httpx.AsyncClient(limits=httpx.Limits(max_connections=200), timeout=120)
-        async with openai.AsyncOpenAI(base_url=stories.url + "/v1", api_key="x", http_client=http,
-                                      max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=stories.url + "/v1", api_key="x", http_client=http, max_retries=0
+        ) as client:
             return await asyncio.gather(*(one(client, p) for p in prompts))
 
     results = asyncio.run(main())
@@ -293,19 +325,18 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "stream": True, "max_tokens": 600}, 400, None, "max_tokens"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "messages"),
     ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "messages", "role"),
-    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model",
-     "nope"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "nope"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, None, "chat template"),
     ("/v1/nothing-here", {}, 404, None, ""),
 ]
 
 
-@pytest.mark.parametrize("path,body,status,param,words", BAD_REQUESTS,
-                         ids=[f"{i}-{r[2]}-{r[4] or r[0]}" for i, r in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "path,body,status,param,words", BAD_REQUESTS, ids=[f"{i}-{r[2]}-{r[4] or r[0]}" for i, r in enumerate(BAD_REQUESTS)]
+)
 def test_bad_input_gets_openai_error(stories, path, body, status, param, words):
     content = body if isinstance(body, str) else json.dumps(body)
-    resp = httpx.post(stories.url + path, content=content, headers={"content-type": "application/json"},
-                      timeout=30)
+    resp = httpx.post(stories.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -319,16 +350,23 @@ def test_bad_requests_do_not_disturb_a_running_one(stories, client, offline_stor
     result: dict[str, str] = {}
 
     def long_request() -> None:
-        stream = client.completions.create(model="stories", prompt=STORY_PROMPTS[3], max_tokens=60,
-                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="stories",
+            prompt=STORY_PROMPTS[3],
+            max_tokens=60,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         result["text"] = "".join(c.choices[0].text for c in stream)
 
     worker = threading.Thread(target=long_request)
     worker.start()
     for _, body, status, _, _ in BAD_REQUESTS[:16]:
         content = body if isinstance(body, str) else json.dumps(body)
-        resp = httpx.post(stories.url + "/v1/completions", content=content,
-                          headers={"content-type": "application/json"}, timeout=30)
+        resp = httpx.post(
+            stories.url + "/v1/completions", content=content, headers={"content-type": "application/json"}, timeout=30
+        )
         assert resp.status_code in (status, 404)
     worker.join(timeout=120)
     assert result["text"] == expected
@@ -360,12 +398,15 @@ def _wait_running(url: str) -> None:
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_aborts_and_frees_blocks(stories, stream):
     aborted_before = scrape(stories.url).get("mini_infer:request_success_total{finished_reason=abort}", 0)
-    body = json.dumps({"model": "stories", "prompt": STORY_PROMPTS[2], "max_tokens": 400, "ignore_eos": True,
-                       "stream": stream}).encode()
+    body = json.dumps(
+        {"model": "stories", "prompt": STORY_PROMPTS[2], "max_tokens": 400, "ignore_eos": True, "stream": stream}
+    ).encode()
     host, port = stories.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        conn.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         if stream:
             received = b""
             while b"data:" not in received:
@@ -419,10 +460,19 @@ def test_async_engine_generate_and_abort(stories):
 def test_metrics_names_and_values(stories, client):
     client.completions.create(model="stories", prompt=STORY_PROMPTS[0], max_tokens=4, temperature=0)
     m = scrape(stories.url)
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
-                 "generation_tokens_total", "num_preemptions_total", "prefix_cache_queries_total",
-                 "prefix_cache_hits_total", "time_to_first_token_seconds_count",
-                 "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count"):
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "num_preemptions_total",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "time_to_first_token_seconds_count",
+        "inter_token_latency_seconds_count",
+        "e2e_request_latency_seconds_count",
+    ):
         assert f"mini_infer:{name}" in m, name
     assert m["mini_infer:request_success_total{finished_reason=length}"] >= 1
     assert m["mini_infer:generation_tokens_total"] >= 4
@@ -453,17 +503,26 @@ def test_api_key_enforced(stories):
 def test_tokenizer_less_model_takes_token_ids(tmp_path):
     # A folder with only config.json: random weights and no tokenizer, like the GPU benchmark's 8B preset.
     (tmp_path / "config.json").write_text((PRESETS_DIR / "tiny-llama.json").read_text())
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy",
-                                                   num_gpu_blocks_override=64)))
+    engine = AsyncLLMEngine(
+        LLMEngine(EngineConfig(model=str(tmp_path), load_format="dummy", num_gpu_blocks_override=64))
+    )
     assert engine.tokenizer is None
     with ServerThread(build_app(engine, ["dummy"])) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-        resp = client.completions.create(model="dummy", prompt=[5, 6, 7, 8], max_tokens=7,
-                                         extra_body={"ignore_eos": True})
+        resp = client.completions.create(
+            model="dummy", prompt=[5, 6, 7, 8], max_tokens=7, extra_body={"ignore_eos": True}
+        )
         assert resp.usage.prompt_tokens == 4 and resp.usage.completion_tokens == 7
-        chunks = list(client.completions.create(model="dummy", prompt=[5, 6, 7], max_tokens=5, stream=True,
-                                                stream_options={"include_usage": True},
-                                                extra_body={"ignore_eos": True}))
+        chunks = list(
+            client.completions.create(
+                model="dummy",
+                prompt=[5, 6, 7],
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )
         # one chunk per step, unless the client reads slower than the engine steps: then deltas merge
         assert 1 <= len([c for c in chunks if c.choices]) <= 5 and chunks[-1].usage.completion_tokens == 5
         with pytest.raises(openai.BadRequestError, match="tokenizer"):
@@ -479,10 +538,28 @@ def test_bench_serve_against_server(stories, tmp_path):
     from mini_infer.bench.serve import add_bench_serve_arguments, run_bench_serve
 
     out = tmp_path / "bench.json"
-    args = add_bench_serve_arguments(argparse.ArgumentParser()).parse_args([
-        "--base-url", stories.url, "--num-prompts", "12", "--random-input-len", "20",
-        "--random-output-len", "8", "--random-prompt-format", "token-ids", "--ignore-eos",
-        "--sweep", "40,inf", "--disable-tqdm", "--goodput", "ttft:60000", "--result-file", str(out)])
+    args = add_bench_serve_arguments(argparse.ArgumentParser()).parse_args(
+        [
+            "--base-url",
+            stories.url,
+            "--num-prompts",
+            "12",
+            "--random-input-len",
+            "20",
+            "--random-output-len",
+            "8",
+            "--random-prompt-format",
+            "token-ids",
+            "--ignore-eos",
+            "--sweep",
+            "40,inf",
+            "--disable-tqdm",
+            "--goodput",
+            "ttft:60000",
+            "--result-file",
+            str(out),
+        ]
+    )
     assert run_bench_serve(args) == 0
     data = json.loads(out.read_text())
     assert data["model"] == "stories" and len(data["runs"]) == 2
@@ -491,9 +568,23 @@ def test_bench_serve_against_server(stories, tmp_path):
         assert run["total_output_tokens"] == 12 * 8 and run["total_input_tokens"] == 12 * 20
         assert run["request_throughput"] > 0 and run["median_ttft_ms"] > 0 and run["median_tpot_ms"] > 0
         assert run["request_goodput"] == pytest.approx(run["request_throughput"])
-    chat = add_bench_serve_arguments(argparse.ArgumentParser()).parse_args([
-        "--base-url", stories.url, "--endpoint", "/v1/completions", "--num-prompts", "4",
-        "--random-input-len", "10", "--random-output-len", "4", "--disable-tqdm", "--request-rate", "100"])
+    chat = add_bench_serve_arguments(argparse.ArgumentParser()).parse_args(
+        [
+            "--base-url",
+            stories.url,
+            "--endpoint",
+            "/v1/completions",
+            "--num-prompts",
+            "4",
+            "--random-input-len",
+            "10",
+            "--random-output-len",
+            "4",
+            "--disable-tqdm",
+            "--request-rate",
+            "100",
+        ]
+    )
     assert run_bench_serve(chat) == 0
 
 
@@ -505,10 +596,26 @@ def test_bench_serve_jsonl_on_chat(qwen, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "Tell me a story", "max_tokens": 6}\n"Hello there"\n')
     out = tmp_path / "chat.json"
-    args = add_bench_serve_arguments(argparse.ArgumentParser()).parse_args([
-        "--base-url", qwen.url, "--endpoint", "/v1/chat/completions", "--dataset", "jsonl",
-        "--dataset-path", str(data), "--num-prompts", "5", "--random-output-len", "4", "--ignore-eos",
-        "--disable-tqdm", "--result-file", str(out)])
+    args = add_bench_serve_arguments(argparse.ArgumentParser()).parse_args(
+        [
+            "--base-url",
+            qwen.url,
+            "--endpoint",
+            "/v1/chat/completions",
+            "--dataset",
+            "jsonl",
+            "--dataset-path",
+            str(data),
+            "--num-prompts",
+            "5",
+            "--random-output-len",
+            "4",
+            "--ignore-eos",
+            "--disable-tqdm",
+            "--result-file",
+            str(out),
+        ]
+    )
     assert run_bench_serve(args) == 0
     result = json.loads(out.read_text())
     assert result["completed"] == 5 and result["total_output_tokens"] == 6 + 4 + 6 + 4 + 6

@@ -20,12 +20,26 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def served(stories_path):
-    cmd = [sys.executable, "-m", "mini_infer.cli", "serve", "--model", stories_path, "--port", "0",
-           "--api-key", "sekret", "--served-model-name", "tiny-stories", "--num-gpu-blocks-override", "256",
-           "--log-level", "info"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mini_infer.cli",
+        "serve",
+        "--model",
+        stories_path,
+        "--port",
+        "0",
+        "--api-key",
+        "sekret",
+        "--served-model-name",
+        "tiny-stories",
+        "--num-gpu-blocks-override",
+        "256",
+        "--log-level",
+        "info",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     found = threading.Event()
     url: list[str] = []
@@ -70,8 +84,7 @@ def test_serve_enforces_api_key(served):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     client = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["tiny-stories"]
-    resp = client.completions.create(model="tiny-stories", prompt="Once upon a time", max_tokens=8,
-                                     temperature=0)
+    resp = client.completions.create(model="tiny-stories", prompt="Once upon a time", max_tokens=8, temperature=0)
     assert resp.choices[0].text.startswith(", there was")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="stories", prompt="x", max_tokens=2)
@@ -81,8 +94,9 @@ def test_serve_refuses_a_busy_port(served, stories_path):
     port = served[0].rsplit(":", 1)[1]
     start = time.monotonic()
     cmd = [sys.executable, "-m", "mini_infer.cli", "serve", "--model", stories_path, "--port", port]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert proc.returncode != 0
     assert "in use" in (proc.stdout + proc.stderr).lower()
     assert time.monotonic() - start < 60

@@ -62,19 +62,45 @@ SAMPLING = {
     "priority": st.integers(-3, 3),
     "user": st.text(max_size=5),
 }
-PROMPTS = st.one_of(st.text(min_size=1, max_size=20), st.lists(vocab_ids, min_size=1, max_size=6),
-                    st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=3))
+PROMPTS = st.one_of(
+    st.text(min_size=1, max_size=20),
+    st.lists(vocab_ids, min_size=1, max_size=6),
+    st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=3),
+)
 COMPLETION_ONLY = {"echo": st.booleans(), "logprobs": st.integers(0, 5)}
-MESSAGES = st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "assistant", "system"]),
-     "content": st.one_of(st.text(max_size=20), st.lists(st.fixed_dictionaries(
-         {"type": st.just("text"), "text": st.text(max_size=8)}), min_size=1, max_size=2))}),
-    min_size=1, max_size=3)
-CHAT_ONLY = {"max_completion_tokens": st.integers(1, 8), "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5),
-             "add_generation_prompt": st.booleans(), "response_format": st.just({"type": "text"})}
-HOSTILE_ONLY = {"guided_json": json_values, "frobnicate": json_values, "suffix": st.text(max_size=3),
-                "best_of": ints, "tools": json_values, "stream_options": json_values,
-                "chat_template_kwargs": st.dictionaries(st.text(max_size=6), json_values, max_size=2)}
+MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "assistant", "system"]),
+            "content": st.one_of(
+                st.text(max_size=20),
+                st.lists(
+                    st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)}),
+                    min_size=1,
+                    max_size=2,
+                ),
+            ),
+        }
+    ),
+    min_size=1,
+    max_size=3,
+)
+CHAT_ONLY = {
+    "max_completion_tokens": st.integers(1, 8),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 5),
+    "add_generation_prompt": st.booleans(),
+    "response_format": st.just({"type": "text"}),
+}
+HOSTILE_ONLY = {
+    "guided_json": json_values,
+    "frobnicate": json_values,
+    "suffix": st.text(max_size=3),
+    "best_of": ints,
+    "tools": json_values,
+    "stream_options": json_values,
+    "chat_template_kwargs": st.dictionaries(st.text(max_size=6), json_values, max_size=2),
+}
 
 
 def hostile(plausible: st.SearchStrategy) -> st.SearchStrategy:
@@ -97,7 +123,8 @@ def bodies(required: dict, optional: dict) -> st.SearchStrategy:
 
     many_hostile = st.fixed_dictionaries(
         {k: hostile(v) for k, v in required.items()},
-        optional={**{k: hostile(v) for k, v in optional.items()}, **HOSTILE_ONLY})
+        optional={**{k: hostile(v) for k, v in optional.items()}, **HOSTILE_ONLY},
+    )
     return st.one_of(plausible, one_hostile(), many_hostile)
 
 
@@ -137,8 +164,12 @@ def check(server, path: str, body: dict) -> None:
         assert answer["choices"] and "usage" in answer, raw
 
 
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @seed(12)
@@ -155,16 +186,57 @@ def test_fuzz_chat(server, body):
     check(server, "/v1/chat/completions", body)
 
 
-EXTREMES = [None, True, False, 0, -1, 1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1, 10**30, 0.5,
-            1e-30, 1e30, float("nan"), float("inf"), -float("inf"), "", "x", [], [0], [10**6], [-100000], [2**64],
-            ["a", 1], {}, {"0": 1}, {"999999": 1e30}, [[1]]]
+EXTREMES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**31,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    -(2**63) - 1,
+    10**30,
+    0.5,
+    1e-30,
+    1e30,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    "",
+    "x",
+    [],
+    [0],
+    [10**6],
+    [-100000],
+    [2**64],
+    ["a", 1],
+    {},
+    {"0": 1},
+    {"999999": 1e30},
+    [[1]],
+]
 
 
-@pytest.mark.parametrize("path,base", [
-    ("/v1/completions", {"prompt": "Hello", "max_tokens": 3, "temperature": 1.0, "min_tokens": 1, "seed": 1}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3,
-                              "temperature": 1.0, "min_tokens": 1, "logprobs": True}),
-])
+@pytest.mark.parametrize(
+    "path,base",
+    [
+        ("/v1/completions", {"prompt": "Hello", "max_tokens": 3, "temperature": 1.0, "min_tokens": 1, "seed": 1}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 3,
+                "temperature": 1.0,
+                "min_tokens": 1,
+                "logprobs": True,
+            },
+        ),
+    ],
+)
 def test_every_field_with_every_extreme_value(server, path, base):
     """Where a single bad value hides: every field, alone, set to every extreme value, on a body that is
     otherwise good (it samples, is seeded and bans stop tokens for a while, so the values reach the engine)."""

@@ -28,8 +28,11 @@ MAX_LEN = 64
 
 @pytest.fixture(scope="module")
 def server(stories_path):
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=stories_path, max_model_len=MAX_LEN,
-                                                   num_gpu_blocks_override=512, max_seqs_per_request=8)))
+    engine = AsyncLLMEngine(
+        LLMEngine(
+            EngineConfig(model=stories_path, max_model_len=MAX_LEN, num_gpu_blocks_override=512, max_seqs_per_request=8)
+        )
+    )
     with ServerThread(build_app(engine, ["stories"])) as running:
         running.engine = engine
         yield running
@@ -38,8 +41,13 @@ def server(stories_path):
 
 def post(server, body, path="/v1/completions", **kwargs) -> httpx.Response:
     content = body if isinstance(body, str | bytes) else json.dumps(body)
-    return httpx.post(server.url + path, content=content, timeout=60,
-                      headers={"content-type": "application/json", **kwargs.pop("headers", {})}, **kwargs)
+    return httpx.post(
+        server.url + path,
+        content=content,
+        timeout=60,
+        headers={"content-type": "application/json", **kwargs.pop("headers", {})},
+        **kwargs,
+    )
 
 
 def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None, words: str = "") -> None:
@@ -120,21 +128,35 @@ def test_non_finite_numbers(server, field, value):
 
 def test_chat_refuses_what_it_does_not_implement(server):
     base = {"messages": [{"role": "user", "content": "hi"}]}
-    for fields, param in (({"response_format": {"type": "json_object"}}, "response_format"),
-                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                          ({"guided_regex": "a+"}, "guided_regex"),
-                          ({"logprobs": "yes"}, "logprobs")):
+    for fields, param in (
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"logprobs": "yes"}, "logprobs"),
+    ):
         assert_openai_error(post(server, {**base, **fields}, "/v1/chat/completions"), 400, param)
 
 
 def test_offline_sampling_params_refuse_the_same(stories_path):
-    for kwargs in (dict(seed=2**64), dict(temperature=math.nan), dict(top_p=math.inf), dict(n=True),
-                   dict(logit_bias={1: 1000}), dict(allowed_token_ids=[]), dict(stop_token_ids=[1.5])):
+    for kwargs in (
+        dict(seed=2**64),
+        dict(temperature=math.nan),
+        dict(top_p=math.inf),
+        dict(n=True),
+        dict(logit_bias={1: 1000}),
+        dict(allowed_token_ids=[]),
+        dict(stop_token_ids=[1.5]),
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**kwargs)
     llm = LLM(stories_path, max_model_len=MAX_LEN, max_seqs_per_request=4)
-    for kwargs in (dict(top_k=10**6), dict(stop_token_ids=[999999], min_tokens=1), dict(n=5),
-                   dict(logit_bias={512: 1.0}), dict(logprobs=100)):
+    for kwargs in (
+        dict(top_k=10**6),
+        dict(stop_token_ids=[999999], min_tokens=1),
+        dict(n=5),
+        dict(logit_bias={512: 1.0}),
+        dict(logprobs=100),
+    ):
         with pytest.raises(ValueError):
             llm.generate("Once", SamplingParams(max_tokens=2, **kwargs), use_tqdm=False)
     assert llm.generate("Once", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
@@ -151,8 +173,9 @@ def test_request_body_limit(stories_path, server):
             yield big[:5000].encode()
             yield big[5000:].encode()
 
-        resp = httpx.post(small.url + "/v1/completions", content=chunked(), timeout=30,
-                          headers={"content-type": "application/json"})
+        resp = httpx.post(
+            small.url + "/v1/completions", content=chunked(), timeout=30, headers={"content-type": "application/json"}
+        )
         assert_openai_error(resp, 413, words="10000 bytes")
         assert post(small, {"prompt": "Once", "max_tokens": 2}).status_code == 200
 
@@ -236,9 +259,12 @@ def test_a_failing_request_gets_a_500_and_others_carry_on(server, monkeypatch):
     result: dict[str, str] = {}
 
     def long_stream() -> None:
-        with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
-                "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
-                "stream": True}) as resp:
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/completions",
+            timeout=60,
+            json={"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True},
+        ) as resp:
             text = ""
             for line in resp.iter_lines():
                 if line.startswith("data: {"):
@@ -250,14 +276,19 @@ def test_a_failing_request_gets_a_500_and_others_carry_on(server, monkeypatch):
     resp = post(server, {"prompt": [1, 250, 40], "max_tokens": 5})
     assert_openai_error(resp, 500)
     assert "secret" not in resp.text and "Traceback" not in resp.text
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                      json={"prompt": [1, 250, 41], "max_tokens": 5, "stream": True}) as streamed:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        timeout=60,
+        json={"prompt": [1, 250, 41], "max_tokens": 5, "stream": True},
+    ) as streamed:
         lines = [line for line in streamed.iter_lines() if line.startswith("data:")]
     assert '"server_error"' in lines[-2] and lines[-1] == "data: [DONE]" and "secret" not in "".join(lines)
     worker.join(timeout=60)
     monkeypatch.undo()
     expected = LLM(server.engine.engine.config.model, max_model_len=MAX_LEN).generate(
-        "Once upon a time", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False
+    )
     assert result["text"] == expected[0].outputs[0].text
     assert_still_serves(server)
 
@@ -281,9 +312,12 @@ def test_no_stall_from_huge_prompts_or_fan_out(server):
     arrivals: list[float] = []
 
     def stream() -> None:
-        with httpx.stream("POST", server.url + "/v1/completions", timeout=120, json={
-                "prompt": "Once", "max_tokens": MAX_LEN - 4, "temperature": 0, "ignore_eos": True,
-                "stream": True}) as resp:
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/completions",
+            timeout=120,
+            json={"prompt": "Once", "max_tokens": MAX_LEN - 4, "temperature": 0, "ignore_eos": True, "stream": True},
+        ) as resp:
             for line in resp.iter_lines():
                 if line.startswith("data: {"):
                     arrivals.append(time.monotonic())
@@ -292,11 +326,12 @@ def test_no_stall_from_huge_prompts_or_fan_out(server):
     worker.start()
     while not arrivals:
         time.sleep(0.005)
-    statuses = [post(server, {"prompt": "word " * 2_000_000}).status_code,  # 10 MB
-                post(server, {"prompt": "word " * 200_000}).status_code,  # 1 MB: too long by its length
-                post(server, {"prompt": "Once", "n": 200000}).status_code,
-                post(server, {"messages": [{"role": "user", "content": "w " * 500_000}]},
-                     "/v1/chat/completions").status_code]
+    statuses = [
+        post(server, {"prompt": "word " * 2_000_000}).status_code,  # 10 MB
+        post(server, {"prompt": "word " * 200_000}).status_code,  # 1 MB: too long by its length
+        post(server, {"prompt": "Once", "n": 200000}).status_code,
+        post(server, {"messages": [{"role": "user", "content": "w " * 500_000}]}, "/v1/chat/completions").status_code,
+    ]
     worker.join(timeout=120)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     print(f"largest gap between chunks: {max(gaps) * 1e3:.0f} ms over {len(arrivals)} chunks")
@@ -311,8 +346,7 @@ def _tokens_join(choice: dict) -> str:
 
 def test_completion_logprob_tokens_join_to_text(server):
     for fields in ({}, {"stop": [" the"]}, {"echo": True}):
-        body = {"prompt": "Lily and Tom went to the park", "max_tokens": 30, "temperature": 0, "logprobs": 2,
-                **fields}
+        body = {"prompt": "Lily and Tom went to the park", "max_tokens": 30, "temperature": 0, "logprobs": 2, **fields}
         choice = post(server, body).json()["choices"][0]
         assert _tokens_join(choice) == choice["text"], fields
         lp = choice["logprobs"]
@@ -330,8 +364,9 @@ def test_completion_logprob_tokens_join_to_text(server):
 
 def test_echo_with_logprobs_carries_prompt_logprobs(server, stories_path):
     prompt = "Lily and Tom went to the park"
-    choice = post(server, {"prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 1,
-                           "echo": True}).json()["choices"][0]
+    choice = post(server, {"prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 1, "echo": True}).json()[
+        "choices"
+    ][0]
     assert choice["text"].startswith(prompt)
     lp = choice["logprobs"]
     ids = LLM(stories_path, max_model_len=MAX_LEN).get_tokenizer().encode(prompt)
@@ -368,25 +403,38 @@ def test_logit_bias_and_allowed_token_ids(stories_path, server):
     llm = LLM(stories_path, max_model_len=MAX_LEN)
     plain = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
     favourite = 300
-    biased = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=6,
-                                                             logit_bias={favourite: 100.0}), use_tqdm=False)[0]
+    biased = llm.generate(
+        "Once upon a time", SamplingParams(temperature=0, max_tokens=6, logit_bias={favourite: 100.0}), use_tqdm=False
+    )[0]
     assert biased.outputs[0].token_ids == [favourite] * 6 != plain.outputs[0].token_ids
     allowed = [300, 301, 302]
     for temperature in (0.0, 1.0):
-        out = llm.generate("Once upon a time", SamplingParams(temperature=temperature, max_tokens=10, seed=1,
-                                                              allowed_token_ids=allowed), use_tqdm=False)[0]
+        out = llm.generate(
+            "Once upon a time",
+            SamplingParams(temperature=temperature, max_tokens=10, seed=1, allowed_token_ids=allowed),
+            use_tqdm=False,
+        )[0]
         assert set(out.outputs[0].token_ids) <= set(allowed)
-    resp = post(server, {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0,
-                         "logit_bias": {str(favourite): 100}}).json()
+    resp = post(
+        server, {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "logit_bias": {str(favourite): 100}}
+    ).json()
     assert resp["choices"][0]["text"] == biased.outputs[0].text
-    resp = post(server, {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0,
-                         "allowed_token_ids": allowed, "logprobs": 0}).json()
+    resp = post(
+        server,
+        {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "allowed_token_ids": allowed, "logprobs": 0},
+    ).json()
     assert resp["usage"]["completion_tokens"] == 6
 
 
 def test_continuous_usage_stats(server):
-    body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     counts = [c["usage"]["completion_tokens"] for c in chunks]
@@ -396,16 +444,27 @@ def test_continuous_usage_stats(server):
 def test_chat_logprob_tokens_and_bytes_join_to_content(qwen3_path):
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=qwen3_path, num_gpu_blocks_override=64)))
     with ServerThread(build_app(engine, ["qwen"])) as qwen:
-        body = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 24, "temperature": 1.0,
-                "seed": 5, "logprobs": True, "top_logprobs": 2, "ignore_eos": True}
+        body = {
+            "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 24,
+            "temperature": 1.0,
+            "seed": 5,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "ignore_eos": True,
+        }
         choice = post(qwen, body, "/v1/chat/completions").json()["choices"][0]
         content = choice["logprobs"]["content"]
         assert "".join(e["token"] for e in content) == choice["message"]["content"]
         assert bytes(b for e in content for b in e["bytes"]).decode("utf-8") == choice["message"]["content"]
         with httpx.stream("POST", qwen.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-        streamed = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
-                    for e in c["choices"][0]["logprobs"]["content"]]
+        streamed = [
+            e
+            for c in chunks
+            if c["choices"] and c["choices"][0]["logprobs"]
+            for e in c["choices"][0]["logprobs"]["content"]
+        ]
         assert [e["token"] for e in streamed] == [e["token"] for e in content]
         usage = {**body, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
         with httpx.stream("POST", qwen.url + "/v1/chat/completions", json=usage, timeout=60) as r:
@@ -418,9 +477,15 @@ def test_chat_logprob_tokens_and_bytes_join_to_content(qwen3_path):
 def test_vllm_metric_names(server):
     post(server, {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0})
     m = scrape(server.url)
-    for name in ("iteration_tokens_total_count", "request_prompt_tokens_count", "request_generation_tokens_count",
-                 "request_queue_time_seconds_count", "request_prefill_time_seconds_count",
-                 "request_decode_time_seconds_count", "request_inference_time_seconds_count"):
+    for name in (
+        "iteration_tokens_total_count",
+        "request_prompt_tokens_count",
+        "request_generation_tokens_count",
+        "request_queue_time_seconds_count",
+        "request_prefill_time_seconds_count",
+        "request_decode_time_seconds_count",
+        "request_inference_time_seconds_count",
+    ):
         assert m[f"mini_infer:{name}"] >= 1, name
     assert m["mini_infer:request_generation_tokens_sum"] >= 4
     assert m["mini_infer:iteration_tokens_total_sum"] >= 4

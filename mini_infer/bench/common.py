@@ -147,8 +147,11 @@ def mean_step_timings(timings: Any) -> dict[str, float | None]:
     """
     host, gpu = [], []
     for t in timings:
-        pair = (t[0], t[1] if len(t) > 1 else None) if isinstance(t, (tuple, list)) else (
-            getattr(t, "host_seconds", None), getattr(t, "gpu_seconds", None))
+        pair = (
+            (t[0], t[1] if len(t) > 1 else None)
+            if isinstance(t, (tuple, list))
+            else (getattr(t, "host_seconds", None), getattr(t, "gpu_seconds", None))
+        )
         if pair[0] is not None:
             host.append(pair[0])
         if pair[1] is not None:
@@ -169,8 +172,15 @@ def mean_step_timings(timings: Any) -> dict[str, float | None]:
 
 def step_log(timings: Any) -> list[list[float | int | None]]:
     """Per step [host ms, GPU ms, decodes, prefill tokens], from StepTimer records."""
-    return [[round(1e3 * t.host_seconds, 4), None if t.gpu_seconds is None else round(1e3 * t.gpu_seconds, 4),
-             t.num_decodes, t.num_prefill_tokens] for t in timings]
+    return [
+        [
+            round(1e3 * t.host_seconds, 4),
+            None if t.gpu_seconds is None else round(1e3 * t.gpu_seconds, 4),
+            t.num_decodes,
+            t.num_prefill_tokens,
+        ]
+        for t in timings
+    ]
 
 
 def fmt_pct(value: float | None) -> str:

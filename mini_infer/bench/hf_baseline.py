@@ -88,8 +88,9 @@ def run_hf_continuous(
         start = time.perf_counter()
         for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
             manager.add_request(
-                **_accepted(manager.add_request, input_ids=prompt, request_id=f"hf-{i}",
-                            max_new_tokens=out_len, eos_token_id=-1)
+                **_accepted(
+                    manager.add_request, input_ids=prompt, request_id=f"hf-{i}", max_new_tokens=out_len, eos_token_id=-1
+                )
             )
         while len(results) < len(workload):
             if time_limit is not None and time.perf_counter() - start > time_limit:
@@ -109,8 +110,9 @@ def run_hf_continuous(
     extra: dict[str, Any] = {"attn_implementation": attn_implementation, "finish_seconds": finish_seconds}
     output_tokens = sum(results.values())
     if len(results) < len(workload):
-        extra.update(stopped_at_time_limit=time_limit, finished_requests=len(results),
-                     finished_output_tokens=output_tokens)
+        extra.update(
+            stopped_at_time_limit=time_limit, finished_requests=len(results), finished_output_tokens=output_tokens
+        )
         output_tokens = workload.output_tokens  # all of it, in less time than it takes: an upper bound
     return RunResult(
         backend="hf",
@@ -123,7 +125,11 @@ def run_hf_continuous(
 
 
 def run_hf_static(
-    hf_model: Any, workload: Workload, temperature: float, batch_size: int, cache_implementation: str | None,
+    hf_model: Any,
+    workload: Workload,
+    temperature: float,
+    batch_size: int,
+    cache_implementation: str | None,
     progress: bool = False,
 ) -> RunResult:
     """`model.generate` on left-padded batches in request order; each batch runs to its longest output.
@@ -133,8 +139,11 @@ def run_hf_static(
     device = hf_model.device
     with torch.inference_mode():  # untimed warmup, as for the other backends
         warm = torch.tensor([workload.prompts[0][:16]] * 2, device=device)
-        hf_model.generate(input_ids=warm, attention_mask=torch.ones_like(warm),
-                          generation_config=_hf_generation_config(temperature, 4, min_new_tokens=4))
+        hf_model.generate(
+            input_ids=warm,
+            attention_mask=torch.ones_like(warm),
+            generation_config=_hf_generation_config(temperature, 4, min_new_tokens=4),
+        )
     useful = generated = 0
     bar = tqdm(total=len(workload), desc="hf-static", unit="req", disable=not progress, leave=False)
     start = time.perf_counter()
@@ -167,8 +176,11 @@ def run_hf_static(
         wall_seconds=wall,
         prompt_tokens=workload.prompt_tokens,
         output_tokens=useful,
-        extra={"batch_size": batch_size, "generated_including_padding": generated,
-               "cache_implementation": cache_implementation},
+        extra={
+            "batch_size": batch_size,
+            "generated_including_padding": generated,
+            "cache_implementation": cache_implementation,
+        },
     )
 
 

@@ -106,8 +106,10 @@ class BatchResult:
             # the step wall times behind the mean, so one slow step shows as what it is
             "decode_step_ms": [round(1e3 * s.seconds, 3) for s in self.decode_steps],
             "gc_during_run": self.gc_during_run,
-            "engine_steps": {"columns": ["host_ms", "gpu_ms", "num_decodes", "num_prefill_tokens"],
-                             "steps": self.engine_steps},
+            "engine_steps": {
+                "columns": ["host_ms", "gpu_ms", "num_decodes", "num_prefill_tokens"],
+                "steps": self.engine_steps,
+            },
         }
 
 
@@ -136,8 +138,9 @@ def run_batch(engine: Any, workload: Workload, tag: str) -> tuple[float, list[St
     return wall, decode_steps, new_timings, collections
 
 
-def _step_until_done(engine: Any, batch: int, prompt_len: dict[str, int], counts: dict[str, int],
-                     decode_steps: list[StepRecord]) -> None:
+def _step_until_done(
+    engine: Any, batch: int, prompt_len: dict[str, int], counts: dict[str, int], decode_steps: list[StepRecord]
+) -> None:
     """Steps until every request finished, recording each pure decode step (all `batch` requests moved
     by exactly one token) with its wall time."""
     while engine.has_unfinished_requests():
@@ -183,14 +186,15 @@ def measure_batch(
 
 
 def print_table(results: list[BatchResult]) -> None:
-    header = (f"{'batch':>6}{'step ms':>10}{'tok/s':>11}{'tok/s/seq':>11}{'GB/s':>9}{'% HBM':>8}"
-              f"{'roofline':>10}")
+    header = f"{'batch':>6}{'step ms':>10}{'tok/s':>11}{'tok/s/seq':>11}{'GB/s':>9}{'% HBM':>8}{'roofline':>10}"
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.batch_size:>6}{1e3 * r.mean_step_seconds:>10.2f}{r.decode_tok_per_s:>11.1f}"
-              f"{1.0 / r.mean_step_seconds:>11.1f}{r.achieved_bytes_per_s / 1e9:>9.0f}"
-              f"{fmt_pct(r.hbm_fraction):>8}{fmt_pct(r.roofline_fraction):>10}")
+        print(
+            f"{r.batch_size:>6}{1e3 * r.mean_step_seconds:>10.2f}{r.decode_tok_per_s:>11.1f}"
+            f"{1.0 / r.mean_step_seconds:>11.1f}{r.achieved_bytes_per_s / 1e9:>9.0f}"
+            f"{fmt_pct(r.hbm_fraction):>8}{fmt_pct(r.roofline_fraction):>10}"
+        )
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -207,8 +211,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     hw = measure_hardware() if on_cuda else None
     engine = build_engine(args)
     if args.input_len + args.output_len > engine.max_model_len:
-        raise ValueError(f"--input-len {args.input_len} + --output-len {args.output_len} is more than "
-                         f"max_model_len {engine.max_model_len}: lower one of them")
+        raise ValueError(
+            f"--input-len {args.input_len} + --output-len {args.output_len} is more than "
+            f"max_model_len {engine.max_model_len}: lower one of them"
+        )
     shape, dtype_bytes = engine_shape(engine)
     record: dict[str, Any] = {
         "benchmark": "latency",
@@ -224,8 +230,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "errors": {},
     }
     results = []
-    for i, batch in enumerate(tqdm(batch_sizes, desc="batch sizes", unit="batch", leave=False,
-                                   disable=args.disable_tqdm)):
+    for i, batch in enumerate(
+        tqdm(batch_sizes, desc="batch sizes", unit="batch", leave=False, disable=args.disable_tqdm)
+    ):
         try:
             seed = 1000 * (args.seed or 0) + i
             result = measure_batch(engine, batch, args.input_len, args.output_len, hw, seed)
@@ -236,13 +243,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results.append(result)
         record["results"].append(result.to_dict())
         write_json(args.output_json, record)
-        print(f"[latency] batch {batch}: {1e3 * result.mean_step_seconds:.2f} ms/step, "
-              f"{result.decode_tok_per_s:.1f} tok/s, HBM {fmt_pct(result.hbm_fraction)}", flush=True)
+        print(
+            f"[latency] batch {batch}: {1e3 * result.mean_step_seconds:.2f} ms/step, "
+            f"{result.decode_tok_per_s:.1f} tok/s, HBM {fmt_pct(result.hbm_fraction)}",
+            flush=True,
+        )
     shut_down(engine)
     write_json(args.output_json, record)
     print()
-    print(f"model {args.model}, input {args.input_len}, output {args.output_len}, "
-          f"device {record['environment']['device']}, hardware {record['hardware'] or 'n/a'}")
+    print(
+        f"model {args.model}, input {args.input_len}, output {args.output_len}, "
+        f"device {record['environment']['device']}, hardware {record['hardware'] or 'n/a'}"
+    )
     print_table(results)
     print(f"results written to {args.output_json}")
     return record
@@ -256,13 +268,15 @@ def cli_entry(args: argparse.Namespace) -> int:
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from mini_infer.config import add_engine_args
 
-    parser.add_argument("--model", required=True,
-                        help="model folder, hub id, or preset name with --load-format dummy (e.g. llama-3-8b)")
+    parser.add_argument(
+        "--model", required=True, help="model folder, hub id, or preset name with --load-format dummy (e.g. llama-3-8b)"
+    )
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, help="comma list")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=128, help="tokens generated per request")
-    parser.add_argument("--output-json", default=None,
-                        help="where to write the results (default: RESULT_DIR/latency-MODEL-TIME.json)")
+    parser.add_argument(
+        "--output-json", default=None, help="where to write the results (default: RESULT_DIR/latency-MODEL-TIME.json)"
+    )
     parser.add_argument("--result-dir", default=RESULTS_DIR, help="folder for results written by default")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     add_engine_args(parser)

@@ -38,12 +38,13 @@ def plot_latency(record: dict[str, Any], path: str | Path) -> Path:
     left.xaxis.set_minor_locator(NullLocator())
     left.grid(True, which="both", alpha=0.3)
     left.legend()
-    for key, label in (("hbm_fraction", "achieved / measured HBM bandwidth"),
-                       ("roofline_fraction", "roofline ideal step / measured step")):
+    for key, label in (
+        ("hbm_fraction", "achieved / measured HBM bandwidth"),
+        ("roofline_fraction", "roofline ideal step / measured step"),
+    ):
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
-            right.plot(batch, [100 * v if v is not None else float("nan") for v in values], marker="o",
-                       label=label)
+            right.plot(batch, [100 * v if v is not None else float("nan") for v in values], marker="o", label=label)
     right.set(xscale="log", xlabel="batch size", ylabel="%", ylim=(0, 105))
     right.set_xticks(batch, [str(b) for b in batch])
     right.xaxis.set_minor_locator(NullLocator())
@@ -78,10 +79,10 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
             note = f"{at_most}{run['output_tok_per_s']:.0f}"
             if run.get("roofline_fraction") is not None:
                 note += f"\n{at_most}{100 * run['roofline_fraction']:.0f}% roof"
-            ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=8)
-        ax.set_xticks(range(len(runs)), [f"{b}\n({r['num_requests']} req)" for b, r in zip(labels, runs)],
-                      fontsize=8)
+            ax.annotate(
+                note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+            )
+        ax.set_xticks(range(len(runs)), [f"{b}\n({r['num_requests']} req)" for b, r in zip(labels, runs)], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("output tokens / s")
         ax.set_title(f"{record['model']} ({record['dtype']})")

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 # Words for random text prompts when no tokenizer is given: the server's usage counts the real tokens.
-_WORDS = ("the cat dog sun moon tree house little big happy sad girl boy ran jumped played saw went "
-          "found friend mom dad ball park day night water bird fish red blue green small tall funny "
-          "one two three time story because then when they she he it was had said and but so very").split()
+_WORDS = (
+    "the cat dog sun moon tree house little big happy sad girl boy ran jumped played saw went "
+    "found friend mom dad ball park day night water bird fish red blue green small tall funny "
+    "one two three time story because then when they she he it was had said and but so very"
+).split()
 
 
 @dataclass
@@ -65,8 +67,7 @@ def random_requests(args: argparse.Namespace, rng: random.Random) -> list[BenchR
             ids = [rng.randrange(lo_tok, min(hi_tok, len(tokenizer))) for _ in range(input_len)]
             requests.append(BenchRequest(tokenizer.decode(ids), None, output_len))
         else:
-            requests.append(BenchRequest(" ".join(rng.choice(_WORDS) for _ in range(input_len)), None,
-                                         output_len))
+            requests.append(BenchRequest(" ".join(rng.choice(_WORDS) for _ in range(input_len)), None, output_len))
     return requests
 
 
@@ -92,8 +93,13 @@ def jsonl_requests(path: str, num: int, default_output_len: int) -> list[BenchRe
 
 # ---- one request ----------------------------------------------------------------------------
 def build_payload(args: argparse.Namespace, model: str, req: BenchRequest) -> dict[str, Any]:
-    payload: dict[str, Any] = {"model": model, "max_tokens": req.output_len, "temperature": args.temperature,
-                               "stream": True, "stream_options": {"include_usage": True}}
+    payload: dict[str, Any] = {
+        "model": model,
+        "max_tokens": req.output_len,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if args.ignore_eos:
         payload["ignore_eos"] = True
     if args.endpoint.rstrip("/").endswith("chat/completions"):
@@ -105,8 +111,9 @@ def build_payload(args: argparse.Namespace, model: str, req: BenchRequest) -> di
     return payload
 
 
-async def send_request(client: Any, url: str, headers: dict[str, str], payload: dict[str, Any],
-                       req: BenchRequest) -> RequestResult:
+async def send_request(
+    client: Any, url: str, headers: dict[str, str], payload: dict[str, Any], req: BenchRequest
+) -> RequestResult:
     """Streams one request; every chunk that carries a choice counts as a token arrival."""
     result = RequestResult(prompt_len=req.prompt_len or 0)
     start = time.perf_counter()
@@ -158,8 +165,9 @@ async def send_request(client: Any, url: str, headers: dict[str, str], payload: 
 
 
 # ---- one run at one rate --------------------------------------------------------------------
-async def run_at_rate(args: argparse.Namespace, requests: list[BenchRequest], model: str, rate: float,
-                      seed: int) -> dict[str, Any]:
+async def run_at_rate(
+    args: argparse.Namespace, requests: list[BenchRequest], model: str, rate: float, seed: int
+) -> dict[str, Any]:
     import httpx
 
     url = args.base_url.rstrip("/") + args.endpoint
@@ -249,8 +257,7 @@ def parse_goodput(items: list[str] | None) -> dict[str, float]:
     return slos
 
 
-def summarize(results: list[RequestResult], duration: float, rate: float,
-              args: argparse.Namespace) -> dict[str, Any]:
+def summarize(results: list[RequestResult], duration: float, rate: float, args: argparse.Namespace) -> dict[str, Any]:
     ok = [r for r in results if r.success]
     percentiles = [float(p) for p in str(args.percentiles).split(",")]
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
@@ -303,8 +310,12 @@ def format_summary(s: dict[str, Any], percentiles: list[float]) -> str:
         row("Request goodput (req/s):", s["request_goodput"], ".2f")
     row("Output token throughput (tok/s):", s["output_throughput"], ".2f")
     row("Total token throughput (tok/s):", s["total_token_throughput"], ".2f")
-    for name, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
-                        ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+    for name, title in (
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token (excl. 1st token)"),
+        ("itl", "Inter-token Latency"),
+        ("e2el", "End-to-end Latency"),
+    ):
         lines.append(f"{' ' + title + ' ':-^60}")
         row(f"Mean {name.upper()} (ms):", s[f"mean_{name}_ms"], ".2f")
         row(f"Median {name.upper()} (ms):", s[f"median_{name}_ms"], ".2f")
@@ -317,14 +328,17 @@ def format_summary(s: dict[str, Any], percentiles: list[float]) -> str:
 
 
 def format_sweep_table(runs: list[dict[str, Any]]) -> str:
-    header = (f"{'rate':>6} {'done':>6} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
-              f"{'TPOT p50':>9} {'TPOT p99':>9} {'E2E p50':>9}")
+    header = (
+        f"{'rate':>6} {'done':>6} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'TPOT p50':>9} {'TPOT p99':>9} {'E2E p50':>9}"
+    )
     lines = [header, "-" * len(header)]
     for s in runs:
         lines.append(
             f"{str(s['request_rate']):>6} {s['completed']:>6} {s['request_throughput']:>7.2f} "
             f"{s['output_throughput']:>10.1f} {s['median_ttft_ms']:>9.1f} {s.get('p99_ttft_ms', 0):>9.1f} "
-            f"{s['median_tpot_ms']:>9.2f} {s.get('p99_tpot_ms', 0):>9.2f} {s['median_e2el_ms']:>9.1f}")
+            f"{s['median_tpot_ms']:>9.2f} {s.get('p99_tpot_ms', 0):>9.2f} {s['median_e2el_ms']:>9.1f}"
+        )
     return "\n".join(lines) + "\n(latencies in ms)"
 
 
@@ -347,8 +361,9 @@ def plot_sweep(runs: list[dict[str, Any]], path: str, title: str) -> bool:
     labels = ["inf" if r["request_rate"] == "inf" else f"{float(r['request_rate']):g}" for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     axes[0].plot(xs, [r["request_throughput"] for r in runs], "o-", label="achieved req/s")
-    axes[0].plot(xs, [x if lab != "inf" else float("nan") for x, lab in zip(xs, labels)], "k--", lw=0.8,
-                 label="offered req/s")
+    axes[0].plot(
+        xs, [x if lab != "inf" else float("nan") for x, lab in zip(xs, labels)], "k--", lw=0.8, label="offered req/s"
+    )
     axes[0].set_ylabel("requests / s")
     ax_tok = axes[0].twinx()
     ax_tok.plot(xs, [r["output_throughput"] for r in runs], "s-", color="tab:orange", label="output tok/s")
@@ -409,20 +424,30 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         args.result_file = default_result_path("serve", model, args.result_dir)
     percentiles = [float(p) for p in str(args.percentiles).split(",")]
     runs: list[dict[str, Any]] = []
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "base_url": args.base_url, "endpoint": args.endpoint,
-            "model": model, "dataset": args.dataset, "random_input_len": args.random_input_len,
-            "random_output_len": args.random_output_len, "ignore_eos": args.ignore_eos,
-            "temperature": args.temperature, "seed": args.seed, "label": args.label}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "base_url": args.base_url,
+        "endpoint": args.endpoint,
+        "model": model,
+        "dataset": args.dataset,
+        "random_input_len": args.random_input_len,
+        "random_output_len": args.random_output_len,
+        "ignore_eos": args.ignore_eos,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "label": args.label,
+    }
     if args.warmup:
-        warmup = make_requests(args.seed + 10_000)[:args.warmup]
+        warmup = make_requests(args.seed + 10_000)[: args.warmup]
         asyncio.run(run_at_rate(_quiet(args), warmup, model, math.inf, args.seed))
     for i, rate in enumerate(rates):
         summary = asyncio.run(run_at_rate(args, make_requests(args.seed + i), model, rate, args.seed + i))
         runs.append(summary)
         print(format_summary(summary, percentiles), flush=True)
         if args.result_file:
-            _write_json(args.result_file, {**meta, **summary} if len(rates) == 1 and not args.sweep
-                        else {**meta, "runs": runs})
+            _write_json(
+                args.result_file, {**meta, **summary} if len(rates) == 1 and not args.sweep else {**meta, "runs": runs}
+            )
     if len(runs) > 1 or args.sweep:
         print(format_sweep_table(runs), flush=True)
         if args.plot:
@@ -444,39 +469,61 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's address")
-    parser.add_argument("--endpoint", default="/v1/completions",
-                        help="/v1/completions or /v1/chat/completions")
+    parser.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions")
     parser.add_argument("--model", default=None, help="model name to send (default: the server's first)")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer key, if needed")
     parser.add_argument("--dataset", choices=["random", "jsonl"], default="random")
-    parser.add_argument("--dataset-path", default=None, help="JSONL of {\"prompt\": ..., \"max_tokens\": N}")
+    parser.add_argument("--dataset-path", default=None, help='JSONL of {"prompt": ..., "max_tokens": N}')
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--random-input-len", type=int, default=200)
     parser.add_argument("--random-output-len", type=int, default=180)
-    parser.add_argument("--random-range-ratio", type=float, default=0.0,
-                        help="lengths drawn uniformly from len*(1-r)..len*(1+r)")
-    parser.add_argument("--random-prompt-format", choices=["text", "token-ids"], default="text",
-                        help="token-ids sends prompts as lists of ints (for servers without a tokenizer)")
-    parser.add_argument("--random-token-range", type=int, nargs=2, default=[3, 500], metavar=("LO", "HI"),
-                        help="random token ids are drawn from [LO, HI)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="make text prompts of exact token lengths with this tokenizer")
-    parser.add_argument("--request-rate", type=_rate, default=math.inf,
-                        help="Poisson arrival rate in req/s; inf sends all at once")
+    parser.add_argument(
+        "--random-range-ratio", type=float, default=0.0, help="lengths drawn uniformly from len*(1-r)..len*(1+r)"
+    )
+    parser.add_argument(
+        "--random-prompt-format",
+        choices=["text", "token-ids"],
+        default="text",
+        help="token-ids sends prompts as lists of ints (for servers without a tokenizer)",
+    )
+    parser.add_argument(
+        "--random-token-range",
+        type=int,
+        nargs=2,
+        default=[3, 500],
+        metavar=("LO", "HI"),
+        help="random token ids are drawn from [LO, HI)",
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="make text prompts of exact token lengths with this tokenizer"
+    )
+    parser.add_argument(
+        "--request-rate", type=_rate, default=math.inf, help="Poisson arrival rate in req/s; inf sends all at once"
+    )
     parser.add_argument("--sweep", default=None, help="comma-separated rates run in turn, e.g. 2,4,8,inf")
     parser.add_argument("--max-concurrency", type=int, default=None, help="at most this many in flight")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
-    parser.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
-                        help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:20000")
+    parser.add_argument(
+        "--goodput",
+        nargs="+",
+        default=None,
+        metavar="KEY:MS",
+        help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:20000",
+    )
     parser.add_argument("--percentiles", default="50,90,99")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for one request")
-    parser.add_argument("--max-duration", type=float, default=None,
-                        help="seconds allowed for one rate's run; unfinished requests count as failed")
+    parser.add_argument(
+        "--max-duration",
+        type=float,
+        default=None,
+        help="seconds allowed for one rate's run; unfinished requests count as failed",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="requests sent (and dropped) before timing")
-    parser.add_argument("--result-file", default=None,
-                        help="write the results as JSON here (default: RESULT_DIR/serve-MODEL-TIME.json)")
+    parser.add_argument(
+        "--result-file", default=None, help="write the results as JSON here (default: RESULT_DIR/serve-MODEL-TIME.json)"
+    )
     parser.add_argument("--result-dir", default="bench-results", help="folder for results written by default")
     parser.add_argument("--plot", default=None, help="with --sweep: write a PNG plot here")
     parser.add_argument("--label", default=None, help="a title for the results and the plot")
@@ -485,16 +532,16 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
 
 
 def add_bench_serve_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = bench_subparsers.add_parser("serve", help="load-test an OpenAI-compatible server",
-                                         description=__doc__.splitlines()[0])
+    parser = bench_subparsers.add_parser(
+        "serve", help="load-test an OpenAI-compatible server", description=__doc__.splitlines()[0]
+    )
     add_bench_serve_arguments(parser)
     parser.set_defaults(func=run_bench_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_bench_serve_arguments(argparse.ArgumentParser(prog="mini-infer bench serve",
-                                                               description=__doc__))
+    parser = add_bench_serve_arguments(argparse.ArgumentParser(prog="mini-infer bench serve", description=__doc__))
     return run_bench_serve(parser.parse_args(argv))
 
 

@@ -65,8 +65,9 @@ def warm_up_engine(engine: Any, workload: Workload) -> None:
     lengths = sorted({len(p) for p in workload.prompts})
     picks = [lengths[round(i * (len(lengths) - 1) / 7)] for i in range(8)]
     rng = random.Random(12345)
-    warm = Workload([[rng.randrange(vocab) for _ in range(n)] for n in picks],
-                    [min(16, max(workload.output_lens))] * len(picks))
+    warm = Workload(
+        [[rng.randrange(vocab) for _ in range(n)] for n in picks], [min(16, max(workload.output_lens))] * len(picks)
+    )
     run_mini_infer(engine, warm, temperature=0.6, label="warmup")
 
 
@@ -149,8 +150,12 @@ class Plan:
 
 
 def _mini_infer_label(static_batching: bool, sync: bool = False, eager_prefill: bool = False) -> str:
-    return ("mini-infer" + ("-static" if static_batching else "") + ("-sync" if sync else "")
-            + ("-eager-prefill" if eager_prefill else ""))
+    return (
+        "mini-infer"
+        + ("-static" if static_batching else "")
+        + ("-sync" if sync else "")
+        + ("-eager-prefill" if eager_prefill else "")
+    )
 
 
 def make_plan(args: argparse.Namespace, num_prompts: int) -> tuple[str, list[Plan]]:
@@ -175,16 +180,24 @@ def make_plan(args: argparse.Namespace, num_prompts: int) -> tuple[str, list[Pla
         elif name == "sync":
             plans.append(Plan(_mini_infer_label(main_static, True), "mini-infer", num_prompts, main_static, True))
         elif name == "eager-prefill":
-            plans.append(Plan(_mini_infer_label(main_static, eager_prefill=True), "mini-infer", num_prompts,
-                              main_static, eager_prefill=True))
+            plans.append(
+                Plan(
+                    _mini_infer_label(main_static, eager_prefill=True),
+                    "mini-infer",
+                    num_prompts,
+                    main_static,
+                    eager_prefill=True,
+                )
+            )
         else:
             if hf_n < num_prompts and args.backend == "mini-infer":
                 plans.append(Plan(f"{main.label}@{hf_n}", "mini-infer", hf_n, main_static))
             plans.append(Plan(name if hf_n == num_prompts else f"{name}@{hf_n}", name, hf_n))
     unique = list({p.label: p for p in plans}.values())
     order = {"mini-infer": 0, "hf": 1, "hf-static": 1}
-    return main.label, sorted(unique, key=lambda p: (order[p.backend], p.static_batching, p.sync,
-                                                     p.eager_prefill, -p.num_requests))
+    return main.label, sorted(
+        unique, key=lambda p: (order[p.backend], p.static_batching, p.sync, p.eager_prefill, -p.num_requests)
+    )
 
 
 def static_step_bound(output_lens: list[int], max_num_seqs: int) -> dict[str, float | int]:
@@ -199,8 +212,11 @@ def static_step_bound(output_lens: list[int], max_num_seqs: int) -> dict[str, fl
     waves = [output_lens[i : i + max_num_seqs] for i in range(0, len(output_lens), max_num_seqs)]
     static_steps = sum(max(w) for w in waves)
     continuous_steps = max(-(-sum(output_lens) // max_num_seqs), max(output_lens, default=0))
-    return {"static_steps": static_steps, "continuous_steps": continuous_steps,
-            "max_speedup": static_steps / continuous_steps if continuous_steps else 1.0}
+    return {
+        "static_steps": static_steps,
+        "continuous_steps": continuous_steps,
+        "max_speedup": static_steps / continuous_steps if continuous_steps else 1.0,
+    }
 
 
 def _ratios(results: list[RunResult], main_label: str) -> dict[str, float]:
@@ -220,14 +236,17 @@ def _ratios(results: list[RunResult], main_label: str) -> dict[str, float]:
 
 
 def print_table(results: list[RunResult], ratios: dict[str, float]) -> None:
-    header = (f"{'backend':<22}{'reqs':>6}{'wall s':>9}{'out tok/s':>12}{'total tok/s':>13}"
-              f"{'roofline':>10}{'KV util':>9}")
+    header = (
+        f"{'backend':<22}{'reqs':>6}{'wall s':>9}{'out tok/s':>12}{'total tok/s':>13}{'roofline':>10}{'KV util':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
         kv = fmt_pct(r.kv_slot_utilisation) if r.kv_slot_utilisation is not None else "-"
-        print(f"{r.backend:<22}{r.num_requests:>6}{r.wall_seconds:>9.2f}{r.output_tok_per_s:>12.1f}"
-              f"{r.total_tok_per_s:>13.1f}{fmt_pct(r.roofline_fraction):>10}{kv:>9}")
+        print(
+            f"{r.backend:<22}{r.num_requests:>6}{r.wall_seconds:>9.2f}{r.output_tok_per_s:>12.1f}"
+            f"{r.total_tok_per_s:>13.1f}{fmt_pct(r.roofline_fraction):>10}{kv:>9}"
+        )
     for name, value in ratios.items():
         print(f"ratio {name}: {'>= ' if 'lower bound' in name else ''}{value:.2f}x")
 
@@ -258,8 +277,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     dtype = base.resolve_dtype(checkpoint_dtype(hf_config))
     device = base.resolved_device
     hw: Hardware | None = measure_hardware() if device.type == "cuda" else None
-    workload = make_workload(args.num_prompts, shape.vocab_size, seed=args.seed if args.seed is not None else 0,
-                             **lengths)
+    workload = make_workload(
+        args.num_prompts, shape.vocab_size, seed=args.seed if args.seed is not None else 0, **lengths
+    )
     main_label, plans = make_plan(args, len(workload))
     ideals: dict[int, IdealEstimate] = {}
     record: dict[str, Any] = {
@@ -270,8 +290,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "shape": dataclasses.asdict(shape),
         "dtype": str(dtype).removeprefix("torch."),
         "workload": {
-            "num_prompts": len(workload), "prompt_tokens": workload.prompt_tokens,
-            "output_tokens": workload.output_tokens, "temperature": args.temperature, "ignore_eos": True,
+            "num_prompts": len(workload),
+            "prompt_tokens": workload.prompt_tokens,
+            "output_tokens": workload.output_tokens,
+            "temperature": args.temperature,
+            "ignore_eos": True,
             "input_len": lengths["input_len"] or [lengths["min_input_len"], lengths["max_input_len"]],
             "output_len": lengths["output_len"] or [lengths["min_output_len"], lengths["max_output_len"]],
         },
@@ -293,8 +316,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     hf_model = None
     for plan in plans:
         sub = workload.head(plan.num_requests)
-        print(f"[throughput] {plan.label}: {len(sub)} requests, {sub.output_tokens} output tokens",
-              flush=True)
+        print(f"[throughput] {plan.label}: {len(sub)} requests, {sub.output_tokens} output tokens", flush=True)
         try:
             if plan.backend == "mini-infer":
                 kind = (plan.static_batching, plan.sync, plan.eager_prefill)
@@ -311,8 +333,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     engine = build_engine(args, **overrides)
                     engine_kind = kind
                     warm_up_engine(engine, workload)
-                result = run_mini_infer(engine, sub, args.temperature, label=plan.label,
-                                        progress=not args.disable_tqdm)
+                result = run_mini_infer(engine, sub, args.temperature, label=plan.label, progress=not args.disable_tqdm)
             else:
                 if engine is not None:
                     shut_down(engine)
@@ -323,15 +344,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         record["cuda_gib_held_after_engine_release"] = held
                         print(f"[throughput] {held:.2f} GiB still reserved after releasing the engine")
                 if hf_model is None:
-                    hf_model = load_hf_model(
-                        args.model, base.load_format, device, dtype, args.hf_attn_implementation
-                    )
+                    hf_model = load_hf_model(args.model, base.load_format, device, dtype, args.hf_attn_implementation)
                 if plan.backend == "hf":
-                    result = run_hf_continuous(hf_model, sub, args.temperature, args.hf_time_limit,
-                                               progress=not args.disable_tqdm)
+                    result = run_hf_continuous(
+                        hf_model, sub, args.temperature, args.hf_time_limit, progress=not args.disable_tqdm
+                    )
                 else:
-                    result = run_hf_static(hf_model, sub, args.temperature, args.hf_static_batch_size,
-                                           args.hf_cache_implementation, progress=not args.disable_tqdm)
+                    result = run_hf_static(
+                        hf_model,
+                        sub,
+                        args.temperature,
+                        args.hf_static_batch_size,
+                        args.hf_cache_implementation,
+                        progress=not args.disable_tqdm,
+                    )
                 result.backend = plan.label
         except Exception as error:  # one failing backend must not lose the others' numbers
             traceback.print_exc()
@@ -346,17 +372,28 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results.append(result)
         record["runs"].append(result.to_dict())
         if args.step_log and plan.label == main_label and result.steps is not None:
-            write_json(args.step_log, {"command": record["environment"].get("command"), "backend": plan.label,
-                                       "columns": ["host_ms", "gpu_ms", "num_decodes", "num_prefill_tokens"],
-                                       "steps": result.steps})
+            write_json(
+                args.step_log,
+                {
+                    "command": record["environment"].get("command"),
+                    "backend": plan.label,
+                    "columns": ["host_ms", "gpu_ms", "num_decodes", "num_prefill_tokens"],
+                    "steps": result.steps,
+                },
+            )
         record["ratios"] = _ratios(results, main_label)
-        print(f"[throughput] {plan.label}: {result.wall_seconds:.2f}s, "
-              f"{result.output_tok_per_s:.1f} out tok/s, roofline {fmt_pct(result.roofline_fraction)}",
-              flush=True)
+        print(
+            f"[throughput] {plan.label}: {result.wall_seconds:.2f}s, "
+            f"{result.output_tok_per_s:.1f} out tok/s, roofline {fmt_pct(result.roofline_fraction)}",
+            flush=True,
+        )
         if (limit := result.extra.get("stopped_at_time_limit")) is not None:
-            print(f"[throughput] {plan.label} stopped at its {limit:g} s limit with "
-                  f"{result.extra['finished_requests']} of {len(sub)} requests finished: its tok/s and "
-                  "roofline above are upper bounds", flush=True)
+            print(
+                f"[throughput] {plan.label} stopped at its {limit:g} s limit with "
+                f"{result.extra['finished_requests']} of {len(sub)} requests finished: its tok/s and "
+                "roofline above are upper bounds",
+                flush=True,
+            )
         write_json(args.output_json, record)
     if engine is not None:
         shut_down(engine)
@@ -365,12 +402,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     record["ratios"] = _ratios(results, main_label)
     write_json(args.output_json, record)
     print()
-    print(f"model {args.model} ({record['dtype']}), device {record['environment']['device']}, "
-          f"hardware {record['hardware'] or 'n/a (no roofline on CPU)'}")
+    print(
+        f"model {args.model} ({record['dtype']}), device {record['environment']['device']}, "
+        f"hardware {record['hardware'] or 'n/a (no roofline on CPU)'}"
+    )
     print_table(results, record["ratios"])
     if bound := record.get("static_step_bound"):
-        print(f"static batching: {bound['static_steps']} decode steps, continuous: at least "
-              f"{bound['continuous_steps']}; at equal step cost, at most {bound['max_speedup']:.2f}x")
+        print(
+            f"static batching: {bound['static_steps']} decode steps, continuous: at least "
+            f"{bound['continuous_steps']}; at equal step cost, at most {bound['max_speedup']:.2f}x"
+        )
     print(f"results written to {args.output_json}")
     return record
 
@@ -383,36 +424,58 @@ def cli_entry(args: argparse.Namespace) -> int:
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from mini_infer.config import add_engine_args
 
-    parser.add_argument("--model", required=True,
-                        help="model folder, hub id, or preset name with --load-format dummy (e.g. qwen3-0.6b)")
+    parser.add_argument(
+        "--model", required=True, help="model folder, hub id, or preset name with --load-format dummy (e.g. qwen3-0.6b)"
+    )
     workload = parser.add_argument_group(
-        "workload", "nano-vllm's protocol by default; lengths left unset are scaled down to fit a model "
-                    "whose max_model_len is under 2048")
+        "workload",
+        "nano-vllm's protocol by default; lengths left unset are scaled down to fit a model "
+        "whose max_model_len is under 2048",
+    )
     workload.add_argument("--num-prompts", type=int, default=256, help="requests in the run")
     workload.add_argument("--input-len", type=int, default=None, help="fixed prompt length")
     workload.add_argument("--output-len", type=int, default=None, help="fixed output length")
     for flag, default in NANO_VLLM_LENGTHS.items():
-        workload.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
-                              help=f"(default: {default}, scaled to the model)")
+        workload.add_argument(
+            "--" + flag.replace("_", "-"), type=int, default=None, help=f"(default: {default}, scaled to the model)"
+        )
     workload.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
     bench = parser.add_argument_group("backends")
     bench.add_argument("--backend", choices=BACKENDS, default="mini-infer")
-    bench.add_argument("--compare", type=_compare_list, default=[],
-                       help=f"comma list of {','.join(COMPARE_CHOICES)} to run after the main backend")
-    bench.add_argument("--hf-num-prompts", type=int, default=None,
-                       help="transformers backends run the first N requests only (mini-infer reruns them)")
+    bench.add_argument(
+        "--compare",
+        type=_compare_list,
+        default=[],
+        help=f"comma list of {','.join(COMPARE_CHOICES)} to run after the main backend",
+    )
+    bench.add_argument(
+        "--hf-num-prompts",
+        type=int,
+        default=None,
+        help="transformers backends run the first N requests only (mini-infer reruns them)",
+    )
     bench.add_argument("--hf-static-batch-size", type=int, default=64)
     bench.add_argument("--hf-cache-implementation", default=None, help="e.g. static (hf-static only)")
     bench.add_argument("--hf-attn-implementation", default=None, help="e.g. sdpa, eager (transformers' default)")
-    bench.add_argument("--hf-time-limit", type=_seconds, default=None,
-                       help="stop transformers' continuous batching after this many seconds; the ratio "
-                            "against it is then a lower bound")
-    bench.add_argument("--output-json", default=None,
-                       help="where to write the results (default: RESULT_DIR/throughput-MODEL-TIME.json)")
+    bench.add_argument(
+        "--hf-time-limit",
+        type=_seconds,
+        default=None,
+        help="stop transformers' continuous batching after this many seconds; the ratio "
+        "against it is then a lower bound",
+    )
+    bench.add_argument(
+        "--output-json",
+        default=None,
+        help="where to write the results (default: RESULT_DIR/throughput-MODEL-TIME.json)",
+    )
     bench.add_argument("--result-dir", default=RESULTS_DIR, help="folder for results written by default")
     bench.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
-    bench.add_argument("--step-log", default=None,
-                       help="write the main run's per-step host ms, GPU ms, decodes and prefill tokens here")
+    bench.add_argument(
+        "--step-log",
+        default=None,
+        help="write the main run's per-step host ms, GPU ms, decodes and prefill tokens here",
+    )
     add_engine_args(parser)
     parser.set_defaults(func=cli_entry)
     return parser

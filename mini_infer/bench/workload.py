@@ -77,22 +77,31 @@ def fit_lengths(settings: dict, max_model_len: int) -> tuple[dict[str, int | Non
     and cannot fit raise ValueError naming the flags to change."""
     given = {k: settings.get(k) for k in LENGTH_FLAGS}
     scale = min(1.0, max_model_len / 2048)
-    lengths = {k: v if v is not None else (max(1, int(NANO_VLLM_LENGTHS[k] * scale)) if k in NANO_VLLM_LENGTHS
-                                           else None) for k, v in given.items()}
+    lengths = {
+        k: v if v is not None else (max(1, int(NANO_VLLM_LENGTHS[k] * scale)) if k in NANO_VLLM_LENGTHS else None)
+        for k, v in given.items()
+    }
     note = None
     scaled = [k for k in NANO_VLLM_LENGTHS if given[k] is None and given[k[4:]] is None]  # min_input_len -> input_len
     if scale < 1 and scaled:
-        note = (f"max_model_len is {max_model_len}: the default lengths are scaled to fit ("
-                + ", ".join(f"--{k.replace('_', '-')} {lengths[k]}" for k in scaled) + ")")
+        note = (
+            f"max_model_len is {max_model_len}: the default lengths are scaled to fit ("
+            + ", ".join(f"--{k.replace('_', '-')} {lengths[k]}" for k in scaled)
+            + ")"
+        )
     for low, high in (("min_input_len", "max_input_len"), ("min_output_len", "max_output_len")):
         if lengths[low] > lengths[high]:
-            raise ValueError(f"--{low.replace('_', '-')} {lengths[low]} is above --{high.replace('_', '-')} "
-                             f"{lengths[high]}: lower the first or raise the second")
+            raise ValueError(
+                f"--{low.replace('_', '-')} {lengths[low]} is above --{high.replace('_', '-')} "
+                f"{lengths[high]}: lower the first or raise the second"
+            )
     longest_in = lengths["input_len"] or lengths["max_input_len"]
     longest_out = lengths["output_len"] or lengths["max_output_len"]
     if longest_in + longest_out > max_model_len:
         in_flag = "--input-len" if lengths["input_len"] else "--max-input-len"
         out_flag = "--output-len" if lengths["output_len"] else "--max-output-len"
-        raise ValueError(f"the longest request needs {longest_in} prompt + {longest_out} output tokens, more than "
-                         f"max_model_len {max_model_len}: lower {in_flag} or {out_flag}")
+        raise ValueError(
+            f"the longest request needs {longest_in} prompt + {longest_out} output tokens, more than "
+            f"max_model_len {max_model_len}: lower {in_flag} or {out_flag}"
+        )
     return lengths, note

@@ -21,17 +21,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model", default=None, help="a model folder, hub id or preset name")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one")
-    parser.add_argument("--api-key", default=None,
-                        help="require `Authorization: Bearer KEY` on /v1 endpoints")
-    parser.add_argument("--served-model-name", nargs="+", default=None,
-                        help="names the API answers to (default: --model)")
-    parser.add_argument("--chat-template", default=None,
-                        help="a Jinja chat template file, used instead of the tokenizer's")
-    parser.add_argument("--allowed-hosts", nargs="+", default=None,
-                        help="Host header names accepted ('*' for any); default without --api-key: IP addresses "
-                             "and localhost only (a defence against DNS rebinding)")
-    parser.add_argument("--max-request-body-bytes", type=int, default=None,
-                        help="larger request bodies get a 413 (default: 4 MiB)")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 endpoints")
+    parser.add_argument(
+        "--served-model-name", nargs="+", default=None, help="names the API answers to (default: --model)"
+    )
+    parser.add_argument(
+        "--chat-template", default=None, help="a Jinja chat template file, used instead of the tokenizer's"
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        help="Host header names accepted ('*' for any); default without --api-key: IP addresses "
+        "and localhost only (a defence against DNS rebinding)",
+    )
+    parser.add_argument(
+        "--max-request-body-bytes", type=int, default=None, help="larger request bodies get a 413 (default: 4 MiB)"
+    )
     parser.add_argument("--enable-fastapi-docs", action="store_true", help="serve /docs and /openapi.json")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
@@ -40,8 +46,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__.splitlines()[0]
+    )
     add_serve_arguments(parser)
     parser.set_defaults(func=run_serve)
     return parser
@@ -66,8 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from mini_infer.async_engine import AsyncLLMEngine
     from mini_infer.entrypoints.openai.api_server import build_app
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.model = args.model or args.model_tag
     if not args.model:
         raise SystemExit("serve: give a model, as `--model PATH` or as the first argument")
@@ -86,17 +92,33 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine.from_config(config)
     names = args.served_model_name or [args.model]
     limits = {} if args.max_request_body_bytes is None else {"max_request_body_bytes": args.max_request_body_bytes}
-    app = build_app(engine, names, api_key=args.api_key, chat_template=chat_template,
-                    allowed_hosts=args.allowed_hosts, enable_docs=args.enable_fastapi_docs, **limits)
+    app = build_app(
+        engine,
+        names,
+        api_key=args.api_key,
+        chat_template=chat_template,
+        allowed_hosts=args.allowed_hosts,
+        enable_docs=args.enable_fastapi_docs,
+        **limits,
+    )
     stats = engine.latest_stats
     blocks = getattr(stats, "num_kv_blocks_total", 0)
     url_host = f"[{host}]" if ":" in host else host
-    logger.info("serving model %s as %s on http://%s:%d "
-                "(max_model_len %d, KV pool %d blocks x %d = %d tokens)%s",
-                args.model, ", ".join(names), url_host, port, engine.max_model_len, blocks, config.block_size,
-                blocks * config.block_size, ", API key required" if args.api_key else "")
-    uvicorn_config = uvicorn.Config(app, log_level=args.log_level, access_log=not args.disable_access_log,
-                                    timeout_graceful_shutdown=5)
+    logger.info(
+        "serving model %s as %s on http://%s:%d (max_model_len %d, KV pool %d blocks x %d = %d tokens)%s",
+        args.model,
+        ", ".join(names),
+        url_host,
+        port,
+        engine.max_model_len,
+        blocks,
+        config.block_size,
+        blocks * config.block_size,
+        ", API key required" if args.api_key else "",
+    )
+    uvicorn_config = uvicorn.Config(
+        app, log_level=args.log_level, access_log=not args.disable_access_log, timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(uvicorn_config)
     try:
         server.run(sockets=[sock])

@@ -79,8 +79,9 @@ def _gemv_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
-def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: GemvConfig | None = None) -> torch.Tensor:
+def gemv_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
+) -> torch.Tensor:
     """F.linear for x: [M, K] with M <= GEMV_MAX_ROWS; weight [N, K] and x with unit last strides.
     Accumulates in float32 and rounds once, as cuBLAS does."""
     require_triton()

@@ -46,8 +46,9 @@ def max_prefill_tiles(num_tokens: int, num_seqs: int, block_m: int) -> int:
     return -(-num_tokens // block_m) + min(num_seqs, num_tokens)
 
 
-def build_prefill_tiles(q_lens: np.ndarray, seq_lens: np.ndarray, block_m: int,
-                        capacity: int | None = None) -> np.ndarray:
+def build_prefill_tiles(
+    q_lens: np.ndarray, seq_lens: np.ndarray, block_m: int, capacity: int | None = None
+) -> np.ndarray:
     """int32 [capacity, 2]: (sequence, query tile) rows, the tiles with the most keys to read first,
     then (-1, -1) up to capacity (default: no padding)."""
     q_lens, seq_lens = np.asarray(q_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)

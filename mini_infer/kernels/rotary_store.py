@@ -20,9 +20,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def rotary_ref(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> None:
+def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     """RoPE of q: [T, Hq, D] and k: [T, Hk, D] in place (views with a unit last stride are fine)."""
     cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
     q.copy_(_rotate(q, cos, sin))
@@ -165,15 +163,35 @@ def _rotary_store_kv_kernel(
     if group < Q_GROUPS:
         heads = group * HEADS + tl.arange(0, HEADS)
         _norm_rope_heads(
-            q_ptr + token * q_token_stride, q_head_stride, heads, heads < NUM_Q_HEADS, cos, sin, q_norm_ptr, eps,
-            HAS_Q_NORM, HEAD_DIM, BLOCK_D, BLOCK_HALF,
+            q_ptr + token * q_token_stride,
+            q_head_stride,
+            heads,
+            heads < NUM_Q_HEADS,
+            cos,
+            sin,
+            q_norm_ptr,
+            eps,
+            HAS_Q_NORM,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_HALF,
         )
     else:
         heads = (group - Q_GROUPS) * HEADS + tl.arange(0, HEADS)
         head_mask = heads < NUM_K_HEADS
         k1, k2 = _norm_rope_heads(
-            k_ptr + token * k_token_stride, k_head_stride, heads, head_mask, cos, sin, k_norm_ptr, eps,
-            HAS_K_NORM, HEAD_DIM, BLOCK_D, BLOCK_HALF,
+            k_ptr + token * k_token_stride,
+            k_head_stride,
+            heads,
+            head_mask,
+            cos,
+            sin,
+            k_norm_ptr,
+            eps,
+            HAS_K_NORM,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_HALF,
         )
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         if slot >= 0:

@@ -47,8 +47,17 @@ class PagedAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         self.ops.rotary_store_kv(
-            positions, q, k, v, cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping,
-            q_norm_weight, k_norm_weight, eps,
+            positions,
+            q,
+            k,
+            v,
+            cos_sin_cache,
+            self.k_cache,
+            self.v_cache,
+            meta.slot_mapping,
+            q_norm_weight,
+            k_norm_weight,
+            eps,
         )
         nd = meta.num_decode_tokens
         if nd == q.shape[0]:
@@ -57,18 +66,36 @@ class PagedAttention(nn.Module):
             )
         elif nd == 0:
             out = self.ops.prefill_attention(
-                q, self.k_cache, self.v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
-                meta.prefill_block_tables, self.scale, meta.prefill_tiles,
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.prefill_cu_seqlens_q,
+                meta.prefill_seq_lens,
+                meta.prefill_block_tables,
+                self.scale,
+                meta.prefill_tiles,
             )
         else:
-            out = torch.cat((
-                self.ops.decode_attention(
-                    q[:nd], self.k_cache, self.v_cache, meta.decode_seq_lens, meta.decode_block_tables,
-                    self.scale,
-                ),
-                self.ops.prefill_attention(
-                    q[nd:], self.k_cache, self.v_cache, meta.prefill_cu_seqlens_q, meta.prefill_seq_lens,
-                    meta.prefill_block_tables, self.scale, meta.prefill_tiles,
-                ),
-            ))
+            out = torch.cat(
+                (
+                    self.ops.decode_attention(
+                        q[:nd],
+                        self.k_cache,
+                        self.v_cache,
+                        meta.decode_seq_lens,
+                        meta.decode_block_tables,
+                        self.scale,
+                    ),
+                    self.ops.prefill_attention(
+                        q[nd:],
+                        self.k_cache,
+                        self.v_cache,
+                        meta.prefill_cu_seqlens_q,
+                        meta.prefill_seq_lens,
+                        meta.prefill_block_tables,
+                        self.scale,
+                        meta.prefill_tiles,
+                    ),
+                )
+            )
         return out.view(-1, self.num_heads * self.head_dim)

@@ -67,8 +67,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value projections in one matrix; heads split across ranks (KV heads are
     replicated when there are fewer of them than ranks)."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 ops: KernelOps = TORCH_OPS) -> None:
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, ops: KernelOps = TORCH_OPS
+    ) -> None:
         tp = get_tp_size()
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp)

@@ -34,8 +34,9 @@ def _corner(shape: tuple[int, ...]) -> tuple[slice, ...]:
 class GraphSet:
     """The graphs of one kind (decode or prefill), one per size, over one set of static buffers."""
 
-    def __init__(self, runner: ModelRunner, sizes: list[int], shape: Callable[[int], tuple[int, int]],
-                 decode: bool) -> None:
+    def __init__(
+        self, runner: ModelRunner, sizes: list[int], shape: Callable[[int], tuple[int, int]], decode: bool
+    ) -> None:
         """shape(size) = (tokens, sequences) of the padded batch a graph of that size runs; decode: its
         sequences have one query token each."""
         self.runner, self.sizes, self.shape, self.is_decode = runner, sorted(sizes), shape, decode
@@ -53,11 +54,16 @@ class GraphSet:
         for size in reversed(self.sizes):
             num_tokens, num_seqs = self.shape(size)
             dummy = StepInputs(
-                token_ids=np.zeros(num_tokens, np.int64), positions=np.zeros(num_tokens, np.int64),
-                slot_mapping=np.full(num_tokens, -1, np.int64), query_lens=np.zeros(num_seqs, np.int64),
-                seq_lens=np.zeros(num_seqs, np.int64), block_tables=np.zeros((num_seqs, max_blocks), np.int32),
+                token_ids=np.zeros(num_tokens, np.int64),
+                positions=np.zeros(num_tokens, np.int64),
+                slot_mapping=np.full(num_tokens, -1, np.int64),
+                query_lens=np.zeros(num_seqs, np.int64),
+                seq_lens=np.zeros(num_seqs, np.int64),
+                block_tables=np.zeros((num_seqs, max_blocks), np.int32),
                 num_decodes=num_seqs if self.is_decode else 0,
-                logits_indices=np.zeros(0, np.int64), pending=np.zeros((0, 2), np.int64))
+                logits_indices=np.zeros(0, np.int64),
+                pending=np.zeros((0, 2), np.int64),
+            )
             ids, positions, meta = self.runner.prepare(dummy, self._make_buffer)
             self.replays[size], pool = self.runner.record(meta, ids, positions, pool)
         return pool
@@ -100,8 +106,12 @@ class CUDAGraphs:
         top = min(config.max_num_batched_tokens, PREFILL_GRAPH_MAX_TOKENS)
         # powers of two to 512, then every 512: padding wastes at most half a small chunk, 511 tokens of a large one
         sizes = [t for t in (16, 32, 64, 128, 256) if t < top] + list(range(512, top, 512)) + [top]
-        self.prefill = GraphSet(runner, sorted(set(sizes)) if config.cuda_graph_prefill else [],
-                                lambda t: (t, self.max_prefill_seqs), decode=False)
+        self.prefill = GraphSet(
+            runner,
+            sorted(set(sizes)) if config.cuda_graph_prefill else [],
+            lambda t: (t, self.max_prefill_seqs),
+            decode=False,
+        )
 
     def capture(self) -> None:
         pool = self.decode.capture(None)

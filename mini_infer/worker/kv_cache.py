@@ -38,8 +38,9 @@ class KVCache:
             layer.bind_kv_cache(self.tensors[-1])
 
 
-def num_kv_blocks(config: EngineConfig, kv_cache: KVCache, max_model_len: int,
-                  profile_free_memory: Callable[[], int]) -> int:
+def num_kv_blocks(
+    config: EngineConfig, kv_cache: KVCache, max_model_len: int, profile_free_memory: Callable[[], int]
+) -> int:
     """How many KV blocks fit: forced, or from free GPU memory after a profiling pass, or (CPU) from
     `cpu_kv_cache_gib`. Never more than max_num_seqs full-length sequences need."""
     if config.num_gpu_blocks_override is not None:
@@ -57,8 +58,13 @@ def num_kv_blocks(config: EngineConfig, kv_cache: KVCache, max_model_len: int,
     return int(num_blocks)
 
 
-def profile_free_gpu_memory(config: EngineConfig, kv_cache: KVCache, max_model_len: int,
-                            run_batch: Callable[[list[int]], None], graph_batch: int | None) -> int:
+def profile_free_gpu_memory(
+    config: EngineConfig,
+    kv_cache: KVCache,
+    max_model_len: int,
+    run_batch: Callable[[list[int]], None],
+    graph_batch: int | None,
+) -> int:
     """Runs the largest batch the scheduler can form on a throwaway cache and returns the bytes left for
     the KV pool under gpu_memory_utilization, after what CUDA graphs will need. run_batch(lens) runs a step
     of prompts of those lengths; graph_batch: the largest decode batch graphs capture (None: no graphs)."""
@@ -86,7 +92,11 @@ def profile_free_gpu_memory(config: EngineConfig, kv_cache: KVCache, max_model_l
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     budget = int(total * config.gpu_memory_utilization) - (total - free) - peak_extra - graph_reserve
-    logger.info("profiling: %.2f GiB in use, activation peak %.2f GiB, CUDA graphs %.2f GiB, "
-                "%.2f GiB left for the KV pool", (total - free) / 2**30, peak_extra / 2**30,
-                graph_reserve / 2**30, budget / 2**30)
+    logger.info(
+        "profiling: %.2f GiB in use, activation peak %.2f GiB, CUDA graphs %.2f GiB, %.2f GiB left for the KV pool",
+        (total - free) / 2**30,
+        peak_extra / 2**30,
+        graph_reserve / 2**30,
+        budget / 2**30,
+    )
     return max(budget, 0)

@@ -69,8 +69,16 @@ class PendingStep:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, config: EngineConfig, hf_config: PretrainedConfig, dtype: torch.dtype,
-                 device: torch.device, max_model_len: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EngineConfig,
+        hf_config: PretrainedConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int,
+        backend: AttentionBackend,
+    ) -> None:
         self.model, self.config, self.backend = model, config, backend
         self.dtype, self.device = dtype, device
         self.block_size, self.max_model_len = config.block_size, max_model_len
@@ -88,8 +96,14 @@ class ModelRunner:
     def init_kv_cache(self) -> int:
         """Sizes and allocates the KV pool, then captures the CUDA graphs and warms the sampler up."""
         graph_batch = min(self.config.max_num_seqs, 512) if self.use_cuda_graphs else None
-        num_blocks = num_kv_blocks(self.config, self.kv_cache, self.max_model_len, lambda: profile_free_gpu_memory(
-            self.config, self.kv_cache, self.max_model_len, self._profile_run, graph_batch))
+        num_blocks = num_kv_blocks(
+            self.config,
+            self.kv_cache,
+            self.max_model_len,
+            lambda: profile_free_gpu_memory(
+                self.config, self.kv_cache, self.max_model_len, self._profile_run, graph_batch
+            ),
+        )
         self.kv_cache.allocate(num_blocks)
         if self.use_cuda_graphs:
             self.capture_cuda_graphs()
@@ -107,11 +121,13 @@ class ModelRunner:
             seqs.append(ScheduledSeq(seq, 0, n, True, 0))
         inputs = build_step_inputs(seqs, 0, self.block_size, {})
         with torch.inference_mode():
-            logits = self.model.compute_logits(self._forward(inputs)[to_device(inputs.logits_indices, torch.int64,
-                                                                                self.device)])
+            logits = self.model.compute_logits(
+                self._forward(inputs)[to_device(inputs.logits_indices, torch.int64, self.device)]
+            )
         params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * len(lens)
-        batch = build_sampling_batch(params, [[0]] * len(lens), [[]] * len(lens), [None] * len(lens),
-                                     self.vocab_size, self.device)
+        batch = build_sampling_batch(
+            params, [[0]] * len(lens), [[]] * len(lens), [None] * len(lens), self.vocab_size, self.device
+        )
         sample(logits.float(), batch)
 
     @torch.inference_mode()
@@ -122,10 +138,14 @@ class ModelRunner:
         self.graphs.capture()
         if cuda:
             torch.cuda.synchronize()
-            logger.info("captured %d decode CUDA graphs (batch 1..%d) and %d prefill graphs (up to %d tokens) "
-                        "using %.2f GiB", len(self.graphs.decode.sizes), self.graphs.max_batch,
-                        len(self.graphs.prefill.sizes), max(self.graphs.prefill.sizes, default=0),
-                        (free_before - torch.cuda.mem_get_info()[0]) / 2**30)
+            logger.info(
+                "captured %d decode CUDA graphs (batch 1..%d) and %d prefill graphs (up to %d tokens) using %.2f GiB",
+                len(self.graphs.decode.sizes),
+                self.graphs.max_batch,
+                len(self.graphs.prefill.sizes),
+                max(self.graphs.prefill.sizes, default=0),
+                (free_before - torch.cuda.mem_get_info()[0]) / 2**30,
+            )
 
     @torch.inference_mode()
     def warm_up_sampling(self) -> None:
@@ -136,8 +156,9 @@ class ModelRunner:
         for n in range(1, self.config.max_num_seqs + 1):
             logits = self.model.compute_logits(torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device))
             params = [SamplingParams(temperature=1.0)] * n
-            batch = build_sampling_batch(params, [[0]] * n, [[]] * n, [None] * n, self.vocab_size, self.device,
-                                         seeds=list(range(n)))
+            batch = build_sampling_batch(
+                params, [[0]] * n, [[]] * n, [None] * n, self.vocab_size, self.device, seeds=list(range(n))
+            )
             sample_on_device(logits, batch)
             if n in (1, 2, self.config.max_num_seqs):  # logprobs and penalties sample float32 logits
                 sample_on_device(logits.float(), batch)
@@ -161,11 +182,13 @@ class ModelRunner:
         with forward_context(meta):
             return self.model(ids, positions)
 
-    def record(self, meta: AttentionMetadata, ids: torch.Tensor, positions: torch.Tensor,
-               pool: object) -> tuple[Callable[[], torch.Tensor], object]:
+    def record(
+        self, meta: AttentionMetadata, ids: torch.Tensor, positions: torch.Tensor, pool: object
+    ) -> tuple[Callable[[], torch.Tensor], object]:
         """A replayable forward over static inputs and the graph memory pool to share with the next:
         a CUDA graph, or off CUDA (tests of the static-input path) the same forward run eagerly."""
         if self.device.type != "cuda":
+
             def run_eagerly() -> torch.Tensor:
                 with forward_context(meta):
                     return self.model(ids, positions)
@@ -229,8 +252,10 @@ class ModelRunner:
             params,
             [s.seq.prompt_token_ids for s in sampling],
             [s.seq.output_token_ids for s in sampling] if penalties else [[]] * len(sampling),
-            [None if s.seq.params.seed is None else torch.Generator(self.device).manual_seed(seed)
-             for s, seed in zip(sampling, seeds)],
+            [
+                None if s.seq.params.seed is None else torch.Generator(self.device).manual_seed(seed)
+                for s, seed in zip(sampling, seeds)
+            ],
             self.vocab_size,
             self.device,
             num_outputs=[s.num_generated for s in sampling],
@@ -246,8 +271,10 @@ class ModelRunner:
         and how many tokens it has made (so its tokens do not depend on its batch); the others are fresh."""
         fresh = self.seed_rng.integers(0, 2**63 - 1, size=len(sampling)).tolist()
         seeds = [s.seq.params.seed for s in sampling]
-        return [r if seed is None else hash((seed, s.seq.index, s.num_generated)) & (2**63 - 1)
-                for s, seed, r in zip(sampling, seeds, fresh)]
+        return [
+            r if seed is None else hash((seed, s.seq.index, s.num_generated)) & (2**63 - 1)
+            for s, seed, r in zip(sampling, seeds, fresh)
+        ]
 
     # -- prompt logprobs ----------------------------------------------------------------------
     def _prompt_logprob_rows(self, out: SchedulerOutput) -> list[tuple[int, int, list[int], list[int]]]:
@@ -263,8 +290,9 @@ class ModelRunner:
             offset += s.num_new_tokens
         return entries
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, entries: list, out: SchedulerOutput,
-                         chunk_rows: int = 512) -> dict[int, tuple[int, list]]:
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, entries: list, out: SchedulerOutput, chunk_rows: int = 512
+    ) -> dict[int, tuple[int, list]]:
         """Per sequence: (first position, [(logprob, rank, top ids, top logprobs)] per position), read back
         at once. Logits are made `chunk_rows` rows at a time, since a whole prompt's would not fit."""
         k = max(s.seq.params.prompt_logprobs or 0 for s in out.seqs)

@@ -45,14 +45,20 @@ class StepInputs:
             return np.concatenate((a, np.full(n - len(a), value, dtype=a.dtype))) if n > len(a) else a
 
         all_decodes = self.num_decodes == self.num_seqs  # a decode batch stays one (padding rows decode nothing)
-        return replace(self, token_ids=pad(self.token_ids, num_tokens, 0), positions=pad(self.positions, num_tokens, 0),
-                       slot_mapping=pad(self.slot_mapping, num_tokens, -1),
-                       query_lens=pad(self.query_lens, num_seqs, 0), seq_lens=pad(self.seq_lens, num_seqs, 0),
-                       num_decodes=num_seqs if all_decodes else self.num_decodes)
+        return replace(
+            self,
+            token_ids=pad(self.token_ids, num_tokens, 0),
+            positions=pad(self.positions, num_tokens, 0),
+            slot_mapping=pad(self.slot_mapping, num_tokens, -1),
+            query_lens=pad(self.query_lens, num_seqs, 0),
+            seq_lens=pad(self.seq_lens, num_seqs, 0),
+            num_decodes=num_seqs if all_decodes else self.num_decodes,
+        )
 
 
-def build_step_inputs(seqs: list[ScheduledSeq], num_decodes: int, block_size: int,
-                      last_rows: dict[int, int]) -> StepInputs:
+def build_step_inputs(
+    seqs: list[ScheduledSeq], num_decodes: int, block_size: int, last_rows: dict[int, int]
+) -> StepInputs:
     """last_rows: each sequence's row in the previous step's sampled tokens (for its pending input)."""
     n = len(seqs)
     query_lens = np.fromiter((s.num_new_tokens for s in seqs), np.int64, n)

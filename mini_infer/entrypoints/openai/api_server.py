@@ -31,8 +31,12 @@ from mini_infer.entrypoints.openai.serving_completion import OpenAIServingComple
 
 logger = logging.getLogger(__name__)
 
-_TYPE_BY_STATUS = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-                   503: "server_error"}
+_TYPE_BY_STATUS = {
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    503: "server_error",
+}
 DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 2**20
 
 
@@ -137,8 +141,11 @@ class HostCheckMiddleware:
         if scope["type"] == "http":
             host = Headers(scope=scope).get("host", "")
             if not host_allowed(host, self.allowed_hosts):
-                body = error_body(f"Host {host!r} is not allowed; start the server with --allowed-hosts NAME",
-                                  "permission_error", code="host_not_allowed")
+                body = error_body(
+                    f"Host {host!r} is not allowed; start the server with --allowed-hosts NAME",
+                    "permission_error",
+                    code="host_not_allowed",
+                )
                 await JSONResponse(body, status_code=403)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -158,22 +165,30 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key):
-                body = error_body("missing or wrong API key; send it as `Authorization: Bearer KEY`",
-                                  "authentication_error", code="invalid_api_key")
+                body = error_body(
+                    "missing or wrong API key; send it as `Authorization: Bearer KEY`",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
                 await JSONResponse(body, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-def build_app(engine: AsyncLLMEngine, served_model_names: list[str], api_key: str | None = None,
-              chat_template: str | None = None, metrics: ServerMetrics | None = None,
-              allowed_hosts: list[str] | None = None, max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
-              enable_docs: bool = False) -> FastAPI:
+def build_app(
+    engine: AsyncLLMEngine,
+    served_model_names: list[str],
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    metrics: ServerMetrics | None = None,
+    allowed_hosts: list[str] | None = None,
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+    enable_docs: bool = False,
+) -> FastAPI:
     """An app that serves `engine` as `served_model_names` (the first is the default, and the only name
     the API and /metrics show). Without an API key, the Host header is checked (`host_allowed`)."""
     docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="mini-infer OpenAI-compatible server", version=getattr(mini_infer, "__version__", ""),
-                  **docs)
+    app = FastAPI(title="mini-infer OpenAI-compatible server", version=getattr(mini_infer, "__version__", ""), **docs)
     completion = OpenAIServingCompletion(engine, served_model_names)
     chat = OpenAIServingChat(engine, served_model_names, chat_template)
     metrics = metrics or ServerMetrics(served_model_names[0], lambda: engine.latest_stats, engine.max_model_len)
@@ -224,8 +239,18 @@ def build_app(engine: AsyncLLMEngine, served_model_names: list[str], api_key: st
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         root = served_model_names[0]  # not the model's path: that stays on the server
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "mini-infer", "root": root,
-                 "parent": None, "max_model_len": engine.max_model_len} for name in served_model_names]
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "mini-infer",
+                "root": root,
+                "parent": None,
+                "max_model_len": engine.max_model_len,
+            }
+            for name in served_model_names
+        ]
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")

@@ -17,12 +17,74 @@ from prometheus_client.registry import Collector
 PREFIX = "mini_infer:"
 
 # vLLM's buckets: TTFT and ITL are short, end-to-end latency spans minutes.
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                10.0, 20.0, 40.0, 80.0)
-_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+_ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 _ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
@@ -53,8 +115,10 @@ class _EngineStatsCollector(Collector):
         gauges = {
             "num_requests_running": ("Number of requests in model execution batches.", stats.num_running),
             "num_requests_waiting": ("Number of requests waiting to be processed.", stats.num_waiting),
-            "kv_cache_usage_perc": ("KV-cache usage. 1 means 100 percent usage.",
-                                    used_blocks / total_blocks if total_blocks else 0.0),
+            "kv_cache_usage_perc": (
+                "KV-cache usage. 1 means 100 percent usage.",
+                used_blocks / total_blocks if total_blocks else 0.0,
+            ),
         }
         for name, (doc, value) in gauges.items():
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
@@ -81,27 +145,54 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry.register(_EngineStatsCollector(read_stats, model_name))
         self.request_success = Counter(
-            PREFIX + "request_success", "Count of finished requests, by finish reason.",
-            ["model_name", "finished_reason"], registry=self.registry)
+            PREFIX + "request_success",
+            "Count of finished requests, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
         self.time_to_first_token = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-            ["model_name"], buckets=_TTFT_BUCKETS, registry=self.registry)
+            PREFIX + "time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            ["model_name"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
         self.inter_token_latency = Histogram(
-            PREFIX + "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-            ["model_name"], buckets=_ITL_BUCKETS, registry=self.registry)
+            PREFIX + "inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            ["model_name"],
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
+        )
         self.e2e_request_latency = Histogram(
-            PREFIX + "e2e_request_latency_seconds", "Histogram of end-to-end request latency in seconds.",
-            ["model_name"], buckets=_E2E_BUCKETS, registry=self.registry)
+            PREFIX + "e2e_request_latency_seconds",
+            "Histogram of end-to-end request latency in seconds.",
+            ["model_name"],
+            buckets=_E2E_BUCKETS,
+            registry=self.registry,
+        )
         self.iteration_tokens = Histogram(
-            PREFIX + "iteration_tokens_total", "Histogram of number of tokens per engine_step.",
-            ["model_name"], buckets=_ITERATION_TOKEN_BUCKETS, registry=self.registry)
+            PREFIX + "iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            ["model_name"],
+            buckets=_ITERATION_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
         token_buckets = buckets_1_2_5(max_model_len)
         self.request_prompt_tokens = Histogram(
-            PREFIX + "request_prompt_tokens", "Number of prefill tokens processed.",
-            ["model_name"], buckets=token_buckets, registry=self.registry)
+            PREFIX + "request_prompt_tokens",
+            "Number of prefill tokens processed.",
+            ["model_name"],
+            buckets=token_buckets,
+            registry=self.registry,
+        )
         self.request_generation_tokens = Histogram(
-            PREFIX + "request_generation_tokens", "Number of generation tokens processed.",
-            ["model_name"], buckets=token_buckets, registry=self.registry)
+            PREFIX + "request_generation_tokens",
+            "Number of generation tokens processed.",
+            ["model_name"],
+            buckets=token_buckets,
+            registry=self.registry,
+        )
         phases = {
             "queue": "Histogram of time spent in WAITING phase for request.",
             "prefill": "Histogram of time spent in PREFILL phase for request.",
@@ -109,8 +200,13 @@ class ServerMetrics:
             "inference": "Histogram of time spent in RUNNING phase for request.",
         }
         self.phase_time = {
-            phase: Histogram(PREFIX + f"request_{phase}_time_seconds", doc, ["model_name"], buckets=_E2E_BUCKETS,
-                             registry=self.registry)
+            phase: Histogram(
+                PREFIX + f"request_{phase}_time_seconds",
+                doc,
+                ["model_name"],
+                buckets=_E2E_BUCKETS,
+                registry=self.registry,
+            )
             for phase, doc in phases.items()
         }
 
@@ -131,10 +227,12 @@ class ServerMetrics:
         if m is None or m.first_scheduled_time is None or m.finished_time is None:
             return
         first_token = m.first_token_time if m.first_token_time is not None else m.finished_time
-        phases = {"queue": m.first_scheduled_time - m.arrival_time,
-                  "prefill": first_token - m.first_scheduled_time,
-                  "decode": m.finished_time - first_token,
-                  "inference": m.finished_time - m.first_scheduled_time}
+        phases = {
+            "queue": m.first_scheduled_time - m.arrival_time,
+            "prefill": first_token - m.first_scheduled_time,
+            "decode": m.finished_time - first_token,
+            "inference": m.finished_time - m.first_scheduled_time,
+        }
         for phase, seconds in phases.items():
             self.phase_time[phase].labels(self.model_name).observe(max(seconds, 0.0))
 

@@ -20,8 +20,14 @@ from mini_infer.sampling_params import SamplingParams
 class OpenAIError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
-    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -33,8 +39,9 @@ class OpenAIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -54,18 +61,50 @@ def now_s() -> int:
 
 # Fields of the OpenAI or vLLM APIs that mini-infer does not implement yet; sent with a value, they are a 400.
 NOT_SUPPORTED = {
-    "structured outputs": ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                           "guided_decoding_backend", "guided_whitespace_pattern"),
+    "structured outputs": (
+        "structured_outputs",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "guided_decoding_backend",
+        "guided_whitespace_pattern",
+    ),
     "tool calling": ("functions", "function_call"),
     "beam search": ("use_beam_search", "length_penalty"),
-    "this parameter": ("bad_words", "truncate_prompt_tokens", "logits_processors", "prediction", "audio",
-                       "web_search_options", "reasoning_effort", "verbosity", "continue_final_message",
-                       "documents", "mm_processor_kwargs", "return_tokens_as_token_ids", "kv_transfer_params",
-                       "vllm_xargs", "cache_salt", "add_special_tokens", "spaces_between_special_tokens"),
+    "this parameter": (
+        "bad_words",
+        "truncate_prompt_tokens",
+        "logits_processors",
+        "prediction",
+        "audio",
+        "web_search_options",
+        "reasoning_effort",
+        "verbosity",
+        "continue_final_message",
+        "documents",
+        "mm_processor_kwargs",
+        "return_tokens_as_token_ids",
+        "kv_transfer_params",
+        "vllm_xargs",
+        "cache_salt",
+        "add_special_tokens",
+        "spaces_between_special_tokens",
+    ),
 }
 # Fields that change nothing in the answer: accepted and ignored.
-IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
-                     "parallel_tool_calls", "request_id"})
+IGNORED = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+        "parallel_tool_calls",
+        "request_id",
+    }
+)
 
 
 class StreamOptions(BaseModel):
@@ -215,8 +254,10 @@ class ChatCompletionRequest(_SamplingFields):
         if self.tool_choice not in (None, "none", "auto"):
             raise OpenAIError("tool_choice is not supported (there are no tools)", param="tool_choice")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise OpenAIError("response_format: structured outputs are not supported by mini-infer yet; "
-                              "only type 'text' is", param="response_format")
+            raise OpenAIError(
+                "response_format: structured outputs are not supported by mini-infer yet; only type 'text' is",
+                param="response_format",
+            )
         if self.modalities not in (None, ["text"]):
             raise OpenAIError("only the text modality is supported", param="modalities")
         if self.top_logprobs is not None and not self.logprobs:
@@ -234,8 +275,7 @@ class ChatCompletionRequest(_SamplingFields):
                 texts = []
                 for part in content:
                     if part.get("type") != "text" or not isinstance(part.get("text", ""), str):
-                        raise OpenAIError(f"content part type {part.get('type')!r} is not supported",
-                                          param="messages")
+                        raise OpenAIError(f"content part type {part.get('type')!r} is not supported", param="messages")
                     texts.append(part.get("text", ""))
                 content = "\n".join(texts)
             entry = {k: v for k, v in message.model_dump().items() if v is not None}

@@ -43,8 +43,7 @@ class OpenAIServing:
         """The name to answer with; 404 for a model this server does not serve."""
         if name is None or name in self.served_model_names:
             return name or self.served_model_names[0]
-        raise OpenAIError(f"The model `{name}` does not exist.", status=404, param="model",
-                          code="model_not_found")
+        raise OpenAIError(f"The model `{name}` does not exist.", status=404, param="model", code="model_not_found")
 
     def require_tokenizer(self, why: str) -> Any:
         if self.tokenizer is None:
@@ -56,11 +55,14 @@ class OpenAIServing:
         limit = self.engine.config.max_seqs_per_request
         if num_prompts * n > limit:
             what = f"{num_prompts} prompts x n={n}" if num_prompts > 1 else f"n={n}"
-            raise OpenAIError(f"{what} asks for {num_prompts * n} sequences; at most {limit} "
-                              "(max_seqs_per_request) per request", param="n")
+            raise OpenAIError(
+                f"{what} asks for {num_prompts * n} sequences; at most {limit} (max_seqs_per_request) per request",
+                param="n",
+            )
 
-    async def start_requests(self, base_id: str, prompts: list[Any], params: SamplingParams,
-                             priority: int = 0) -> list[RequestStream]:
+    async def start_requests(
+        self, base_id: str, prompts: list[Any], params: SamplingParams, priority: int = 0
+    ) -> list[RequestStream]:
         """Adds one engine request per prompt (the async engine tokenizes in a worker thread); if the engine
         refuses one, takes back the others."""
         self.check_fan_out(len(prompts), params.n)
@@ -167,8 +169,11 @@ def usage(finals: list[RequestOutput | None], num_cached: bool = True) -> dict[s
     """Token counts of the outputs so far (the final ones, or the latest for continuous usage stats)."""
     prompt_tokens = sum(len(o.prompt_token_ids) for o in finals if o is not None)
     completion_tokens = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
-    result: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens}
+    result: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     if num_cached:
         cached = sum(getattr(o, "num_cached_tokens", 0) or 0 for o in finals if o is not None)
         result["prompt_tokens_details"] = {"cached_tokens": cached}
@@ -191,8 +196,14 @@ def top_entries(entry: dict[int, Any], num: int) -> list[tuple[int, Any]]:
     return sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num]
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Any] | None], num_top: int,
-                        text_offset: int, tokenizer: Any, texts: list[str] | None = None) -> dict[str, Any]:
+def completion_logprobs(
+    token_ids: list[int],
+    logprobs: list[dict[int, Any] | None],
+    num_top: int,
+    text_offset: int,
+    tokenizer: Any,
+    texts: list[str] | None = None,
+) -> dict[str, Any]:
     """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset. An entry of None
     (an echoed prompt's first token) has no logprobs; `texts` overrides the tokens' texts."""
     tokens: list[str] = []
@@ -220,29 +231,38 @@ def prompt_logprobs_json(entries: list[dict[int, Any] | None] | None) -> list[di
     """vLLM's `prompt_logprobs` field: per prompt token None or {token id: {logprob, rank, decoded_token}}."""
     if entries is None:
         return None
-    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
-                                             "decoded_token": lp.decoded_token} for t, lp in e.items()}
-            for e in entries]
+    return [
+        None
+        if e is None
+        else {
+            str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token} for t, lp in e.items()
+        }
+        for e in entries
+    ]
 
 
-def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Any]], num_top: int,
-                  tokenizer: Any) -> dict[str, Any]:
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Any]], num_top: int, tokenizer: Any) -> dict[str, Any]:
     """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}; the tokens (and their
     bytes) join to the message's content."""
     content = []
     for token_id, entry in zip(token_ids, logprobs):
         sampled = entry.get(token_id)
         text = token_text(sampled, token_id, tokenizer)
-        content.append({
-            "token": text,
-            "logprob": sampled.logprob if sampled is not None else float("-inf"),
-            "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [
-                {"token": (t := token_text(lp, tid, tokenizer)), "logprob": lp.logprob,
-                 "bytes": list(t.encode("utf-8"))}
-                for tid, lp in top_entries(entry, num_top)
-            ],
-        })
+        content.append(
+            {
+                "token": text,
+                "logprob": sampled.logprob if sampled is not None else float("-inf"),
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [
+                    {
+                        "token": (t := token_text(lp, tid, tokenizer)),
+                        "logprob": lp.logprob,
+                        "bytes": list(t.encode("utf-8")),
+                    }
+                    for tid, lp in top_entries(entry, num_top)
+                ],
+            }
+        )
     return {"content": content}
 
 
@@ -254,8 +274,9 @@ class ChoiceTracker:
         self.num_tokens: dict[int, int] = {}
         self.finished: set[int] = set()
 
-    def delta(self, index: int, text: str, token_ids: list[int], finish_reason: str | None
-              ) -> tuple[str, int, int, bool] | None:
+    def delta(
+        self, index: int, text: str, token_ids: list[int], finish_reason: str | None
+    ) -> tuple[str, int, int, bool] | None:
         """(new text, first new token, end token, finishing now), or None when nothing changed."""
         if index in self.finished:
             return None

@@ -24,8 +24,7 @@ from mini_infer.outputs import RequestOutput
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str],
-                 chat_template: str | None = None) -> None:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], chat_template: str | None = None) -> None:
         super().__init__(engine, served_model_names)
         self.chat_template = chat_template
 
@@ -34,19 +33,26 @@ class OpenAIServingChat(OpenAIServing):
         Blocking work: the caller runs it off the event loop and the engine thread."""
         tokenizer = self.require_tokenizer("it cannot apply a chat template")
         if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise OpenAIError("this model's tokenizer has no chat template; start the server with "
-                              "--chat-template FILE, or use /v1/completions")
+            raise OpenAIError(
+                "this model's tokenizer has no chat template; start the server with "
+                "--chat-template FILE, or use /v1/completions"
+            )
         try:
             text = tokenizer.apply_chat_template(
-                request.conversation(), tokenize=False, add_generation_prompt=request.add_generation_prompt,
-                chat_template=self.chat_template, **(request.chat_template_kwargs or {}))
+                request.conversation(),
+                tokenize=False,
+                add_generation_prompt=request.add_generation_prompt,
+                chat_template=self.chat_template,
+                **(request.chat_template_kwargs or {}),
+            )
         except OpenAIError:
             raise
         except Exception as exc:  # noqa: BLE001 - template errors come from user content
             raise OpenAIError(f"the chat template failed on these messages: {exc}", param="messages") from exc
         if not isinstance(text, str):
-            raise OpenAIError("chat_template_kwargs must not change what the template returns",
-                              param="chat_template_kwargs")
+            raise OpenAIError(
+                "chat_template_kwargs must not change what the template returns", param="chat_template_kwargs"
+            )
         return self.engine.engine.tokenize(text, add_special_tokens=False)
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
@@ -56,8 +62,9 @@ class OpenAIServingChat(OpenAIServing):
         text, prompt_ids = await self.engine.run_blocking(self.render_prompt, request)
         request_id = random_id("chatcmpl")
         created = now_s()
-        streams = await self.start_requests(request_id, [{"prompt": text, "prompt_token_ids": prompt_ids}], params,
-                                            request.priority)
+        streams = await self.start_requests(
+            request_id, [{"prompt": text, "prompt_token_ids": prompt_ids}], params, request.priority
+        )
         if request.stream:
             chunks = self._stream(request, streams, request_id, created, model)
             return StreamingResponse(stream_errors(request_id, chunks), media_type="text/event-stream")
@@ -69,34 +76,63 @@ class OpenAIServingChat(OpenAIServing):
             return None
         return chat_logprobs(token_ids, logprobs, request.top_logprobs or 0, self.tokenizer)
 
-    def _full_response(self, request: ChatCompletionRequest, final: RequestOutput | None, request_id: str,
-                       created: int, model: str) -> dict[str, Any]:
+    def _full_response(
+        self, request: ChatCompletionRequest, final: RequestOutput | None, request_id: str, created: int, model: str
+    ) -> dict[str, Any]:
         choices = []
         for c in final.outputs if final is not None else []:
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": self._logprobs(request, c.token_ids, c.logprobs),
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        body = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": choices, "usage": usage([final])}
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._logprobs(request, c.token_ids, c.logprobs),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
+        body = {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage([final]),
+        }
         if request.prompt_logprobs is not None and final is not None:
             body["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs)
         return body
 
-    async def _stream(self, request: ChatCompletionRequest, streams: list, request_id: str, created: int,
-                      model: str) -> AsyncIterator[str]:
+    async def _stream(
+        self, request: ChatCompletionRequest, streams: list, request_id: str, created: int, model: str
+    ) -> AsyncIterator[str]:
         final: RequestOutput | None = None
 
         def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": choices}
+            body = {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
             if request.include_usage:
                 body["usage"] = usage([final]) if request.continuous_usage and final is not None else None
             return body
 
         tracker = ChoiceTracker()
         for index in range(request.n):
-            yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}]))
+            yield sse(
+                chunk(
+                    [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
         async for _, output in self.merge(streams):
             final = output
             for c in output.outputs:
@@ -107,9 +143,17 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs = None
                 if request.logprobs and c.logprobs is not None:
                     logprobs = self._logprobs(request, c.token_ids[start:end], c.logprobs[start:end])
-                body = chunk([{"index": c.index, "delta": {"content": text}, "logprobs": logprobs,
-                               "finish_reason": c.finish_reason if finishing else None,
-                               "stop_reason": c.stop_reason if finishing else None}])
+                body = chunk(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {"content": text},
+                            "logprobs": logprobs,
+                            "finish_reason": c.finish_reason if finishing else None,
+                            "stop_reason": c.stop_reason if finishing else None,
+                        }
+                    ]
+                )
                 if request.prompt_logprobs is not None and start == 0:
                     body["prompt_logprobs"] = prompt_logprobs_json(output.prompt_logprobs)
                 yield sse(body)

@@ -49,8 +49,9 @@ class OpenAIServingCompletion(OpenAIServing):
         finals = await run_until_disconnected(raw_request, self.collect(streams))
         return self._full_response(request, finals, prompts, request_id, created, model)
 
-    def _echo(self, request: CompletionRequest, prompt: str | list[int], output: RequestOutput
-              ) -> tuple[str, dict[str, Any] | None]:
+    def _echo(
+        self, request: CompletionRequest, prompt: str | list[int], output: RequestOutput
+    ) -> tuple[str, dict[str, Any] | None]:
         """The echoed prompt's text and, with logprobs, its tokens' logprobs (the first has none). With
         logprobs the text is the join of the prompt's token texts, so the tokens join to the choice's text."""
         if request.logprobs is None or output.prompt_logprobs is None:
@@ -63,36 +64,56 @@ class OpenAIServingCompletion(OpenAIServing):
         logprobs = completion_logprobs(ids, output.prompt_logprobs, request.logprobs, 0, self.tokenizer, texts)
         return "".join(texts), logprobs
 
-    def _choice_logprobs(self, request: CompletionRequest, c: Any, start: int, end: int, offset: int,
-                         echoed: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _choice_logprobs(
+        self, request: CompletionRequest, c: Any, start: int, end: int, offset: int, echoed: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
         if request.logprobs is None or c.logprobs is None:
             return None
-        logprobs = completion_logprobs(c.token_ids[start:end], c.logprobs[start:end], request.logprobs, offset,
-                                       self.tokenizer)
+        logprobs = completion_logprobs(
+            c.token_ids[start:end], c.logprobs[start:end], request.logprobs, offset, self.tokenizer
+        )
         if echoed is not None:
             logprobs = {k: echoed[k] + logprobs[k] for k in logprobs}
         return logprobs
 
-    def _full_response(self, request: CompletionRequest, finals: list[RequestOutput | None],
-                       prompts: list, request_id: str, created: int, model: str) -> dict[str, Any]:
+    def _full_response(
+        self,
+        request: CompletionRequest,
+        finals: list[RequestOutput | None],
+        prompts: list,
+        request_id: str,
+        created: int,
+        model: str,
+    ) -> dict[str, Any]:
         choices = []
         for i, final in enumerate(finals):
             if final is None:
                 continue
             prefix, echoed = self._echo(request, prompts[i], final) if request.echo else ("", None)
             for c in final.outputs:
-                choice = {"index": i * request.n + c.index, "text": prefix + c.text,
-                          "logprobs": self._choice_logprobs(request, c, 0, len(c.token_ids), len(prefix), echoed),
-                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                choice = {
+                    "index": i * request.n + c.index,
+                    "text": prefix + c.text,
+                    "logprobs": self._choice_logprobs(request, c, 0, len(c.token_ids), len(prefix), echoed),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
                 if request.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs)
                 choices.append(choice)
         choices.sort(key=lambda c: c["index"])
-        return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                "choices": choices, "usage": usage(finals)}
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage(finals),
+        }
 
-    async def _stream(self, request: CompletionRequest, streams: list, prompts: list, request_id: str,
-                      created: int, model: str) -> AsyncIterator[str]:
+    async def _stream(
+        self, request: CompletionRequest, streams: list, prompts: list, request_id: str, created: int, model: str
+    ) -> AsyncIterator[str]:
         tracker = ChoiceTracker()
         finals: list[RequestOutput | None] = [None] * len(streams)
         echoed: set[int] = set()
@@ -114,16 +135,33 @@ class OpenAIServingCompletion(OpenAIServing):
                 if logprobs is not None:
                     new_tokens = logprobs["tokens"][len(prompt_part["tokens"]) if prompt_part else 0 :]
                     offsets[index] = offset + sum(len(t) for t in new_tokens)
-                choice = {"index": index, "text": text, "logprobs": logprobs,
-                          "finish_reason": c.finish_reason if finishing else None,
-                          "stop_reason": c.stop_reason if finishing else None}
+                choice = {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason if finishing else None,
+                    "stop_reason": c.stop_reason if finishing else None,
+                }
                 if request.prompt_logprobs is not None and start == 0:
                     choice["prompt_logprobs"] = prompt_logprobs_json(output.prompt_logprobs)
-                chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                         "choices": [choice]}
+                chunk = {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [choice],
+                }
                 if request.include_usage:
                     chunk["usage"] = usage(finals) if request.continuous_usage else None
                 yield sse(chunk)
         if request.include_usage:
-            yield sse({"id": request_id, "object": "text_completion", "created": created,
-                       "model": model, "choices": [], "usage": usage(finals)})
+            yield sse(
+                {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage(finals),
+                }
+            )
