@@ -71,11 +71,16 @@ class Detokenizer:
         ]
 
     def next_token_texts(
-        self, ids: list[int], window: DecodeWindow, candidates: list[int], skip_special_tokens: bool = True
+        self,
+        ids: list[int],
+        window: DecodeWindow,
+        candidates: list[int],
+        skip_special_tokens: bool = True,
+        end: int | None = None,
     ) -> list[str]:
-        """What each candidate would add as the next token after ids, in the context of the text so far
-        (so SentencePiece's leading spaces survive); for logprobs' alternatives."""
-        context = ids[window.prefix_offset :]
+        """What each candidate would add as the next token after ids[:end], in the context of the text so
+        far (so SentencePiece's leading spaces survive); for logprobs' alternatives."""
+        context = ids[window.prefix_offset : end]
         base = self.tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
         texts = []
         for token in candidates:

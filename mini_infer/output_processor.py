@@ -48,6 +48,8 @@ class SeqOutput:
     prompt_token_texts: list[str] | None = None
 
     def __post_init__(self) -> None:
+        # decoding windows are positions in seq.token_ids: the output starts after the prompt
+        self.window = DecodeWindow(self.seq.num_prompt_tokens, self.seq.num_prompt_tokens)
         if self.seq.params.logprobs is not None:
             self.logprobs = []
         if self.seq.params.prompt_logprobs is not None:
@@ -103,16 +105,21 @@ class OutputProcessor:
         moved: dict[str, RequestState] = {}
         for s in step.prefills:
             if s.seq.seq_id in result.prompt_logprobs and not s.seq.is_finished:
-                self._guarded(
-                    outputs, s.seq, self._record_prompt_logprobs, s.seq, *result.prompt_logprobs[s.seq.seq_id]
-                )
+                try:
+                    self._record_prompt_logprobs(s.seq, *result.prompt_logprobs[s.seq.seq_id])
+                except Exception as exc:
+                    self._fault(exc, s.seq, outputs)
+        logprobs = result.logprobs
         for seq, row in taken:
             request = self.requests.get(seq.request_id)
             if request is None:
                 continue
-            logprobs = result.logprobs[row] if result.logprobs else None
-            if self._guarded(outputs, seq, self._take_token, request, request.outputs[seq.index], logprobs):
-                moved[seq.request_id] = request
+            try:
+                self._take_token(request, request.outputs[seq.index], logprobs[row] if logprobs else None)
+            except Exception as exc:
+                self._fault(exc, seq, outputs)
+                continue
+            moved[seq.request_id] = request
         for request in moved.values():
             if request.request_id not in self.requests:  # failed: its last output is out already
                 continue
@@ -126,18 +133,13 @@ class OutputProcessor:
         """Ends requests whose step failed: finish_reason "error", their blocks freed, a final output each."""
         return [self._fail(self.requests[rid]) for rid in request_ids if rid in self.requests]
 
-    def _guarded(self, outputs: list[RequestOutput], seq: Sequence, fn, *args) -> bool:
-        """Runs one request's processing; a fault there fails that request only. False if it failed."""
-        try:
-            fn(*args)
-            return True
-        except Exception as exc:
-            if is_device_fault(exc):
-                raise
-            logger.exception("request %s failed while processing its output; the others go on", seq.request_id)
-            if seq.request_id in self.requests:
-                outputs.append(self._fail(self.requests[seq.request_id]))
-            return False
+    def _fault(self, exc: Exception, seq: Sequence, outputs: list[RequestOutput]) -> None:
+        """A fault in one request's processing fails that request only (a device fault, everything)."""
+        if is_device_fault(exc):
+            raise exc
+        logger.exception("request %s failed while processing its output; the others go on", seq.request_id)
+        if seq.request_id in self.requests:
+            outputs.append(self._fail(self.requests[seq.request_id]))
 
     def _fail(self, request: RequestState) -> RequestOutput:
         for out in request.outputs:
@@ -154,19 +156,23 @@ class OutputProcessor:
     def _take_token(self, request: RequestState, out: SeqOutput, logprobs: tuple | None) -> None:
         """The newest token's text, logprobs and stop strings; the scheduler may have ended the sequence
         on it already (a stop string still wins over "length")."""
-        seq, params = out.seq, out.seq.params
         self.generation_tokens += 1
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
-        ids = seq.output_token_ids
-        if logprobs is not None and out.logprobs is not None:
-            alternatives = self._alternative_texts(out, ids[:-1], ids[-1], logprobs)
+        detokenizer = self.detokenizer
+        if detokenizer is None and out.logprobs is None:  # token ids only (a preset without a tokenizer)
+            return
+        seq, params = out.seq, out.seq.params
+        ids, token = seq.token_ids, seq.token_ids[-1]
+        want_logprobs = logprobs is not None and out.logprobs is not None
+        if want_logprobs:
+            alternatives = self._alternative_texts(out, token, logprobs)
         text = ""
-        if self.detokenizer is not None:
-            text = self.detokenizer.new_text(ids, out.window, params.skip_special_tokens)
+        if detokenizer is not None:
+            text = detokenizer.new_text(ids, out.window, params.skip_special_tokens)
             out.text += text
-        if logprobs is not None and out.logprobs is not None:
-            self._record_logprobs(out, ids[-1], logprobs, text, alternatives)
+        if want_logprobs:
+            self._record_logprobs(out, token, logprobs, text, alternatives)
         if (
             text
             and params.stop
@@ -178,19 +184,21 @@ class OutputProcessor:
             out.text = out.text[:cut]
             self._trim_logprob_texts(out)
             self.scheduler.finish(seq, "stop", stop)
-        elif seq.is_finished and self.detokenizer is not None:
-            tail = self.detokenizer.new_text(ids, out.window, params.skip_special_tokens, flush=True)
+        elif seq.is_finished and detokenizer is not None:
+            tail = detokenizer.new_text(ids, out.window, params.skip_special_tokens, flush=True)
             out.text += tail
             if tail and out.logprobs:
-                last = out.logprobs[-1][ids[-1]]
+                last = out.logprobs[-1][token]
                 last.decoded_token = (last.decoded_token or "") + tail
 
-    def _alternative_texts(self, out: SeqOutput, ids: list[int], token: int, logprobs: tuple) -> dict[int, str | None]:
-        """The text of each top-logprob alternative other than the sampled token, decoded in context."""
+    def _alternative_texts(self, out: SeqOutput, token: int, logprobs: tuple) -> dict[int, str | None]:
+        """The text of each top-logprob alternative other than the sampled token, decoded in the context
+        before it."""
         top_ids = [t for t in logprobs[2][: out.seq.params.logprobs] if t != token]
         if self.detokenizer is None:
             return dict.fromkeys(top_ids)
-        texts = self.detokenizer.next_token_texts(ids, out.window, top_ids, out.seq.params.skip_special_tokens)
+        ids, skip = out.seq.token_ids, out.seq.params.skip_special_tokens
+        texts = self.detokenizer.next_token_texts(ids, out.window, top_ids, skip, end=len(ids) - 1)
         return dict(zip(top_ids, texts))
 
     def _record_logprobs(

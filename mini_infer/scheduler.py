@@ -152,9 +152,9 @@ class Scheduler:
         published to the prefix cache at once: the forward pass stores every token's K/V before any
         attention reads, so a sequence admitted later in this step (another of n samples) may share them.
         A block holding a pending token waits until the token lands (update_from_output publishes it)."""
-        start = seq.num_computed_tokens
-        samples = start + num_new == seq.num_total_tokens
-        scheduled = ScheduledSeq(seq, start, num_new, samples, seq.num_total_tokens - seq.num_prompt_tokens)
+        start, total = seq.num_computed_tokens, len(seq.token_ids) + seq.num_pending
+        samples = start + num_new == total
+        scheduled = ScheduledSeq(seq, start, num_new, samples, total - len(seq.prompt_token_ids))
         seq.num_computed_tokens += num_new
         seq.num_pending += samples
         self._publish(seq, min(seq.num_computed_tokens, seq.num_tokens))
@@ -201,6 +201,8 @@ class Scheduler:
         return True
 
     def _publish(self, seq: Sequence, num_tokens: int) -> None:
+        if num_tokens // self.block_manager.block_size <= len(seq.block_hashes):  # no block filled: most steps
+            return
         seq.block_hashes += self.block_manager.cache_full_blocks(
             seq.token_ids, seq.block_table, seq.block_hashes, num_tokens
         )
@@ -216,25 +218,27 @@ class Scheduler:
         blocks the tokens completed. Returns (sequence, its row in token_ids) for each sequence that took
         its token; one that finished or was aborted while the step ran drops it."""
         taken = []
+        finished = SequenceStatus.FINISHED
         for row, (s, token) in enumerate(zip(out.sampling, token_ids)):
             seq = s.seq
             seq.num_pending -= 1
-            if seq.is_finished:
+            if seq.status is finished:
                 continue
             seq.token_ids.append(token)
             taken.append((seq, row))
             if stop := self._stop(seq, token):
                 self.finish(seq, *stop)
             else:
-                self._publish(seq, min(seq.num_computed_tokens, seq.num_tokens))
+                self._publish(seq, min(seq.num_computed_tokens, len(seq.token_ids)))
         return taken
 
     def _stop(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
         """(finish reason, stop reason) if this token ends the sequence (stop strings are the output
         processor's: they need the text)."""
         params = seq.params
-        at_limit = seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
-        if seq.num_output_tokens < params.min_tokens:
+        num_output = len(seq.token_ids) - len(seq.prompt_token_ids)
+        at_limit = num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len
+        if num_output < params.min_tokens:
             return ("length", None) if at_limit else None
         if not params.ignore_eos and token in params.eos_token_ids:
             return "stop", None
