@@ -6,10 +6,14 @@ reduce kernel); a plain kernel where each program owns a few output features and
 dimension in wide, pipelined loads matches it on Llama-3-8B's QKV projection and beats it by 5-13% on
 the others (o_proj 20.5 vs 23.2 us, gate_up 90.5 vs 97.2, down 53.7 vs 56.4, LM head 347 vs 387:
 benchmarks/kernels.py --only gemv, benchmarks/results/h100/kernels_gemv_prefill.json).
-At three or more rows cuBLAS's tensor-core tiles win, so `linear_triton` hands those to F.linear.
+On the H200, with 1.4x the bandwidth and the same cores, cuBLAS wins instead: Llama-3-8B decode at batch
+1 takes 4.58 ms with cuBLAS against 4.70 ms with the GEMV, at batch 2 4.65 against 5.75 (the 2-row GEMV
+was slower than batch 4; o_proj alone 17.7 vs 42.1 us): benchmarks/results/h200/. So `linear_triton`
+takes the GEMV up to `GEMV_ROWS_BY_GPU` rows, by GPU, and cuBLAS otherwise.
 The reference is `linear_ref` (F.linear).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +21,18 @@ import torch.nn.functional as F
 
 from mini_infer.kernels._triton import require_triton, tl, triton
 
-GEMV_MAX_ROWS = 2  # measured: at 1 and 2 rows the GEMV beats cuBLAS on every Llama-3-8B projection
+GEMV_MAX_ROWS = 2  # the kernel's limit
+# Rows up to which linear_triton takes the GEMV, as measured end to end on each GPU (above); other GPUs get
+# cuBLAS until measured. Off CUDA (the interpreter tests) the kernel takes its full two rows.
+GEMV_ROWS_BY_GPU = {"H100": 2, "H200": 0}
+
+
+@functools.cache
+def gemv_dispatch_rows(device: torch.device) -> int:
+    if device.type != "cuda":
+        return GEMV_MAX_ROWS
+    name = torch.cuda.get_device_name(device)
+    return next((rows for gpu, rows in GEMV_ROWS_BY_GPU.items() if gpu in name), 0)
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +131,8 @@ def gemv_triton(
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The GEMV for one or two rows (decode at batch 1-2), cuBLAS otherwise."""
-    if x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1:
+    """The GEMV for the few rows it wins at on this GPU (decode at batch 1-2 on an H100), cuBLAS otherwise."""
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if 0 < rows <= gemv_dispatch_rows(x.device) and x.stride(-1) == 1 and weight.stride(-1) == 1:
         return gemv_triton(x, weight, bias)
     return F.linear(x, weight, bias)

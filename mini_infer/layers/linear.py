@@ -4,7 +4,7 @@ Column-parallel layers split their output features across ranks, row-parallel la
 features (followed by an all-reduce). Each parameter carries a `weight_loader` that copies this
 rank's slice of a checkpoint tensor, so models never index weights themselves. With one rank the
 slices are whole tensors. The matrix product itself is the kernel set's `linear` (cuBLAS, or a
-Triton GEMV for one or two rows).
+Triton GEMV for one or two rows where it wins, kernels/gemv.py).
 """
 
 import torch

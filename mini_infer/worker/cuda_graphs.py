@@ -11,6 +11,7 @@ eagerly over the same buffers.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -38,8 +39,9 @@ class GraphSet:
         self, runner: ModelRunner, sizes: list[int], shape: Callable[[int], tuple[int, int]], decode: bool
     ) -> None:
         """shape(size) = (tokens, sequences) of the padded batch a graph of that size runs; decode: its
-        sequences have one query token each."""
-        self.runner, self.sizes, self.shape, self.is_decode = runner, sorted(sizes), shape, decode
+        sequences have one query token each. The runner owns the graphs; the reference back to it is weak,
+        so a dropped engine has no reference cycle and frees its GPU memory at once."""
+        self.runner, self.sizes, self.shape, self.is_decode = weakref.proxy(runner), sorted(sizes), shape, decode
         self.buffers: dict[str, torch.Tensor] = {}
         self.staging: list[dict[str, torch.Tensor]] = [{}, {}]  # filled by turns: a copy may still be queued
         self.replays: dict[int, Callable[[], torch.Tensor]] = {}
@@ -98,7 +100,7 @@ class CUDAGraphs:
 
     def __init__(self, runner: ModelRunner) -> None:
         config = runner.config
-        self.runner = runner
+        self.runner = weakref.proxy(runner)
         self.max_batch = min(config.max_num_seqs, 512)
         sizes = [b for b in (1, 2, 4) if b < self.max_batch] + list(range(8, self.max_batch, 8)) + [self.max_batch]
         self.decode = GraphSet(runner, sorted(set(sizes)), lambda b: (b, b), decode=True)
@@ -106,11 +108,9 @@ class CUDAGraphs:
         top = min(config.max_num_batched_tokens, PREFILL_GRAPH_MAX_TOKENS)
         # powers of two to 512, then every 512: padding wastes at most half a small chunk, 511 tokens of a large one
         sizes = [t for t in (16, 32, 64, 128, 256) if t < top] + list(range(512, top, 512)) + [top]
+        seqs = self.max_prefill_seqs  # (not self in the lambda: that would be a reference cycle)
         self.prefill = GraphSet(
-            runner,
-            sorted(set(sizes)) if config.cuda_graph_prefill else [],
-            lambda t: (t, self.max_prefill_seqs),
-            decode=False,
+            runner, sorted(set(sizes)) if config.cuda_graph_prefill else [], lambda t: (t, seqs), decode=False
         )
 
     def capture(self) -> None:

@@ -151,8 +151,8 @@ class ModelRunner:
     def warm_up_sampling(self) -> None:
         """Runs the LM head and the fused sampler once for every number of rows a step can sample, so
         the Triton kernels outside the CUDA graphs compile now and not in the middle of a run: the GEMV
-        compiles a variant for 1 and for 2 rows, and the sampler's launch shape follows the row count.
-        Each variant costs a few hundred milliseconds once; every call after it, well under one."""
+        compiles its 1- and 2-row variants where it is used, and the sampler's launch shape follows the
+        row count. Each variant costs a few hundred milliseconds once; every call after it, well under one."""
         for n in range(1, self.config.max_num_seqs + 1):
             logits = self.model.compute_logits(torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device))
             params = [SamplingParams(temperature=1.0)] * n
@@ -187,18 +187,19 @@ class ModelRunner:
     ) -> tuple[Callable[[], torch.Tensor], object]:
         """A replayable forward over static inputs and the graph memory pool to share with the next:
         a CUDA graph, or off CUDA (tests of the static-input path) the same forward run eagerly."""
+        model = self.model  # the replays hold the model, not the runner (which holds them)
         if self.device.type != "cuda":
 
             def run_eagerly() -> torch.Tensor:
                 with forward_context(meta):
-                    return self.model(ids, positions)
+                    return model(ids, positions)
 
             return run_eagerly, pool
         with forward_context(meta):
-            self.model(ids, positions)  # warm-up: compiles kernels outside the capture
+            model(ids, positions)  # warm-up: compiles kernels outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(ids, positions)
+                hidden = model(ids, positions)
 
         def replay() -> torch.Tensor:
             graph.replay()
