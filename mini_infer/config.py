@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported where used: the CLI builds its parsers from this module without loading torch
     import torch
 
+    from mini_infer.spec_decode.config import SpeculativeConfig
+
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -57,6 +59,8 @@ class EngineConfig:
     async_scheduling: bool = True  # queue step N+1 before reading step N's tokens (see engine.py)
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for
     max_seqs_per_request: int = 128  # the largest n (a server also counts n x prompts of one call)
+    # vLLM's: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} (or its JSON)
+    speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -72,6 +76,9 @@ class EngineConfig:
         _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _check_positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
         _check_positive("max_seqs_per_request", self.max_seqs_per_request)
+        from mini_infer.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be a non-negative integer, got {self.max_logprobs!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size % 16:

@@ -7,7 +7,8 @@ With async scheduling (the default) a step queues its forward pass and then read
 of the step before it, so the host's bookkeeping overlaps the GPU's work. Sequences plan with their
 pending token counted (Sequence.num_pending); one that stops on a token the host had not read yet
 costs one discarded decode. Penalties need every earlier token, so while a request uses them the
-engine reads each step back before scheduling the next.
+engine reads each step back before scheduling the next, and so it does while speculating (the next step's
+drafts start after the tokens this one accepts).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import gc
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -33,6 +34,7 @@ from mini_infer.output_processor import OutputProcessor, is_device_fault
 from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import Scheduler, SchedulerOutput
+from mini_infer.spec_decode.ngram import NgramProposer
 from mini_infer.worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_scheduled_tokens: int
+    spec_num_draft_tokens: int = 0  # speculative decoding: draft tokens verified, accepted, accepted per position
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_per_pos: list[int] = field(default_factory=list)
 
 
 class StepObserver(Protocol):
@@ -127,7 +132,9 @@ class LLMEngine:
             self.max_model_len,
         )
         block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, block_manager, self.max_model_len)
+        spec = config.speculative_config
+        propose = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec is not None else None
+        self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose)
         self.input_processor = InputProcessor(
             config, self.model_config, self.detokenizer, self.max_model_len, self.eos_token_ids, self.scheduler.fits
         )
@@ -182,7 +189,11 @@ class LLMEngine:
         others go on; a fault in the batch's forward pass fails that batch's requests. Only a device
         fault (a CUDA error, after which nothing on the GPU can be trusted) propagates."""
         start = time.perf_counter()
-        sync = not self.config.async_scheduling or self.output_processor.num_penalty_requests > 0
+        sync = (
+            not self.config.async_scheduling
+            or self.output_processor.num_penalty_requests > 0
+            or self.config.speculative_config is not None
+        )  # a verified run's length is read back first
         outputs: list[RequestOutput] = []
         read: list[PendingStep] = []
         if sync and self.in_flight is not None:  # turned synchronous with a step in flight: read it first
@@ -243,4 +254,7 @@ class LLMEngine:
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.output_processor.generation_tokens,
             num_scheduled_tokens=self.num_scheduled_tokens,
+            spec_num_draft_tokens=scheduler.spec_num_draft_tokens,
+            spec_num_accepted_tokens=scheduler.spec_num_accepted_tokens,
+            spec_num_accepted_per_pos=list(scheduler.spec_num_accepted_per_pos),
         )

@@ -110,12 +110,19 @@ class OutputProcessor:
                 except Exception as exc:
                     self._fault(exc, s.seq, outputs)
         logprobs = result.logprobs
-        for seq, row in taken:
+        for seq, row, num_taken in taken:
             request = self.requests.get(seq.request_id)
             if request is None:
                 continue
+            entries = logprobs[row] if logprobs else None
+            if not isinstance(entries, list):  # one token; a verified run has an entry per token
+                entries = [entries]
+            out, end = request.outputs[seq.index], len(seq.token_ids) - num_taken
             try:
-                self._take_token(request, request.outputs[seq.index], logprobs[row] if logprobs else None)
+                for entry in entries[:num_taken]:
+                    end += 1
+                    if not self._take_token(request, out, entry, end):
+                        break
             except Exception as exc:
                 self._fault(exc, seq, outputs)
                 continue
@@ -153,20 +160,22 @@ class OutputProcessor:
         return self._make_output(request)
 
     # -- one token ------------------------------------------------------------------------------
-    def _take_token(self, request: RequestState, out: SeqOutput, logprobs: tuple | None) -> None:
-        """The newest token's text, logprobs and stop strings; the scheduler may have ended the sequence
-        on it already (a stop string still wins over "length")."""
+    def _take_token(self, request: RequestState, out: SeqOutput, logprobs: tuple | None, end: int) -> bool:
+        """The text, logprobs and stop strings of token end - 1 (the newest, or one of a verified run);
+        the scheduler may have ended the sequence on it already (a stop string still wins over "length").
+        False when a stop string ends the sequence here (the run's later tokens are dropped)."""
         self.generation_tokens += 1
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         detokenizer = self.detokenizer
         if detokenizer is None and out.logprobs is None:  # token ids only (a preset without a tokenizer)
-            return
+            return True
         seq, params = out.seq, out.seq.params
-        ids, token = seq.token_ids, seq.token_ids[-1]
+        ids = seq.token_ids if end == len(seq.token_ids) else seq.token_ids[:end]
+        token = ids[-1]
         want_logprobs = logprobs is not None and out.logprobs is not None
         if want_logprobs:
-            alternatives = self._alternative_texts(out, token, logprobs)
+            alternatives = self._alternative_texts(out, ids, logprobs)
         text = ""
         if detokenizer is not None:
             text = detokenizer.new_text(ids, out.window, params.skip_special_tokens)
@@ -177,27 +186,28 @@ class OutputProcessor:
             text
             and params.stop
             and seq.finish_reason in (None, "length")
-            and seq.num_output_tokens >= params.min_tokens
+            and end - seq.num_prompt_tokens >= params.min_tokens
             and (hit := find_stop_string(out.text, params, len(text)))
         ):
             stop, cut = hit
             out.text = out.text[:cut]
             self._trim_logprob_texts(out)
-            self.scheduler.finish(seq, "stop", stop)
-        elif seq.is_finished and detokenizer is not None:
+            self.scheduler.finish(seq, "stop", stop, num_tokens=end)
+            return False
+        if seq.is_finished and end == len(seq.token_ids) and detokenizer is not None:
             tail = detokenizer.new_text(ids, out.window, params.skip_special_tokens, flush=True)
             out.text += tail
             if tail and out.logprobs:
                 last = out.logprobs[-1][token]
                 last.decoded_token = (last.decoded_token or "") + tail
+        return True
 
-    def _alternative_texts(self, out: SeqOutput, token: int, logprobs: tuple) -> dict[int, str | None]:
-        """The text of each top-logprob alternative other than the sampled token, decoded in the context
-        before it."""
-        top_ids = [t for t in logprobs[2][: out.seq.params.logprobs] if t != token]
+    def _alternative_texts(self, out: SeqOutput, ids: list[int], logprobs: tuple) -> dict[int, str | None]:
+        """The text of each top-logprob alternative to ids[-1], decoded in the context before it."""
+        top_ids = [t for t in logprobs[2][: out.seq.params.logprobs] if t != ids[-1]]
         if self.detokenizer is None:
             return dict.fromkeys(top_ids)
-        ids, skip = out.seq.token_ids, out.seq.params.skip_special_tokens
+        skip = out.seq.params.skip_special_tokens
         texts = self.detokenizer.next_token_texts(ids, out.window, top_ids, skip, end=len(ids) - 1)
         return dict(zip(top_ids, texts))
 

@@ -205,9 +205,25 @@ def sample_on_device(logits: torch.Tensor, b: SamplingBatch) -> DeviceSample:
     plain = b.penalties is None and not b.banned and b.logit_bias is None and b.allowed is None
     if fused and plain and not b.max_logprobs:  # straight from bf16 logits
         return DeviceSample(sample_tokens_triton(logits, b.temperature, b.seeds), None)
+    logits, raw_logprobs = process_logits(logits, b)
+    if fused:  # one read of the logits instead of ~7 torch passes
+        tokens = sample_tokens_triton(logits, b.temperature, b.seeds)
+        return with_logprobs(tokens, raw_logprobs, b)
+    greedy_tokens = logits.argmax(dim=-1)
+    if b.all_greedy:
+        tokens = greedy_tokens
+    else:
+        probs = target_probs(logits, b)
+        random_tokens = (probs / exponential_noise(probs, b.generators)).argmax(dim=-1)
+        tokens = torch.where(b.temperature == 0, greedy_tokens, random_tokens)
+    return with_logprobs(tokens, raw_logprobs, b)
+
+
+def process_logits(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 logits after the logits processors, in vLLM's order (allowed tokens, min_tokens' banned
+    stops, logit bias, penalties), and the raw log-softmax when logprobs are asked for."""
     logits = logits.float()
     raw_logprobs = logits.log_softmax(dim=-1) if b.max_logprobs else None
-    # vLLM's order: allowed tokens, min_tokens' banned stops, logit bias, then penalties
     if b.allowed is not None:
         rows, disallowed = b.allowed
         logits = logits.index_put((rows,), logits[rows].masked_fill(disallowed, float("-inf")))
@@ -221,25 +237,26 @@ def sample_on_device(logits: torch.Tensor, b: SamplingBatch) -> DeviceSample:
         logits = logits.index_put((rows, cols), values, accumulate=True)
     if b.penalties is not None:
         logits = apply_penalties(logits, b)
-    if fused:  # one read of the logits instead of ~7 torch passes
-        tokens = sample_tokens_triton(logits, b.temperature, b.seeds)
-        return _with_logprobs(tokens, raw_logprobs, b)
-    greedy_tokens = logits.argmax(dim=-1)
-    if b.all_greedy:
-        tokens = greedy_tokens
-    else:
-        temperature = b.temperature.clamp(min=1e-5).unsqueeze(1)
-        probs = filter_top_k_top_p_min_p(logits / temperature, b).softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
-        for row, gen in enumerate(b.generators):
-            if gen is not None:
-                noise[row].exponential_(generator=gen)
-        random_tokens = (probs / noise).argmax(dim=-1)
-        tokens = torch.where(b.temperature == 0, greedy_tokens, random_tokens)
-    return _with_logprobs(tokens, raw_logprobs, b)
+    return logits, raw_logprobs
 
 
-def _with_logprobs(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, b: SamplingBatch) -> DeviceSample:
+def target_probs(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """The distribution each row samples from: processed logits over the temperature, then top-k, top-p
+    and min-p."""
+    temperature = b.temperature.clamp(min=1e-5).unsqueeze(1)
+    return filter_top_k_top_p_min_p(logits / temperature, b).softmax(dim=-1)
+
+
+def exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Exp(1) noise for the exponential race (argmax of p / noise draws from p); a seeded row draws its own."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    return noise
+
+
+def with_logprobs(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, b: SamplingBatch) -> DeviceSample:
     if raw_logprobs is None:
         return DeviceSample(tokens, None)
     sampled = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from mini_infer.block_manager import BlockManager
 from mini_infer.config import EngineConfig
@@ -29,6 +30,12 @@ class ScheduledSeq:
     num_new_tokens: int
     samples: bool  # the chunk reaches the sequence's end, so its last logits are sampled
     num_generated: int  # output tokens before the one this step samples (seeds and min_tokens use it)
+    draft_token_ids: list[int] = field(default_factory=list)  # speculated tokens, after the chunk's own
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """Rows of logits this sequence samples: one, or one per draft token plus the bonus row."""
+        return 1 + len(self.draft_token_ids) if self.samples else 0
 
 
 @dataclass
@@ -55,13 +62,26 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        propose: Callable[[Sequence, int], list[int]] | None = None,
+    ) -> None:
+        """propose(seq, k): up to k draft tokens for a decoding sequence (speculative decoding), or None."""
         self.config = config
+        self.propose = propose
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # speculative decoding: drafts verified, accepted, and accepted at each draft position
+        self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
+        self.spec_num_accepted_per_pos = [0] * (
+            config.speculative_config.num_speculative_tokens if config.speculative_config else 0
+        )
         self.static_slots = 0  # static batching: admissions left in the batch being formed
 
     def add(self, seq: Sequence) -> None:
@@ -90,14 +110,17 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(num_new, budget)
+            drafts = self._drafts(seq, budget) if num_new == 1 else []
+            if drafts and not self._allocate(seq, num_new + len(drafts)):
+                drafts = []  # drafts that do not fit are dropped, never the sequence
             while not self._allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
-                scheduled.append(self._commit(seq, num_new))
-                budget -= num_new
+                scheduled.append(self._commit(seq, num_new, drafts))
+                budget -= num_new + len(drafts)
                 i += 1
 
         # 2. waiting sequences, in admission order, while there is budget, room and blocks
@@ -146,7 +169,16 @@ class Scheduler:
         decodes.sort(key=lambda s: -s.start)
         return SchedulerOutput(decodes, prefills)
 
-    def _commit(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for a decoding sequence: at most what its budget, max_tokens and max_model_len
+        leave room for after the token it samples anyway."""
+        if self.propose is None or seq.num_pending:
+            return []
+        room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+        k = min(self.config.speculative_config.num_speculative_tokens, room - 1, budget - 1)
+        return self.propose(seq, k) if k > 0 else []
+
+    def _commit(self, seq: Sequence, num_new: int, drafts: list[int] | None = None) -> ScheduledSeq:
         """Fixes a sequence's part of the step and advances it: its tokens count as computed (their KV is
         written in this step's forward pass) and a sampled token as pending. The blocks the chunk fills are
         published to the prefix cache at once: the forward pass stores every token's K/V before any
@@ -154,8 +186,9 @@ class Scheduler:
         A block holding a pending token waits until the token lands (update_from_output publishes it)."""
         start, total = seq.num_computed_tokens, len(seq.token_ids) + seq.num_pending
         samples = start + num_new == total
-        scheduled = ScheduledSeq(seq, start, num_new, samples, total - len(seq.prompt_token_ids))
-        seq.num_computed_tokens += num_new
+        drafts = drafts or []
+        scheduled = ScheduledSeq(seq, start, num_new + len(drafts), samples, total - len(seq.prompt_token_ids), drafts)
+        seq.num_computed_tokens += num_new + len(drafts)  # until verification says how many held
         seq.num_pending += samples
         self._publish(seq, min(seq.num_computed_tokens, seq.num_tokens))
         return scheduled
@@ -212,11 +245,12 @@ class Scheduler:
         seq.block_table, seq.block_hashes, seq.num_computed_tokens = [], [], 0
 
     # -- update -------------------------------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, token_ids: list[int]) -> list[tuple[Sequence, int]]:
-        """Appends the token each sampling sequence of `out` got (token_ids in `out.sampling` order),
-        finishes those that reached EOS, a stop token, max_tokens or max_model_len, and publishes the
-        blocks the tokens completed. Returns (sequence, its row in token_ids) for each sequence that took
-        its token; one that finished or was aborted while the step ran drops it."""
+    def update_from_output(self, out: SchedulerOutput, token_ids: list) -> list[tuple[Sequence, int, int]]:
+        """Appends the token each sampling sequence of `out` got (token_ids in `out.sampling` order; a list
+        of tokens for one that speculated), finishes those that reached EOS, a stop token, max_tokens or
+        max_model_len, and publishes the blocks the tokens completed. Returns (sequence, its row in
+        token_ids, tokens taken) for each sequence that took tokens; one that finished or was aborted
+        while the step ran drops them."""
         taken = []
         finished = SequenceStatus.FINISHED
         for row, (s, token) in enumerate(zip(out.sampling, token_ids)):
@@ -224,13 +258,32 @@ class Scheduler:
             seq.num_pending -= 1
             if seq.status is finished:
                 continue
+            if isinstance(token, list):  # a verified run: accepted drafts, then one more token
+                taken.append((seq, row, self._take_verified(seq, s, token)))
+                continue
             seq.token_ids.append(token)
-            taken.append((seq, row))
+            taken.append((seq, row, 1))
             if stop := self._stop(seq, token):
                 self.finish(seq, *stop)
             else:
                 self._publish(seq, min(seq.num_computed_tokens, len(seq.token_ids)))
         return taken
+
+    def _take_verified(self, seq: Sequence, s: ScheduledSeq, tokens: list[int]) -> int:
+        """A verified run of tokens: appended up to a stop, no further; the KV of the rejected drafts is
+        dropped (their slots are simply overwritten later). Returns how many tokens were taken."""
+        seq.num_computed_tokens = s.start + s.num_new_tokens - len(s.draft_token_ids) + len(tokens) - 1
+        self.spec_num_draft_tokens += len(s.draft_token_ids)
+        self.spec_num_accepted_tokens += len(tokens) - 1
+        for pos in range(len(tokens) - 1):
+            self.spec_num_accepted_per_pos[pos] += 1
+        for n, token in enumerate(tokens, start=1):
+            seq.token_ids.append(token)
+            if stop := self._stop(seq, token):
+                self.finish(seq, *stop)
+                return n
+        self._publish(seq, min(seq.num_computed_tokens, len(seq.token_ids)))
+        return len(tokens)
 
     def _stop(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
         """(finish reason, stop reason) if this token ends the sequence (stop strings are the output
@@ -246,8 +299,13 @@ class Scheduler:
             return "stop", token
         return ("length", None) if at_limit else None
 
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        """Ends a sequence (finished, aborted or failed) and frees its blocks at once."""
+    def finish(
+        self, seq: Sequence, reason: str, stop_reason: int | str | None = None, num_tokens: int | None = None
+    ) -> None:
+        """Ends a sequence (finished, aborted or failed) and frees its blocks at once; num_tokens: keep only
+        that many (a stop string inside a verified run drops the tokens after it)."""
+        if num_tokens is not None:
+            del seq.token_ids[num_tokens:]
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:

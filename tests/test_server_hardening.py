@@ -212,10 +212,10 @@ def _fail_on(engine: LLMEngine, monkeypatch, marker_token: int) -> None:
     processor = engine.output_processor
     original = processor._take_token
 
-    def take_token(request, out, logprobs):
+    def take_token(request, out, *args):
         if marker_token in out.seq.prompt_token_ids:
             raise RuntimeError("injected fault: secret internals")
-        return original(request, out, logprobs)
+        return original(request, out, *args)
 
     monkeypatch.setattr(processor, "_take_token", take_token)
 

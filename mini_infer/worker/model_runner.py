@@ -29,6 +29,7 @@ from mini_infer.sampler import DeviceSample, SamplerOutput, build_sampling_batch
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
 from mini_infer.sequence import Sequence
+from mini_infer.spec_decode.rejection_sampler import rejection_sample
 from mini_infer.worker.cuda_graphs import CUDAGraphs
 from mini_infer.worker.kv_cache import KVCache, num_kv_blocks, profile_free_gpu_memory
 from mini_infer.worker.step_inputs import StepInputs, build_step_inputs
@@ -46,6 +47,7 @@ class PendingStep:
         self.tensors: list[torch.Tensor] = []
         self.prompt_logprobs = prompt_logprobs or {}  # already on the host: computed synchronously, rarely
         self.waited = 0.0  # seconds result() waited for the device
+        self.output: SamplerOutput | None = None
         if sample is None:
             return
         tensors = sample.tensors()
@@ -58,7 +60,16 @@ class PendingStep:
         else:
             self.tensors = tensors
 
+    @classmethod
+    def ready(cls, output: SamplerOutput) -> PendingStep:
+        """A step whose result is on the host already (a verification step reads its tokens back)."""
+        step = cls(None, output.prompt_logprobs)
+        step.output = output
+        return step
+
     def result(self) -> SamplerOutput:
+        if self.output is not None:
+            return self.output
         if self.event is not None:
             start = time.perf_counter()
             self.event.synchronize()
@@ -246,6 +257,11 @@ class ModelRunner:
             self.last_tokens, self.last_rows = None, {}
             return PendingStep(None, prompt_logprobs)
         logits = self.model.compute_logits(hidden)
+        if self.config.speculative_config is not None:  # every token by one sampler: seeds stay batch-proof
+            self.last_tokens, self.last_rows = None, {}  # speculation runs synchronous steps
+            output = self._verify(logits, sampling)
+            output.prompt_logprobs = prompt_logprobs or {}
+            return PendingStep.ready(output)
         params = [s.seq.params for s in sampling]
         penalties = any(p.uses_penalties for p in params)
         seeds = self._row_seeds(sampling)
@@ -266,6 +282,29 @@ class ModelRunner:
         self.last_tokens = result.tokens
         self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
         return PendingStep(result, prompt_logprobs)
+
+    def _verify(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> SamplerOutput:
+        """Rejection sampling of the drafts: each sequence's rows are its token positions, so each row gets
+        its position's logits processors (drafts before it count as generated) and seed."""
+        rows = [(s, j) for s in sampling for j in range(s.num_sampled_rows)]
+        penalties = any(s.seq.params.uses_penalties for s in sampling)
+        seeds = [
+            hash((s.seq.params.seed, s.seq.index, s.num_generated + j)) & (2**63 - 1)
+            if s.seq.params.seed is not None
+            else None
+            for s, j in rows
+        ]
+        batch = build_sampling_batch(
+            [s.seq.params for s, _ in rows],
+            [s.seq.prompt_token_ids for s, _ in rows],
+            [s.seq.output_token_ids + s.draft_token_ids[:j] if penalties else [] for s, j in rows],
+            [None if seed is None else torch.Generator(self.device).manual_seed(seed) for seed in seeds],
+            self.vocab_size,
+            self.device,
+            num_outputs=[s.num_generated + j for s, j in rows],
+        )
+        verified = rejection_sample(logits, batch, [s.draft_token_ids for s in sampling], [None] * len(sampling))
+        return SamplerOutput(verified.token_ids, verified.logprobs)
 
     def _row_seeds(self, sampling: list[ScheduledSeq]) -> list[int]:
         """Per-row sampler seeds: a seeded request's depend only on its seed, which of its n samples it is

@@ -26,7 +26,7 @@ class StepInputs:
     seq_lens: np.ndarray  # [B] int64: keys per sequence after this step (cached + new)
     block_tables: np.ndarray  # [B, W] int32
     num_decodes: int  # the first num_decodes sequences have one query token each
-    logits_indices: np.ndarray  # [S] int64: rows whose hidden states are sampled
+    logits_indices: np.ndarray  # [S] int64: rows whose hidden states are sampled (1 + drafts per verify)
     pending: np.ndarray  # [P, 2] int64: (row here, row of the previous step's sampled tokens)
 
     @property
@@ -56,6 +56,11 @@ class StepInputs:
         )
 
 
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each count c, concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def build_step_inputs(
     seqs: list[ScheduledSeq], num_decodes: int, block_size: int, last_rows: dict[int, int]
 ) -> StepInputs:
@@ -70,17 +75,18 @@ def build_step_inputs(
     for i, s in enumerate(seqs):
         seq = s.seq
         tables[i, : len(seq.block_table)] = seq.block_table
-        known = seq.token_ids[s.start : s.start + s.num_new_tokens]
-        if len(known) < s.num_new_tokens:  # only the last input can be pending: the token just sampled
-            pending.append((offset + s.num_new_tokens - 1, last_rows[seq.seq_id]))
+        num_own = s.num_new_tokens - len(s.draft_token_ids)  # the chunk's own tokens, then its drafts
+        known = seq.token_ids[s.start : s.start + num_own]
+        if len(known) < num_own:  # only the last input can be pending: the token just sampled
+            pending.append((offset + num_own - 1, last_rows[seq.seq_id]))
             known = [*known, 0]
-        ids.append(known)
+        ids.append(known + s.draft_token_ids if s.draft_token_ids else known)
         offset += s.num_new_tokens
     ends = np.cumsum(query_lens)
     seq_of_token = np.repeat(np.arange(n), query_lens)
     positions = np.arange(offset) - np.repeat(ends - query_lens - starts, query_lens)
     slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
-    samples = np.fromiter((s.samples for s in seqs), bool, n)
+    sampled_rows = np.fromiter((s.num_sampled_rows for s in seqs), np.int64, n)  # the chunk's last rows
     return StepInputs(
         token_ids=np.fromiter(itertools.chain.from_iterable(ids), np.int64, offset),
         positions=positions,
@@ -89,6 +95,6 @@ def build_step_inputs(
         seq_lens=starts + query_lens,
         block_tables=tables,
         num_decodes=num_decodes,
-        logits_indices=(ends - 1)[samples],
+        logits_indices=np.repeat(ends - sampled_rows, sampled_rows) + _ranges(sampled_rows),
         pending=np.array(pending, dtype=np.int64).reshape(-1, 2),
     )

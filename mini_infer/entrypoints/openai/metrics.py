@@ -131,9 +131,22 @@ class _EngineStatsCollector(Collector):
             "prefix_cache_queries": ("Prefix cache queries, in tokens.", "prefix_cache_queries"),
             "prefix_cache_hits": ("Prefix cache hits, in tokens.", "prefix_cache_hits"),
         }
+        if getattr(stats, "spec_num_accepted_per_pos", None):  # only while speculating, as in vLLM
+            counters["spec_decode_num_draft_tokens"] = ("Number of draft tokens.", "spec_num_draft_tokens")
+            counters["spec_decode_num_accepted_tokens"] = ("Number of accepted tokens.", "spec_num_accepted_tokens")
         for name, (doc, attr) in counters.items():
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self._model_name], float(getattr(stats, attr, 0) or 0))
+            yield family
+        per_pos = getattr(stats, "spec_num_accepted_per_pos", None)
+        if per_pos:
+            family = CounterMetricFamily(
+                PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                "Accepted tokens per draft position.",
+                labels=["model_name", "position"],
+            )
+            for position, count in enumerate(per_pos):
+                family.add_metric([self._model_name, str(position)], float(count))
             yield family
 
 
