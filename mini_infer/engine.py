@@ -34,6 +34,7 @@ from mini_infer.output_processor import OutputProcessor, is_device_fault
 from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import Scheduler, SchedulerOutput
+from mini_infer.spec_decode.draft_model import plan_draft_slots
 from mini_infer.spec_decode.ngram import NgramProposer
 from mini_infer.worker.model_runner import ModelRunner, PendingStep
 
@@ -121,7 +122,11 @@ class LLMEngine:
             backend.ops.name,
             time.perf_counter() - start,
         )
-        self.model_runner = ModelRunner(model, config, self.model_config, dtype, device, self.max_model_len, backend)
+        spec = config.speculative_config
+        draft = self._load_draft(spec.model, backend, dtype, device) if spec and spec.method == "draft_model" else None
+        self.model_runner = ModelRunner(
+            model, config, self.model_config, dtype, device, self.max_model_len, backend, draft
+        )
         num_blocks = self.model_runner.init_kv_cache()
         logger.info(
             "KV pool: %d blocks of %d tokens (%.2f GiB); up to %.1f concurrent sequences of %d tokens",
@@ -132,8 +137,11 @@ class LLMEngine:
             self.max_model_len,
         )
         block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        spec = config.speculative_config
-        propose = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec is not None else None
+        propose = None
+        if spec is not None:
+            propose = (
+                plan_draft_slots if draft is not None else NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+            )
         self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose)
         self.input_processor = InputProcessor(
             config, self.model_config, self.detokenizer, self.max_model_len, self.eos_token_ids, self.scheduler.fits
@@ -152,6 +160,22 @@ class LLMEngine:
         gc.freeze()
         atexit.unregister(gc.unfreeze)
         atexit.register(gc.unfreeze)
+
+    def _load_draft(self, name: str, backend, dtype, device):
+        """The speculative draft model: the target's vocabulary, the same dtype, device and kernels."""
+        path = resolve_model_path(name, self.config.load_format)
+        draft_config = load_hf_config(path)
+        if draft_config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary ({draft_config.vocab_size}) differs from the "
+                f"target's ({self.model_config.vocab_size}); they must share a tokenizer"
+            )
+        if (getattr(draft_config, "max_position_embeddings", None) or 2048) < self.max_model_len:
+            raise ValueError(
+                f"the draft model takes {draft_config.max_position_embeddings} positions, fewer than "
+                f"max_model_len={self.max_model_len}"
+            )
+        return load_model(path, draft_config, backend.ops, dtype, device, self.config.load_format, self.config.seed)
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:

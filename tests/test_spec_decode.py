@@ -232,3 +232,49 @@ def test_server_speculates_and_reports_it(stories_path):
         >= metrics["mini_infer:spec_decode_num_accepted_tokens_total"]
     )
     assert metrics["mini_infer:spec_decode_num_accepted_tokens_per_pos_total{position=0}"] > 0
+
+
+def draft(model: str, k: int) -> dict:
+    return {"method": "draft_model", "model": model, "num_speculative_tokens": k}
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_model_as_its_own_draft_accepts_everything(stories_path, k):
+    llm = LLM(stories_path, speculative_config=draft(stories_path, k))
+    tokenizer = llm.get_tokenizer()
+    outs = llm.generate(PROMPTS[:4], SamplingParams(temperature=0, max_tokens=80), use_tqdm=False)
+    for prompt, out in zip(PROMPTS[:4], outs):
+        expected = hf_greedy(stories_path, tokenizer.encode(prompt), 80)
+        expected = expected[: expected.index(2) + 1] if 2 in expected else expected
+        assert out.outputs[0].token_ids == expected
+    stats = llm.llm_engine.stats
+    assert stats.spec_num_draft_tokens > 50 and stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
+
+
+def test_a_draft_model_with_the_same_tokenizer(stories_path, qwen3_path):
+    """tiny-random-qwen3 shares stories260K's tokenizer; its random drafts are rejected, the tokens stay
+    the target's, under preemption and with a pool shared by both models' caches."""
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(stories_path).generate(PROMPTS[:4], params, use_tqdm=False)]
+    llm = LLM(stories_path, speculative_config=draft(qwen3_path, 3), num_gpu_blocks_override=10, max_model_len=128)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:4], params, use_tqdm=False)] == expected
+    stats = llm.llm_engine.stats
+    assert stats.spec_num_draft_tokens > 0 and stats.num_preemptions > 0 and stats.num_kv_blocks_used == 0
+    seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=30)
+    alone = llm.generate(PROMPTS[1], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.generate([PROMPTS[0], PROMPTS[1]], [params, seeded], use_tqdm=False)[1].outputs[0].token_ids == alone
+
+
+def test_a_draft_with_another_vocabulary_is_refused(stories_path, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(stories_path, other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] = 1024
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLM(stories_path, speculative_config=draft(str(other), 2))
+    with pytest.raises(ValueError, match="needs 'model'"):
+        LLM(stories_path, speculative_config={"method": "draft_model", "num_speculative_tokens": 2})

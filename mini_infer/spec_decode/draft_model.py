@@ -1,0 +1,62 @@
+"""Draft-model proposals: a smaller model with the target's vocabulary proposes k tokens greedily.
+
+The draft keeps its own KV cache in the target's block tables (same blocks, same slots; the pool sizes
+both together), and it is written by the same forward passes: after the target runs a step's inputs
+(prefill chunks, verify runs), the draft runs them too. So the draft's cache holds every verified
+token, and a verify run's rejected tail is overwritten later like the target's. To propose, the draft
+decodes k times from the sequence's last token. Greedy drafting makes q one-hot, which the rejection
+sampler takes as it takes n-gram drafts: the emitted tokens keep the target's distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mini_infer.scheduler import ScheduledSeq
+from mini_infer.sequence import Sequence
+from mini_infer.worker.step_inputs import StepInputs
+
+PLACEHOLDER = 0  # what the scheduler plans with; the runner writes the draft's tokens over it
+
+
+def plan_draft_slots(seq: Sequence, k: int) -> list[int]:
+    """The scheduler's `propose` for a draft model: k slots, filled by `DraftModel.propose` at execute."""
+    return [PLACEHOLDER] * k
+
+
+class DraftModel:
+    def __init__(self, model: nn.Module, block_size: int) -> None:
+        self.model, self.block_size = model, block_size
+
+    def propose(self, verify: list[ScheduledSeq], forward: Callable[[StepInputs, nn.Module], torch.Tensor]) -> None:
+        """Fills each run's draft tokens, k decode passes of the draft over all runs at once; forward(inputs,
+        model) runs one pass and returns its hidden states."""
+        active = list(verify)
+        tokens = [s.seq.token_ids[s.start] for s in active]  # the run's first input: the last known token
+        for j in range(max(len(s.draft_token_ids) for s in active)):
+            active, tokens = zip(*[(s, t) for s, t in zip(active, tokens) if j < len(s.draft_token_ids)])
+            positions = np.array([s.start + j for s in active], dtype=np.int64)
+            tables = np.zeros((len(active), max(len(s.seq.block_table) for s in active)), dtype=np.int32)
+            for i, s in enumerate(active):
+                tables[i, : len(s.seq.block_table)] = s.seq.block_table
+            slots = tables[np.arange(len(active)), positions // self.block_size].astype(np.int64) * self.block_size
+            n = len(active)
+            inputs = StepInputs(
+                token_ids=np.array(tokens, dtype=np.int64),
+                positions=positions,
+                slot_mapping=slots + positions % self.block_size,
+                query_lens=np.ones(n, np.int64),
+                seq_lens=positions + 1,
+                block_tables=tables,
+                num_decodes=n,
+                logits_indices=np.arange(n, dtype=np.int64),
+                pending=np.zeros((0, 2), np.int64),
+            )
+            proposals = self.model.compute_logits(forward(inputs, self.model)).argmax(dim=-1).tolist()
+            for s, token in zip(active, proposals):
+                s.draft_token_ids[j] = token
+            tokens = proposals
