@@ -55,6 +55,17 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_generate)
 
 
+def _separator(tokenizer, prompt_ids: list[int], output_ids: list[int], text: str) -> str:
+    """The space that joins the echoed prompt to its continuation: a completion's text starts where its
+    first token's text does, without the leading space that SentencePiece gives it after the prompt."""
+    if tokenizer is None:
+        return ""
+    prefix = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.decode(prompt_ids + output_ids, skip_special_tokens=True)
+    joined = full[len(prefix) :] if full.startswith(prefix) else text
+    return joined[: len(joined) - len(joined.lstrip(" "))] if not text.startswith(" ") else ""
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from mini_infer import LLMEngine, SamplingParams
     from mini_infer.config import EngineConfig
@@ -94,6 +105,8 @@ def run_generate(args: argparse.Namespace) -> int:
     while engine.has_unfinished_requests():
         for out in engine.step():
             text = out.outputs[0].text
+            if not shown and text and not args.chat:
+                sys.stdout.write(_separator(engine.tokenizer, out.prompt_token_ids, out.outputs[0].token_ids, text))
             sys.stdout.write(text[shown:])
             sys.stdout.flush()
             shown, n_tokens = len(text), len(out.outputs[0].token_ids)

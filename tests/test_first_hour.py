@@ -155,6 +155,13 @@ def test_generate_echoes_the_prompt(capsys, stories_path):
     assert cli_main(["generate", "--model", stories_path, "--prompt", "Lily and Tom", "--max-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Lily and Tom") and len(out) > len("Lily and Tom")
+    # prompt and continuation join as the tokenizer decodes the whole sequence (SentencePiece's space kept)
+    from mini_infer import LLM, SamplingParams
+
+    llm = LLM(stories_path)
+    done = llm.generate("Lily and Tom", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    whole = llm.get_tokenizer().decode(done.prompt_token_ids + done.outputs[0].token_ids, skip_special_tokens=True)
+    assert out.rstrip("\n") == whole and whole.startswith("Lily and Tom ")
 
 
 def test_the_demo_model_prints_printable_text_and_says_it_is_random(capsys):
