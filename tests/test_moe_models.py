@@ -209,3 +209,30 @@ def test_tiny_preset_runs_with_dummy_weights():
     assert [len(o.outputs[0].token_ids) for o in outs] == [5, 5, 5]
     experts = next(m for m in llm.llm_engine.model_runner.model.modules() if isinstance(m, FusedMoE))
     assert experts.w13_weight.abs().max() > 0  # dummy init reached the stacked expert tensors
+
+
+def test_server_and_sampler(tmp_path):
+    """The OpenAI server on a MoE model (Qwen2-MoE, shared expert): greedy and seeded sampled completions,
+    streamed or not, equal offline generation's."""
+    import openai
+    from test_server import NUM_BLOCKS, ServerThread, _serve
+
+    path = _save_random(tmp_path / "qwen2-moe", CONFIGS["qwen2-moe"]())
+    offline = LLM(path, num_gpu_blocks_override=NUM_BLOCKS)
+    prompts = ["Once upon a time", "The cat sat on the"]
+    kinds = [dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, seed=5)]
+    expected = [
+        [o.outputs[0].text for o in offline.generate(prompts, SamplingParams(max_tokens=12, **k), use_tqdm=False)]
+        for k in kinds
+    ]
+    engine, app = _serve(path, "moe")
+    try:
+        with ServerThread(app) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            for kind, texts in zip(kinds, expected):
+                got = client.completions.create(model="moe", prompt=prompts, max_tokens=12, **kind)
+                assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == texts
+                stream = client.completions.create(model="moe", prompt=prompts[0], max_tokens=12, stream=True, **kind)
+                assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == texts[0]
+    finally:
+        engine.shutdown()
