@@ -236,3 +236,26 @@ def test_server_and_sampler(tmp_path):
                 assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == texts[0]
     finally:
         engine.shutdown()
+
+
+def test_latency_bench_counts_the_experts_a_step_touches(tmp_path):
+    """bench latency on a MoE preset: a batch-1 step touches exactly top-k experts per sparse layer, a larger
+    batch more, and the step's bytes are those experts' weights plus the rest."""
+    import json
+
+    from mini_infer.bench.latency import main
+    from mini_infer.bench.roofline import ModelShape
+    from mini_infer.model_loader import preset_path
+
+    out = tmp_path / "latency.json"
+    args = ["--model", "qwen3-moe-tiny", "--load-format", "dummy", "--batch-sizes", "1,6"]
+    with pytest.raises(SystemExit) as exit_code:
+        main([*args, "--input-len", "8", "--output-len", "6", "--output-json", str(out), "--disable-tqdm"])
+    assert exit_code.value.code == 0
+    results = {r["batch_size"]: r for r in json.loads(out.read_text())["results"]}
+    shape = ModelShape.from_hf_config(json.loads(preset_path("qwen3-moe-tiny").read_text()))
+    assert results[1]["experts_touched_source"] == "measured per step"
+    assert results[1]["mean_experts_touched"] == shape.num_sparse_layers * shape.experts_per_token
+    assert 4 < results[6]["mean_experts_touched"] <= shape.num_sparse_layers * shape.num_experts
+    kv = (8 + 1 + 8 + 5) / 2 * shape.kv_bytes_per_token(4)  # mean context over the 5 decode steps
+    assert results[1]["mean_bytes_per_step"] == pytest.approx(shape.weight_bytes(4, 4) + kv)
