@@ -232,3 +232,32 @@ def test_config_buckets():
     big = parse_entry(entry, 10**6)
     assert big.down == MoeGemmConfig(**entry["buckets"][str(sizes[-1])]["down"]) and not big.tuned
     assert config_key(128, 2048, 768, torch.bfloat16) == "E=128,H=2048,N=768,dtype=bfloat16"
+
+
+def test_sweep_script_writes_an_entry_the_kernel_reads(tmp_path):
+    """benchmarks/moe_sweep.py --smoke (the interpreter): it writes only to --out, an entry parse_entry reads,
+    under a device name that no GPU has; the shipped file is left as it was."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shipped = CONFIG_FILE.read_text()
+    out = tmp_path / "configs.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "moe_sweep.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert CONFIG_FILE.read_text() == shipped
+    ((device, entries),) = json.loads(out.read_text())["configs"].items()
+    assert "not a measurement" in device
+    entry = entries["E=8,H=48,N=40,dtype=float32"]
+    assert entry["sweep"]["smoke"] is True and set(entry["buckets"]) == {"1", "20"}
+    config = parse_entry(entry, 20)
+    assert config.tuned and config.gemv_max_tokens in (0, 1, 2)
