@@ -91,6 +91,7 @@ def _warn_untuned(device_name: str, key: str) -> None:
     )
 
 
+@functools.lru_cache(maxsize=4096)  # called by every MoE layer of every eager forward
 def get_moe_config(
     num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, num_tokens: int, device: torch.device
 ) -> FusedMoeConfig:
