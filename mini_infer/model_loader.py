@@ -130,6 +130,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.config, "tie_word_embeddings", False)
     packed = getattr(model, "packed_modules_mapping", {})
+    remap = getattr(model, "map_checkpoint_name", None)
     loaded: set[str] = set()
     for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
@@ -137,10 +138,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
                 if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
                     continue
                 target, shard = name, None
-                for ckpt_part, (our_part, shard_id) in packed.items():
-                    if f".{ckpt_part}." in name:
-                        target, shard = name.replace(f".{ckpt_part}.", f".{our_part}."), shard_id
-                        break
+                if (mapped := remap(name) if remap else None) is not None:  # e.g. experts into stacked tensors
+                    target, shard = mapped
+                else:
+                    for ckpt_part, (our_part, shard_id) in packed.items():
+                        if f".{ckpt_part}." in name:
+                            target, shard = name.replace(f".{ckpt_part}.", f".{our_part}."), shard_id
+                            break
                 param = params.get(target)
                 if param is None:
                     raise ValueError(f"checkpoint tensor {name!r} in {file.name} matches no model parameter")
@@ -160,6 +164,10 @@ def load_weights(model: nn.Module, path: Path) -> None:
     if tied:
         loaded.add("lm_head.weight")
     missing = sorted(n for n in params if n not in loaded)
+    # parameters loaded in parts (a layer's stacked experts) say which parts never came
+    missing += [
+        f"{n} ({part})" for n, m in model.named_modules() if hasattr(m, "unloaded_parts") for part in m.unloaded_parts()
+    ]
     if missing:
         raise ValueError(f"checkpoint in {path} lacks weights for: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 

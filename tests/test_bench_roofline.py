@@ -109,3 +109,50 @@ def test_ideal_compute_bound_steps():
 def test_measurements_are_plausible():
     assert 1e11 < measure_hbm_bandwidth(size_bytes=1 << 28, iters=5) < 2e13
     assert 1e12 < measure_tensor_peak(n=4096, iters=5) < 5e15
+
+
+# qwen3-moe-tiny: hidden 64, 2 sparse layers, 4 heads, 2 kv heads, head_dim 16, 8 experts of 32, top-2, vocab 512.
+#   attention 64*(64+2*32) + 64*64 = 12288; one expert 3*64*32 = 6144; router 8*64 = 512
+#   outside the experts 2*12288 + 2*512 = 25600; norms per layer 2*64 + 2*16 (q/k norm) = 160
+#   total = 32768 + 25600 + 16*6144 + 2*160 + 64 + 32768 = 189824
+MOE_TINY = ModelShape.from_hf_config(json.loads((PRESETS / "qwen3-moe-tiny.json").read_text()))
+
+
+def test_moe_counts_by_hand():
+    assert (MOE_TINY.num_experts, MOE_TINY.experts_per_token, MOE_TINY.num_sparse_layers) == (8, 2, 2)
+    assert MOE_TINY.expert_params == 6144
+    assert MOE_TINY.total_params == 189824
+    assert MOE_TINY.params_read(3) == 25600 + 3 * 6144 + 320 + 64 + 32768
+    assert MOE_TINY.params_read_per_step == 25600 + 16 * 6144 + 320 + 64 + 32768  # every expert
+    assert MOE_TINY.matmul_params == 25600 + 2 * 2 * 6144 + 32768  # each token multiplies 2 experts per layer
+    assert MOE_TINY.expected_experts_touched(1) == pytest.approx(4)  # one token: exactly top-2 in 2 layers
+    assert MOE_TINY.expected_experts_touched(10**4) == pytest.approx(16)  # a large batch touches them all
+    cost = decode_step_cost(MOE_TINY, [5], dtype_bytes=2, experts_touched=4)
+    assert cost.bytes == 2 * (25600 + 4 * 6144 + 320 + 64 + 32768) + 5 * MOE_TINY.kv_bytes_per_token(2)
+    assert decode_step_cost(MOE_TINY, [5], dtype_bytes=2).bytes == cost.bytes  # the estimate is exact at batch 1
+
+
+@pytest.mark.parametrize(
+    "name, params", [("qwen3-30b-a3b", 30_532_122_624), ("mixtral-8x7b", 46_702_792_704)]
+)  # the published parameter counts (tests/test_moe_models.py checks the built models against them too)
+def test_moe_preset_parameter_counts(name, params):
+    assert ModelShape.from_hf_config(json.loads((PRESETS / f"{name}.json").read_text())).total_params == params
+
+
+def test_moe_shapes_of_dense_and_shared_expert_layers():
+    """Qwen2-MoE with a shared expert and decoder_sparse_step 2: the shape's total equals the model's."""
+    from transformers import Qwen2MoeConfig
+
+    from mini_infer.kernels import TORCH_OPS
+    from mini_infer.models import build_model
+
+    config = Qwen2MoeConfig(
+        vocab_size=512, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3,
+        intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+        num_experts_per_tok=3, decoder_sparse_step=2, tie_word_embeddings=False, architectures=["Qwen2MoeForCausalLM"],
+    )  # fmt: skip
+    shape = ModelShape.from_hf_config(config)
+    assert shape.num_sparse_layers == 1 and shape.attention_bias
+    with torch.device("meta"):
+        model = build_model(config, TORCH_OPS)
+    assert shape.total_params == sum(p.numel() for p in model.parameters())

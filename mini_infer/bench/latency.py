@@ -3,7 +3,8 @@
 For each batch size B, B requests with random prompts of `--input-len` tokens each generate exactly
 `--output-len` tokens (ignore_eos), after an untimed run of the same shape. Only pure decode steps are
 timed: steps where every one of the B requests already had its first token and gets one more. A step's
-bytes are the weights plus the KV of every request's context, so bytes / step time is the achieved
+bytes are the weights (of a MoE model, only the experts the step touched, counted in an eager rerun of
+the same requests: expert_usage.py) plus the KV of every request's context, so bytes / step time is the achieved
 bandwidth, reported beside the bandwidth of a plain device copy measured on the spot (the gpt-fast
 habit), and beside the roofline step time.
 """
@@ -58,6 +59,8 @@ class BatchResult:
     hbm_bytes_per_s: float | None = None
     engine_steps: list[list[float | int | None]] = field(default_factory=list)  # every step, from the engine
     gc_during_run: dict[str, float | int] = field(default_factory=dict)
+    experts_touched: list[float] = field(default_factory=list)  # per decode step, summed over sparse layers
+    experts_touched_source: str | None = None
 
     @property
     def decode_seconds(self) -> float:
@@ -103,6 +106,10 @@ class BatchResult:
             "hbm_fraction": self.hbm_fraction,
             "roofline_fraction": self.roofline_fraction,
             **self.host_gpu,
+            "mean_experts_touched": sum(self.experts_touched) / len(self.experts_touched)
+            if self.experts_touched
+            else None,
+            "experts_touched_source": self.experts_touched_source,
             # the step wall times behind the mean, so one slow step shows as what it is
             "decode_step_ms": [round(1e3 * s.seconds, 3) for s in self.decode_steps],
             "gc_during_run": self.gc_during_run,
@@ -160,6 +167,7 @@ def _step_until_done(
 def measure_batch(
     engine: Any, batch_size: int, input_len: int, output_len: int, hw: Hardware | None, seed: int
 ) -> BatchResult:
+    from mini_infer.bench.expert_usage import align_to_steps, count_experts_touched
     from mini_infer.bench.roofline import decode_step_cost
 
     shape, dtype_bytes = engine_shape(engine)
@@ -173,7 +181,18 @@ def measure_batch(
     if not steps:
         raise RuntimeError(f"batch {batch_size}: no pure decode step (output_len {output_len} too short?)")
     result = BatchResult(batch_size, input_len, output_len, wall, steps, gc_during_run=collections)
-    costs = [decode_step_cost(shape, s.context_lens, dtype_bytes) for s in steps]
+    if shape.num_experts:  # a MoE step reads the experts it touches: count them (expert_usage.py)
+        rerun = lambda: run_batch(engine, workload, f"experts{batch_size}")
+        touched, result.experts_touched_source = align_to_steps(
+            count_experts_touched(engine, rerun, batch_size), len(steps)
+        )
+        result.experts_touched = touched or []
+    else:
+        touched = None
+    costs = [
+        decode_step_cost(shape, s.context_lens, dtype_bytes, touched[i] if touched else None)
+        for i, s in enumerate(steps)
+    ]
     result.bytes_per_step = [c.bytes for c in costs]
     if hw is not None:
         result.hbm_bytes_per_s = hw.hbm_bytes_per_s
@@ -222,7 +241,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "hardware": hardware_dict(hw),
         "model": args.model,
         "dtype_bytes": dtype_bytes,
-        "weight_bytes_per_step": shape.weight_bytes(dtype_bytes),
+        "weight_bytes_per_step": shape.weight_bytes(dtype_bytes),  # a MoE model's with every expert
+        "num_experts": shape.num_experts,
+        "sparse_layers": shape.num_sparse_layers,
+        "expert_bytes": shape.expert_params * dtype_bytes,
         "kv_bytes_per_token": shape.kv_bytes_per_token(dtype_bytes),
         "input_len": args.input_len,
         "output_len": args.output_len,

@@ -20,7 +20,13 @@ import torch
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a dense Llama/Qwen-style decoder that decide its bytes and FLOPs."""
+    """The dimensions of a Llama/Qwen-style decoder that decide its bytes and FLOPs.
+
+    Mixture-of-experts models (num_experts > 0) have `num_sparse_layers` layers whose MLP is a router,
+    `num_experts` experts of `moe_intermediate_size` (each token takes `experts_per_token`) and maybe
+    a shared expert; their other layers keep a dense MLP of `intermediate_size`. A step reads only the
+    experts its tokens were routed to: `experts_touched` counts them, summed over the sparse layers.
+    """
 
     num_layers: int
     hidden_size: int
@@ -32,6 +38,11 @@ class ModelShape:
     tie_word_embeddings: bool
     attention_bias: bool = False
     qk_norm: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    num_sparse_layers: int = 0
+    shared_expert_intermediate_size: int = 0
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelShape:
@@ -43,8 +54,27 @@ class ModelShape:
         hidden = get("hidden_size")
         heads = get("num_attention_heads")
         model_type = get("model_type", "") or ""
+        layers = get("num_hidden_layers")
+        moe: dict[str, int] = {}
+        if model_type == "mixtral":
+            moe = dict(
+                num_experts=get("num_local_experts"),
+                moe_intermediate_size=get("intermediate_size"),
+                num_sparse_layers=layers,
+            )
+        elif model_type in ("qwen2_moe", "qwen3_moe") and get("num_experts"):
+            dense = set(get("mlp_only_layers") or [])
+            step = get("decoder_sparse_step") or 1
+            moe = dict(
+                num_experts=get("num_experts"),
+                moe_intermediate_size=get("moe_intermediate_size"),
+                num_sparse_layers=sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0),
+                shared_expert_intermediate_size=get("shared_expert_intermediate_size") or 0,
+            )
+        if moe:
+            moe["experts_per_token"] = get("num_experts_per_tok")
         return cls(
-            num_layers=get("num_hidden_layers"),
+            num_layers=layers,
             hidden_size=hidden,
             num_heads=heads,
             num_kv_heads=get("num_key_value_heads") or heads,
@@ -52,8 +82,9 @@ class ModelShape:
             intermediate_size=get("intermediate_size"),
             vocab_size=get("vocab_size"),
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            attention_bias=bool(get("attention_bias", False)) or model_type == "qwen2",
+            attention_bias=bool(get("attention_bias", False)) or model_type in ("qwen2", "qwen2_moe"),
             qk_norm=model_type.startswith("qwen3"),
+            **moe,
         )
 
     @property
@@ -65,11 +96,40 @@ class ModelShape:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def attention_params(self) -> int:
+        """q, k, v and o projections of one layer."""
+        return self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+
+    @property
     def layer_linear_params(self) -> int:
-        """Weights of one layer's matmuls: q, k, v, o projections and the SwiGLU gate, up, down."""
-        attention = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        return attention + mlp
+        """Weights of one dense layer's matmuls: q, k, v, o projections and the SwiGLU gate, up, down."""
+        return self.attention_params + 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def expert_params(self) -> int:
+        """One expert's gate, up and down projections."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def sparse_layer_fixed_params(self) -> int:
+        """What a sparse layer's MLP reads whatever the routing: the router, the shared expert and its gate."""
+        shared = 3 * self.hidden_size * self.shared_expert_intermediate_size
+        return self.num_experts * self.hidden_size + shared + (self.hidden_size if shared else 0)
+
+    @property
+    def _dense_linear_params(self) -> int:
+        """Matmul weights outside the routed experts, all layers."""
+        dense_layers = self.num_layers - self.num_sparse_layers
+        return (
+            self.num_layers * self.attention_params
+            + dense_layers * 3 * self.hidden_size * self.intermediate_size
+            + self.num_sparse_layers * self.sparse_layer_fixed_params
+        )
+
+    @property
+    def active_linear_params(self) -> int:
+        """Matmul weights of all layers that one token multiplies (its experts only)."""
+        return self._dense_linear_params + self.num_sparse_layers * self.experts_per_token * self.expert_params
 
     @property
     def layer_other_params(self) -> int:
@@ -87,29 +147,49 @@ class ModelShape:
         return self.vocab_size * self.hidden_size
 
     @property
+    def all_experts_touched(self) -> int:
+        return self.num_sparse_layers * self.num_experts
+
+    @property
     def total_params(self) -> int:
         """Parameter count as stored: a tied lm_head shares the embedding matrix."""
-        layers = self.num_layers * (self.layer_linear_params + self.layer_other_params)
+        layers = self._dense_linear_params + self.all_experts_touched * self.expert_params
+        layers += self.num_layers * self.layer_other_params
         head = 0 if self.tie_word_embeddings else self.lm_head_params
         return self.embedding_params + layers + self.hidden_size + head
 
     @property
     def params_read_per_step(self) -> int:
-        """Weights a forward pass must stream from HBM: all layers, the final norm and the lm_head.
+        """params_read with every expert touched."""
+        return int(self.params_read(None))
+
+    def params_read(self, experts_touched: float | None = None) -> float:
+        """Weights a forward pass must stream from HBM: all layers (of a MoE model, the experts touched:
+        every expert when None), the final norm and the lm_head.
 
         The embedding lookup gathers only a few rows, so an untied embedding table is not counted; a tied
         one is read in full as the lm_head.
         """
-        layers = self.num_layers * (self.layer_linear_params + self.layer_other_params)
+        touched = self.all_experts_touched if experts_touched is None else experts_touched
+        layers = self._dense_linear_params + touched * self.expert_params + self.num_layers * self.layer_other_params
         return layers + self.hidden_size + self.lm_head_params
 
     @property
     def matmul_params(self) -> int:
         """Weights taking part in a matmul for each token that reaches the logits."""
-        return self.num_layers * self.layer_linear_params + self.lm_head_params
+        return self.active_linear_params + self.lm_head_params
 
-    def weight_bytes(self, dtype_bytes: int) -> int:
-        return self.params_read_per_step * dtype_bytes
+    def expected_experts_touched(self, num_tokens: int) -> float:
+        """Distinct experts that num_tokens tokens touch, summed over the sparse layers, if each token's
+        top-k were a uniform random choice: E * (1 - (1 - k/E)^n) per layer. An estimate, for workloads
+        whose routing was not measured (a dense model: 0)."""
+        if not self.num_experts:
+            return 0.0
+        untouched = (1 - self.experts_per_token / self.num_experts) ** num_tokens
+        return self.num_sparse_layers * self.num_experts * (1 - untouched)
+
+    def weight_bytes(self, dtype_bytes: int, experts_touched: float | None = None) -> float:
+        return self.params_read(experts_touched) * dtype_bytes
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V of one token over all layers."""
@@ -125,7 +205,7 @@ class ModelShape:
 
     def prefill_flops(self, prompt_len: int) -> int:
         """FLOPs of a causal prefill; the lm_head runs on the last position only, as engines do."""
-        layers = 2 * self.num_layers * self.layer_linear_params * prompt_len
+        layers = 2 * self.active_linear_params * prompt_len
         causal_pairs = prompt_len * (prompt_len + 1) // 2
         return layers + 2 * self.lm_head_params + 4 * self.num_layers * self.q_size * causal_pairs
 
@@ -147,12 +227,18 @@ class DecodeStepCost:
         return max(self.bytes / hw.hbm_bytes_per_s, self.flops / hw.peak_flops)
 
 
-def decode_step_cost(shape: ModelShape, context_lens: Sequence[int], dtype_bytes: int) -> DecodeStepCost:
-    """One decode step of a batch: each request attends to its `context_len` tokens (its new one included)."""
+def decode_step_cost(
+    shape: ModelShape, context_lens: Sequence[int], dtype_bytes: int, experts_touched: float | None = None
+) -> DecodeStepCost:
+    """One decode step of a batch: each request attends to its `context_len` tokens (its new one included).
+    experts_touched: distinct experts the step's tokens were routed to, summed over the sparse layers, as
+    measured; None takes the uniform-routing estimate for this batch size (ModelShape.expected_experts_touched)."""
     total_context = int(sum(context_lens))
     kv_bytes = total_context * shape.kv_bytes_per_token(dtype_bytes)
     flops = 2 * shape.matmul_params * len(context_lens) + shape.attention_flops(total_context)
-    return DecodeStepCost(bytes=shape.weight_bytes(dtype_bytes) + kv_bytes, flops=flops)
+    if experts_touched is None:
+        experts_touched = shape.expected_experts_touched(len(context_lens))
+    return DecodeStepCost(bytes=shape.weight_bytes(dtype_bytes, experts_touched) + kv_bytes, flops=flops)
 
 
 @dataclass
@@ -199,7 +285,6 @@ def ideal_workload_time(
     prefill_flops = 0
     decode_seconds = 0.0
     decode_bytes = decode_flops = steps = memory_bound = 0
-    weight_bytes = shape.weight_bytes(dtype_bytes)
     kv_per_token = shape.kv_bytes_per_token(dtype_bytes)
     attention_per_token = shape.attention_flops(1)
     matmul_flops = 2 * shape.matmul_params
@@ -214,6 +299,8 @@ def ideal_workload_time(
         if not prompt_lens:
             continue
         total_context = sum(prompt_lens) + sum(generated)
+        # a MoE model's experts as uniform routing would touch them at this batch size
+        weight_bytes = shape.weight_bytes(dtype_bytes, shape.expected_experts_touched(len(prompt_lens)))
         step_bytes = weight_bytes + total_context * kv_per_token
         step_flops = matmul_flops * len(prompt_lens) + attention_per_token * total_context
         memory_seconds = step_bytes / hw.hbm_bytes_per_s

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mini_infer.kernels.activation import silu_and_mul_ref
+from mini_infer.kernels.fused_moe import fused_experts_ref
 from mini_infer.kernels.gemv import linear_ref
+from mini_infer.kernels.moe_routing import moe_topk_ref
 from mini_infer.kernels.paged_attention import decode_attention_batched, prefill_attention_batched
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
 from mini_infer.kernels.rotary_store import rotary_store_kv_ref
@@ -30,6 +32,8 @@ class KernelOps:
     prefill_attention: Callable
     decode_attention: Callable
     linear: Callable
+    moe_topk: Callable  # router logits -> (weights, expert ids): moe_routing.py
+    fused_experts: Callable  # the experts' SwiGLU for routed tokens: fused_moe.py
 
 
 TORCH_OPS = KernelOps(
@@ -41,6 +45,8 @@ TORCH_OPS = KernelOps(
     prefill_attention=prefill_attention_batched,
     decode_attention=decode_attention_batched,
     linear=linear_ref,
+    moe_topk=moe_topk_ref,
+    fused_experts=fused_experts_ref,
 )
 
 

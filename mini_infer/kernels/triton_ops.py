@@ -4,7 +4,9 @@ from mini_infer.kernels import KernelOps
 from mini_infer.kernels._triton import require_triton
 from mini_infer.kernels.activation import silu_and_mul_triton
 from mini_infer.kernels.decode_attention import decode_attention_triton
+from mini_infer.kernels.fused_moe import fused_experts_triton
 from mini_infer.kernels.gemv import linear_triton
+from mini_infer.kernels.moe_routing import moe_topk_triton
 from mini_infer.kernels.prefill_attention import prefill_attention_triton
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_triton, rms_norm_triton
 from mini_infer.kernels.rotary_store import rotary_store_kv_triton
@@ -20,4 +22,6 @@ TRITON_OPS = KernelOps(
     prefill_attention=prefill_attention_triton,
     decode_attention=decode_attention_triton,
     linear=linear_triton,
+    moe_topk=moe_topk_triton,
+    fused_experts=fused_experts_triton,
 )

@@ -37,6 +37,16 @@ class LinearBase(nn.Module):
         return self.linear(x, self.weight, self.bias)
 
 
+class ReplicatedLinear(LinearBase):
+    """The whole matrix on every rank (an MoE router: a few outputs per token, not worth splitting)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, ops: KernelOps = TORCH_OPS) -> None:
+        super().__init__(in_features, out_features, bias, ops)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        param.data.copy_(loaded)
+
+
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; no communication."""
 

@@ -5,14 +5,20 @@ from transformers import PretrainedConfig
 
 from mini_infer.kernels import KernelOps
 from mini_infer.models.llama import LlamaForCausalLM, MistralForCausalLM
+from mini_infer.models.mixtral import MixtralForCausalLM
 from mini_infer.models.qwen2 import Qwen2ForCausalLM
+from mini_infer.models.qwen2_moe import Qwen2MoeForCausalLM
 from mini_infer.models.qwen3 import Qwen3ForCausalLM
+from mini_infer.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -40,7 +40,7 @@ class LlamaAttention(nn.Module):
         num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         self.ops = ops
-        bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        bias = self.qkv_bias or getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", False)
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, bias=bias, ops=ops)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -62,9 +62,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, ops: KernelOps) -> None:
+    def __init__(self, config: PretrainedConfig, ops: KernelOps, intermediate_size: int | None = None) -> None:
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=False, ops=ops)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False, ops=ops)
         self.ops = ops
@@ -76,12 +76,18 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
-    def __init__(self, config: PretrainedConfig, ops: KernelOps, cos_sin_cache: torch.Tensor) -> None:
+    def __init__(
+        self, config: PretrainedConfig, ops: KernelOps, cos_sin_cache: torch.Tensor, layer_idx: int = 0
+    ) -> None:
         super().__init__()
         self.self_attn = self.attention_cls(config, ops, cos_sin_cache)
-        self.mlp = LlamaMLP(config, ops)
+        self.mlp = self.build_mlp(config, ops, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def build_mlp(self, config: PretrainedConfig, ops: KernelOps, layer_idx: int) -> nn.Module:
+        """The MLP of layer `layer_idx`; mixture-of-experts models pick a sparse block for some layers."""
+        return LlamaMLP(config, ops)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
@@ -103,7 +109,7 @@ class LlamaModel(nn.Module):
         cache = build_cos_sin_cache(config, head_dim, config.max_position_embeddings)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(layer_cls(config, ops, cache) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layer_cls(config, ops, cache, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
