@@ -107,7 +107,7 @@ class ModelRunner:
         # the last step's sampled tokens, still on the device, and the row of each sequence in them
         self.last_tokens: torch.Tensor | None = None
         self.last_rows: dict[int, int] = {}
-        self.num_weights = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # a step's MACs per token
+        self.num_weights = sum(p.numel() for p in model.parameters() if p.dim() >= 2)  # MACs per token, at most
 
     # -- setup --------------------------------------------------------------------------------
     def init_kv_cache(self) -> int:
