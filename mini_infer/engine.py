@@ -34,7 +34,8 @@ from mini_infer.output_processor import OutputProcessor, is_device_fault
 from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import Scheduler, SchedulerOutput
-from mini_infer.spec_decode.draft_model import plan_draft_slots
+from mini_infer.spec_decode.draft_model import DraftModel, plan_draft_slots
+from mini_infer.spec_decode.eagle3 import Eagle3Proposer, aux_layer_ids, load_eagle3_head
 from mini_infer.spec_decode.ngram import NgramProposer
 from mini_infer.worker.model_runner import ModelRunner, PendingStep
 
@@ -123,9 +124,9 @@ class LLMEngine:
             time.perf_counter() - start,
         )
         spec = config.speculative_config
-        draft = self._load_draft(spec.model, backend, dtype, device) if spec and spec.method == "draft_model" else None
+        proposer = self._load_proposer(spec, model, backend, dtype, device) if spec else None
         self.model_runner = ModelRunner(
-            model, config, self.model_config, dtype, device, self.max_model_len, backend, draft
+            model, config, self.model_config, dtype, device, self.max_model_len, backend, proposer
         )
         num_blocks = self.model_runner.init_kv_cache()
         logger.info(
@@ -139,9 +140,8 @@ class LLMEngine:
         block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         propose = None
         if spec is not None:
-            propose = (
-                plan_draft_slots if draft is not None else NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
-            )
+            ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+            propose = plan_draft_slots if proposer is not None else ngram
         self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose)
         self.input_processor = InputProcessor(
             config, self.model_config, self.detokenizer, self.max_model_len, self.eos_token_ids, self.scheduler.fits
@@ -161,9 +161,18 @@ class LLMEngine:
         atexit.unregister(gc.unfreeze)
         atexit.register(gc.unfreeze)
 
-    def _load_draft(self, name: str, backend, dtype, device):
-        """The speculative draft model: the target's vocabulary, the same dtype, device and kernels."""
-        path = resolve_model_path(name, self.config.load_format)
+    def _load_proposer(self, spec, model, backend, dtype, device) -> DraftModel | Eagle3Proposer | None:
+        """The model a speculative method proposes with (n-gram needs none): a draft model of the target's
+        vocabulary, or an EAGLE-3 head reading the target's hidden states."""
+        if spec.method == "ngram":
+            return None
+        path = resolve_model_path(spec.model, self.config.load_format)
+        if spec.method == "eagle3":
+            if not hasattr(getattr(model, "model", None), "aux_layers"):
+                raise ValueError(f"EAGLE-3 needs a Llama-family target; {type(model).__name__} gives no hidden states")
+            head = load_eagle3_head(path, model, backend.ops, dtype, device)
+            model.model.aux_layers = aux_layer_ids(head.config, len(model.model.layers))
+            return Eagle3Proposer(head, self.config.block_size)
         draft_config = load_hf_config(path)
         if draft_config.vocab_size != self.model_config.vocab_size:
             raise ValueError(
@@ -175,7 +184,8 @@ class LLMEngine:
                 f"the draft model takes {draft_config.max_position_embeddings} positions, fewer than "
                 f"max_model_len={self.max_model_len}"
             )
-        return load_model(path, draft_config, backend.ops, dtype, device, self.config.load_format, self.config.seed)
+        draft = load_model(path, draft_config, backend.ops, dtype, device, self.config.load_format, self.config.seed)
+        return DraftModel(draft, self.config.block_size)
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:

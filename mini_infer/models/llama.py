@@ -111,12 +111,18 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layer_cls(config, ops, cache, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.aux_layers: tuple[int, ...] = ()  # an EAGLE-3 head reads the residual stream entering these
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | tuple:
+        """The final hidden states; with aux_layers, also the residual stream entering those layers,
+        concatenated (an EAGLE-3 head's input)."""
+        x, residual, aux = self.embed_tokens(input_ids), None, []
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                aux += [x if residual is None else x + residual] * self.aux_layers.count(i)
             x, residual = layer(positions, x, residual)
-        return self.norm(x, residual)
+        hidden = self.norm(x, residual)
+        return (hidden, torch.cat(aux, dim=-1)) if self.aux_layers else hidden
 
 
 class LlamaForCausalLM(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 
-METHODS = ("ngram", "draft_model")  # eagle3 is not built yet
+METHODS = ("ngram", "draft_model", "eagle3")
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,8 @@ class SpeculativeConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens must be a positive integer, got {k!r}")
-        if self.method == "draft_model" and not self.model:
-            raise ValueError("speculative_config method 'draft_model' needs 'model' (a folder or hub id)")
+        if self.method in ("draft_model", "eagle3") and not self.model:
+            raise ValueError(f"speculative_config method {self.method!r} needs 'model' (a folder or hub id)")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 1 <= lo <= hi:
             raise ValueError(f"speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo}, {hi}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mini_infer.scheduler import ScheduledSeq
+from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
 from mini_infer.sequence import Sequence
 from mini_infer.worker.step_inputs import StepInputs
 
@@ -32,9 +32,26 @@ class DraftModel:
     def __init__(self, model: nn.Module, block_size: int) -> None:
         self.model, self.block_size = model, block_size
 
-    def propose(self, verify: list[ScheduledSeq], forward: Callable[[StepInputs, nn.Module], torch.Tensor]) -> None:
-        """Fills each run's draft tokens, k decode passes of the draft over all runs at once; forward(inputs,
-        model) runs one pass and returns its hidden states."""
+    def attention_layers(self) -> list[nn.Module]:
+        return self.model.attention_layers()
+
+    def before_forward(self, out: SchedulerOutput, forward: Callable[[StepInputs, nn.Module], torch.Tensor]) -> None:
+        """Fills each verify run's draft tokens: k greedy decodes of the draft over all runs at once."""
+        verify = [s for s in out.seqs if s.draft_token_ids]
+        if verify:
+            self._propose(verify, forward)
+
+    def after_forward(
+        self,
+        out: SchedulerOutput,
+        inputs: StepInputs,
+        aux: torch.Tensor | None,
+        forward: Callable[[StepInputs, nn.Module], torch.Tensor],
+    ) -> None:
+        """The draft's cache takes the step's tokens too."""
+        forward(inputs, self.model)
+
+    def _propose(self, verify: list[ScheduledSeq], forward: Callable[[StepInputs, nn.Module], torch.Tensor]) -> None:
         active = list(verify)
         tokens = [s.seq.token_ids[s.start] for s in active]  # the run's first input: the last known token
         for j in range(max(len(s.draft_token_ids) for s in active)):

@@ -30,6 +30,7 @@ from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
 from mini_infer.sequence import Sequence
 from mini_infer.spec_decode.draft_model import DraftModel
+from mini_infer.spec_decode.eagle3 import Eagle3Proposer
 from mini_infer.spec_decode.rejection_sampler import rejection_sample
 from mini_infer.worker.cuda_graphs import CUDAGraphs
 from mini_infer.worker.kv_cache import KVCache, num_kv_blocks, profile_free_gpu_memory
@@ -90,18 +91,19 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int,
         backend: AttentionBackend,
-        draft_model: nn.Module | None = None,
+        proposer: DraftModel | Eagle3Proposer | None = None,
     ) -> None:
-        """draft_model: a speculative decoding draft (spec_decode/draft_model.py), run beside the model."""
+        """proposer: a speculative decoding proposer that runs a model of its own beside this one
+        (spec_decode/draft_model.py, eagle3.py); its caches sit in the same pool and block tables."""
         self.model, self.config, self.backend = model, config, backend
         self.dtype, self.device = dtype, device
         self.block_size, self.max_model_len = config.block_size, max_model_len
         self.vocab_size, self.hidden_size = hf_config.vocab_size, hf_config.hidden_size
-        self.draft = DraftModel(draft_model, config.block_size) if draft_model is not None else None
-        layers = model.attention_layers() + (draft_model.attention_layers() if draft_model is not None else [])
-        self.kv_cache = KVCache(layers, config.block_size, dtype, device)  # the draft's blocks sit beside
+        self.proposer = proposer
+        layers = model.attention_layers() + (proposer.attention_layers() if proposer is not None else [])
+        self.kv_cache = KVCache(layers, config.block_size, dtype, device)
         graphs_ok = device.type == "cuda" and not config.enforce_eager and backend.supports_cuda_graphs
-        self.use_cuda_graphs = graphs_ok and draft_model is None  # the draft runs the same inputs eagerly
+        self.use_cuda_graphs = graphs_ok and proposer is None  # a proposer's passes run eagerly
         self.graphs: CUDAGraphs | None = None
         self.seed_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fused sampler)
         # the last step's sampled tokens, still on the device, and the row of each sequence in them
@@ -249,8 +251,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _execute(self, out: SchedulerOutput) -> PendingStep:
         sampling = out.sampling
-        if self.draft is not None and any(s.draft_token_ids for s in out.seqs):
-            self.draft.propose([s for s in out.seqs if s.draft_token_ids], self._forward)
+        if self.proposer is not None:
+            self.proposer.before_forward(out, self._forward)
         prompt_rows = self._prompt_logprob_rows(out)
         max_table = max(len(s.seq.block_table) for s in out.seqs)
         prompt_logprobs = None
@@ -258,9 +260,11 @@ class ModelRunner:
             hidden = self._run_graphs(out)
         else:  # prompt logprobs need every row: eager
             inputs = build_step_inputs(out.seqs, len(out.decodes), self.block_size, self.last_rows)
-            all_hidden = self._forward(inputs)
-            if self.draft is not None:  # the draft's cache takes the same tokens (spec_decode/draft_model.py)
-                self._forward(inputs, self.draft.model)
+            all_hidden, aux = self._forward(inputs), None
+            if isinstance(all_hidden, tuple):  # the target also gave the hidden states a proposer reads
+                all_hidden, aux = all_hidden
+            if self.proposer is not None:
+                self.proposer.after_forward(out, inputs, aux, self._forward)
             prompt_logprobs = self._prompt_logprobs(all_hidden, prompt_rows, out) if prompt_rows else None
             hidden = all_hidden[to_device(inputs.logits_indices, torch.int64, self.device)]
         if not sampling:

@@ -1,0 +1,250 @@
+"""EAGLE-3 proposals: a one-layer head that reads the target's own hidden states.
+
+The head, as its authors publish it (`midlayer.*`, `fc`, `norm`, `lm_head`, `d2t`): `fc` fuses the
+target's residual stream entering three of its layers (low, middle, high) into one hidden state; the
+decoder layer attends over [norm(embedding of the next token) ‖ norm(that hidden state)]; its LM head
+covers a draft vocabulary whose ids map to the target's by `d2t` offsets. The head at position p takes
+the token at p + 1 and the target's hidden state at p, and predicts the token at p + 2; later drafts feed
+the head's own hidden state back.
+
+The head keeps a KV cache of its one layer in the target's block tables. A step's target pass leaves
+its positions' hidden states here; the next step, when every next token is known (speculation runs
+synchronous steps), runs the head over them (writing its cache) and its last position gives the first
+draft; k - 1 head decodes give the rest. Greedy drafts (q one-hot) are verified like n-gram drafts, so
+the tokens keep the target's distribution whatever the head's weights: tests use random heads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import PretrainedConfig
+
+from mini_infer.kernels import KernelOps
+from mini_infer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from mini_infer.layers.linear import QKVParallelLinear, ReplicatedLinear
+from mini_infer.layers.rotary import build_cos_sin_cache
+from mini_infer.models.llama import LlamaAttention, LlamaMLP, RMSNorm
+from mini_infer.scheduler import SchedulerOutput
+from mini_infer.worker.step_inputs import StepInputs
+
+ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+
+
+def aux_layer_ids(head_config: PretrainedConfig, num_target_layers: int) -> tuple[int, int, int]:
+    """The target layers whose incoming residual stream the head reads: the config's, else EAGLE-3's
+    (2, L // 2, L - 3)."""
+    ids = (getattr(head_config, "eagle_config", None) or {}).get("eagle_aux_hidden_state_layer_ids")
+    return tuple(ids) if ids else (2, num_target_layers // 2, num_target_layers - 3)
+
+
+class Eagle3Layer(nn.Module):
+    def __init__(self, config: PretrainedConfig, ops: KernelOps, cos_sin_cache: torch.Tensor) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.self_attn = LlamaAttention(config, ops, cos_sin_cache)
+        attn = self.self_attn  # its q, k and v read the concatenation, twice the hidden size
+        attn.qkv_proj = QKVParallelLinear(
+            2 * hidden,
+            attn.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=getattr(config, "attention_bias", False),
+            ops=ops,
+        )
+        self.mlp = LlamaMLP(config, ops)
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, ops)
+        self.hidden_norm = RMSNorm(hidden, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, ops)
+
+    def forward(self, positions: torch.Tensor, embeds: torch.Tensor, hidden: torch.Tensor) -> tuple:
+        residual = hidden.clone()  # the norm below adds into it in place
+        h = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), dim=-1)
+        h = self.post_attention_layernorm(self.self_attn(positions, h), residual)
+        return self.mlp(h), residual
+
+
+class Eagle3Head(nn.Module):
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: PretrainedConfig, target_config: PretrainedConfig, ops: KernelOps) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.draft_vocab_size = getattr(config, "draft_vocab_size", None) or config.vocab_size
+        target_hidden = getattr(config, "target_hidden_size", None) or target_config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        cache = build_cos_sin_cache(config, head_dim, target_config.max_position_embeddings)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.fc = ReplicatedLinear(3 * target_hidden, hidden, bias=False, ops=ops)
+        self.midlayer = Eagle3Layer(config, ops, cache)
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, ops)
+        self.lm_head = ParallelLMHead(self.draft_vocab_size, hidden, ops)
+        self.d2t = nn.Parameter(torch.zeros(self.draft_vocab_size, dtype=torch.int64), requires_grad=False)
+        self.embed_tokens: VocabParallelEmbedding | None = None  # the checkpoint's, or the target's
+
+    def attention_layers(self) -> list[nn.Module]:
+        return [self.midlayer.self_attn.attn]
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> tuple:
+        """(normed hidden states for the LM head, the pre-norm ones that the next draft step takes)."""
+        h, residual = self.midlayer(positions, self.embed_tokens(ids), hidden)
+        return self.norm(h, residual), residual
+
+    def draft_tokens(self, normed: torch.Tensor) -> torch.Tensor:
+        """The greedy draft of each row, as a target token id."""
+        best = self.lm_head.compute_logits(normed).argmax(dim=-1)
+        return best + self.d2t[best]
+
+    def load(self, path: Path, target_embedding: VocabParallelEmbedding) -> None:
+        params = dict(self.named_parameters())
+        loaded, own_embedding = set(), None
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    if name == "t2d":  # the inverse map: not needed to propose
+                        continue
+                    if name.endswith("embed_tokens.weight"):
+                        own_embedding = tensor
+                        continue
+                    name, shard = name.removeprefix("model."), None
+                    for part, (ours, shard_id) in self.packed_modules_mapping.items():
+                        if f".{part}." in name:
+                            name, shard = name.replace(f".{part}.", f".{ours}."), shard_id
+                    if name not in params:
+                        raise ValueError(f"EAGLE-3 checkpoint tensor {name!r} matches no part of the head")
+                    param = params[name]
+                    loader = getattr(param, "weight_loader", None)
+                    if loader is None:
+                        param.data.copy_(tensor)
+                    else:
+                        loader(param, tensor, shard)
+                    loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"EAGLE-3 checkpoint in {path} lacks {missing[:6]}")
+        if own_embedding is None:
+            self.embed_tokens = target_embedding
+        else:
+            self.embed_tokens = VocabParallelEmbedding(*own_embedding.shape).to(own_embedding.device)
+            self.embed_tokens.weight.data.copy_(own_embedding)
+
+
+def load_eagle3_head(
+    path: Path, target: nn.Module, ops: KernelOps, dtype: torch.dtype, device: torch.device
+) -> Eagle3Head:
+    from transformers import AutoConfig
+
+    data = json.loads((path / "config.json").read_text())
+    if not set(data.get("architectures") or []) & set(ARCHITECTURES):
+        raise ValueError(f"{path} is not an EAGLE-3 head (architectures {data.get('architectures')})")
+    config = AutoConfig.for_model("llama", **{k: v for k, v in data.items() if k not in ("model_type",)})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            head = Eagle3Head(config, target.config, ops)
+    finally:
+        torch.set_default_dtype(previous)
+    head.load(path, target.model.embed_tokens)
+    return head.eval()
+
+
+class Eagle3Proposer:
+    def __init__(self, head: Eagle3Head, block_size: int) -> None:
+        self.head, self.block_size = head, block_size
+        # per sequence: (it, first position, the target's fused hidden states from there) awaiting the head
+        self.pending: dict[int, tuple] = {}
+
+    def attention_layers(self) -> list[nn.Module]:
+        return self.head.attention_layers()
+
+    def after_forward(
+        self,
+        out: SchedulerOutput,
+        inputs: StepInputs,
+        aux: torch.Tensor | None,
+        forward: Callable[[StepInputs, nn.Module], object],
+    ) -> None:
+        """Keeps this step's hidden states, fused by fc, for the head's pass next step."""
+        fused, offset = self.head.fc(aux), 0
+        for s in out.seqs:
+            self.pending[s.seq.seq_id] = (s.seq, s.start, fused[offset : offset + s.num_new_tokens])
+            offset += s.num_new_tokens
+
+    def before_forward(self, out: SchedulerOutput, forward: Callable[[StepInputs, nn.Module], object]) -> None:
+        """Runs the head over the positions the last steps left (their next tokens are known now), then
+        proposes the drafts of the runs this step verifies."""
+        for seq_id in [i for i, (seq, _, _) in self.pending.items() if seq.is_finished]:
+            del self.pending[seq_id]
+        rows, hidden_parts = [], []
+        for s in out.seqs:
+            entry = self.pending.pop(s.seq.seq_id, None)
+            if entry is None:
+                continue
+            _, first, fused = entry
+            end = min(first + len(fused), s.start, len(s.seq.token_ids) - 1)  # verified positions only
+            if end > first:
+                rows.append((s, first, end))
+                hidden_parts.append(fused[: end - first])
+        last_hidden: dict[int, torch.Tensor] = {}
+        if rows:
+            tokens = [s.seq.token_ids[p + 1] for s, first, end in rows for p in range(first, end)]
+            positions = [p for _, first, end in rows for p in range(first, end)]
+            inputs = self._inputs(tokens, positions, [s for s, first, end in rows for _ in range(first, end)])
+            normed, prenorm = forward(inputs, self._model(torch.cat(hidden_parts)))
+            ends = np.cumsum([end - first for _, first, end in rows]) - 1
+            drafts = self.head.draft_tokens(normed[torch.as_tensor(ends, device=normed.device)]).tolist()
+            for (s, _, _), row, token in zip(rows, ends.tolist(), drafts):
+                if s.draft_token_ids:
+                    s.draft_token_ids[0] = token
+                    last_hidden[s.seq.seq_id] = prenorm[row]
+        verify = [s for s in out.seqs if s.draft_token_ids and s.seq.seq_id in last_hidden]
+        for j in range(1, max((len(s.draft_token_ids) for s in verify), default=0)):
+            verify = [s for s in verify if j < len(s.draft_token_ids)]
+            tokens = [s.draft_token_ids[j - 1] for s in verify]
+            positions = [s.start + j - 1 for s in verify]
+            hidden = torch.stack([last_hidden[s.seq.seq_id] for s in verify])
+            normed, prenorm = forward(self._inputs(tokens, positions, verify), self._model(hidden))
+            for i, (s, token) in enumerate(zip(verify, self.head.draft_tokens(normed).tolist())):
+                s.draft_token_ids[j] = token
+                last_hidden[s.seq.seq_id] = prenorm[i]
+
+    def _model(self, hidden: torch.Tensor) -> nn.Module:
+        """The head as forward(inputs, model) runs models: model(ids, positions)."""
+        head = self.head
+        return lambda ids, positions: head(ids, positions, hidden)
+
+    def _inputs(self, tokens: list[int], positions: list[int], scheduled: list) -> StepInputs:
+        """One query per position, each in its own sequence's blocks (decode-shaped: every row its own
+        sequence, keys up to its position)."""
+        n, bs = len(tokens), self.block_size
+        pos = np.asarray(positions, dtype=np.int64)
+        tables = np.zeros((n, max(len(s.seq.block_table) for s in scheduled)), dtype=np.int32)
+        for i, s in enumerate(scheduled):
+            tables[i, : len(s.seq.block_table)] = s.seq.block_table
+        slots = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
+        return StepInputs(
+            token_ids=np.asarray(tokens, dtype=np.int64),
+            positions=pos,
+            slot_mapping=slots,
+            query_lens=np.ones(n, np.int64),
+            seq_lens=pos + 1,
+            block_tables=tables,
+            num_decodes=n,
+            logits_indices=np.arange(n, dtype=np.int64),
+            pending=np.zeros((0, 2), np.int64),
+        )
