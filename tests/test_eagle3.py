@@ -143,7 +143,8 @@ def test_drafts_equal_the_reference_head(stories_path, head_path, monkeypatch):
 
     def recording(self, out, forward):
         real(self, out, forward)
-        proposed.extend((s.seq.token_ids[: s.start + 1], list(s.draft_token_ids)) for s in out.seqs if s.draft_token_ids)
+        runs = [s for s in out.seqs if s.draft_token_ids]
+        proposed.extend((s.seq.token_ids[: s.start + 1], list(s.draft_token_ids)) for s in runs)
 
     monkeypatch.setattr(Eagle3Proposer, "before_forward", recording)
     llm = LLM(stories_path, speculative_config=eagle3(head_path, 3))
