@@ -198,6 +198,10 @@ def test_bad_heads_are_refused(stories_path, head_path, tmp_path):
         LLM(stories_path, speculative_config=eagle3(str(tmp_path), 2))
     (tmp_path / "config.json").write_text(json.dumps(head_config()))
     tensors = head_tensors()
+    tensors["d2t"][-1] = VOCAB  # the last draft id would map past the target's vocabulary
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="d2t maps draft ids outside"):
+        LLM(stories_path, speculative_config=eagle3(str(tmp_path), 2))
     del tensors["fc.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="lacks.*fc.weight"):

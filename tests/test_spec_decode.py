@@ -58,6 +58,7 @@ def test_greedy_tokens_equal_transformers(stories_path, k):
     stats = llm.llm_engine.stats
     assert stats.spec_num_accepted_tokens > 20 and stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens
     assert len(stats.spec_num_accepted_per_pos) == k and stats.spec_num_accepted_per_pos[0] > 0
+    assert stats.generation_tokens == sum(len(out.outputs[0].token_ids) for out in outs)  # every token of a run
     assert stats.num_kv_blocks_used == 0
 
 
