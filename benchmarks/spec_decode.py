@@ -40,7 +40,7 @@ from mini_infer.config import EngineConfig
 
 def sync() -> None:
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 def args_max_len(model: str) -> int:

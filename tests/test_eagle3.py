@@ -18,11 +18,17 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from mini_infer import LLM, SamplingParams
+from mini_infer import LLM as _LLM
+from mini_infer import SamplingParams
 from mini_infer.spec_decode.eagle3 import Eagle3Proposer
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, DRAFT_VOCAB = 64, 4, 2, 16, 96, 512, 96
 AUX_LAYERS = [1, 2, 4]
+
+
+def LLM(model: str, **kwargs) -> _LLM:  # noqa: N802
+    """float32, so that exactness holds on a GPU too (dtype auto picks bf16 there)."""
+    return _LLM(model, dtype="float32", **kwargs)
 
 
 def head_config() -> dict:

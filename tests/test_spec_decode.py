@@ -10,13 +10,19 @@ import pytest
 import torch
 from conftest import PROMPTS, _hf_model, hf_greedy
 
-from mini_infer import LLM, SamplingParams
+from mini_infer import LLM as _LLM
+from mini_infer import SamplingParams
 from mini_infer.sampler import build_sampling_batch
 from mini_infer.spec_decode.config import SpeculativeConfig
 from mini_infer.spec_decode.ngram import propose_ngram
 from mini_infer.spec_decode.rejection_sampler import rejection_sample
 
 REPEATING = "Lily and Tom went to the park. Lily and Tom saw a dog. Lily and Tom"
+
+
+def LLM(model: str, **kwargs) -> _LLM:  # noqa: N802
+    """float32, so that exactness holds on a GPU too (dtype auto picks bf16 there)."""
+    return _LLM(model, dtype="float32", **kwargs)
 
 
 def ngram(k: int, **kwargs) -> dict:
@@ -217,7 +223,8 @@ def test_server_speculates_and_reports_it(stories_path):
     from mini_infer.async_engine import AsyncLLMEngine
     from mini_infer.entrypoints.openai.api_server import build_app
 
-    config = EngineConfig(model=stories_path, speculative_config='{"method": "ngram", "num_speculative_tokens": 3}')
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    config = EngineConfig(model=stories_path, dtype="float32", speculative_config=spec)
     engine = AsyncLLMEngine(LLMEngine(config))
     expected = LLM(stories_path).generate(REPEATING, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
     with ServerThread(build_app(engine, ["m"])) as server:
