@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from mini_infer import LLMEngine, SamplingParams
-from mini_infer.bench.common import free_device_memory, shut_down
+from mini_infer.bench.common import free_device_memory
 from mini_infer.config import EngineConfig
 
 
@@ -51,14 +51,9 @@ def args_max_len(model: str) -> int:
 
 
 def engine(model: str, **kwargs) -> LLMEngine:
+    free_device_memory()  # the engines the caller dropped (del): each sizes its KV pool from a free GPU
     settings = {"load_format": "dummy", "max_model_len": args_max_len(model), "max_num_seqs": 64, **kwargs}
     return LLMEngine(EngineConfig(model=model, **settings))
-
-
-def release(e: LLMEngine) -> None:
-    shut_down(e)
-    del e
-    free_device_memory()
 
 
 def force_drafts(e: LLMEngine, k: int) -> None:
@@ -110,7 +105,7 @@ def part_verify(args, rows: list) -> None:
     base = engine(args.model)
     vocab = base.model_config.vocab_size
     plain = {b: timed_decode(base, prompts(b, args.input_len, vocab), args.steps) for b in args.batches}
-    release(base)
+    del base
     spec = engine(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": max(args.ks)})
     for b in args.batches:
         for k in args.ks:
@@ -129,7 +124,7 @@ def part_verify(args, rows: list) -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    release(spec)
+    del spec
 
 
 def part_self_draft(args, rows: list) -> None:
@@ -137,7 +132,7 @@ def part_self_draft(args, rows: list) -> None:
     vocab = base.model_config.vocab_size
     ids = prompts(1, args.input_len, vocab)
     plain = timed_decode(base, ids, args.steps)
-    release(base)
+    del base
     for k in (2, 4):
         spec = engine(
             args.model, speculative_config={"method": "draft_model", "model": args.model, "num_speculative_tokens": k}
@@ -145,7 +140,7 @@ def part_self_draft(args, rows: list) -> None:
         r = timed_decode(spec, ids, max(8, args.steps // (k + 1)))
         rows.append({"part": "self_draft", "batch": 1, "k": k, "plain_tok_per_s": plain["tok_per_s"], **r})
         print(json.dumps(rows[-1]), flush=True)
-        release(spec)
+        del spec
 
 
 def random_eagle3_head(target: LLMEngine, path: Path, draft_vocab: int = 32000) -> None:
@@ -201,7 +196,7 @@ def part_eagle3(args, rows: list) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         random_eagle3_head(base, Path(tmp))
         plain = {b: timed_decode(base, prompts(b, args.input_len, vocab), args.steps) for b in (1, 4)}
-        release(base)
+        del base
         for k in (1, 3, 5):
             spec = engine(
                 args.model, speculative_config={"method": "eagle3", "model": tmp, "num_speculative_tokens": k}
@@ -213,7 +208,7 @@ def part_eagle3(args, rows: list) -> None:
                 rows.append({"part": "eagle3", "batch": b, "k": k, "decode_step_ms": plain[b]["step_ms"], **r})
                 rows[-1].update(step_over_decode=ratio, **implied)
                 print(json.dumps(rows[-1]), flush=True)
-            release(spec)
+            del spec
 
 
 def part_ngram(args, rows: list) -> None:
@@ -225,7 +220,7 @@ def part_ngram(args, rows: list) -> None:
         r = timed_decode(e, ids, 48, warmup=2)
         rows.append({"part": "ngram", "model": "stories260K", "batch": args.ngram_batch, "k": k, **r})
         print(json.dumps(rows[-1]), flush=True)
-        release(e)
+        del e
 
 
 def greedy(e: LLMEngine, ids: list[list[int]], n: int) -> list[list[int]]:
@@ -244,11 +239,11 @@ def part_exact(args, rows: list) -> None:
     base = engine(args.model)
     ids = [p[: 16 + 24 * i] for i, p in enumerate(prompts(8, 200, base.model_config.vocab_size, seed=1))]
     want = greedy(base, ids, 64)
-    release(base)
+    del base
     spec = engine(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     force_drafts(spec, 4)
     got = greedy(spec, ids, 64)
-    release(spec)
+    del spec
     first = [next((j for j, (a, b) in enumerate(zip(w, g)) if a != b), None) for w, g in zip(want, got)]
     same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g)) / sum(map(len, want))
     rows.append({"part": "exact", "k": 4, "identical_token_fraction": same, "first_divergence": first})
@@ -274,20 +269,21 @@ def main() -> None:
     args.batches = [int(b) for b in args.batch_sizes.split(",")]
     args.ks = [int(k) for k in args.ks.split(",")]
     rows: list[dict] = []
-    for part in args.parts.split(","):
-        if part == "ngram" and not args.stories:
-            continue
-        start = time.perf_counter()
-        PARTS[part](args, rows)
-        print(f"# {part}: {time.perf_counter() - start:.0f} s", flush=True)
     record = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "rows": rows,
     }
-    Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output_json).write_text(json.dumps(record, indent=1))
+    out = Path(args.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for part in args.parts.split(","):
+        if part == "ngram" and not args.stories:
+            continue
+        start = time.perf_counter()
+        PARTS[part](args, rows)
+        print(f"# {part}: {time.perf_counter() - start:.0f} s", flush=True)
+        out.write_text(json.dumps(record, indent=1))  # after each part: a later part's failure keeps these
 
 
 if __name__ == "__main__":
