@@ -260,7 +260,7 @@ class ModelRunner:
         prompt_rows = self._prompt_logprob_rows(out)
         max_table = max(len(s.seq.block_table) for s in out.seqs)
         prompt_logprobs = None
-        if self.graphs and not prompt_rows and self.graphs.can_run(len(out.decodes), out.prefills, max_table):
+        if self.graphs and not prompt_rows and self.graphs.can_run(out.num_decode_rows, out.prefills, max_table):
             hidden = self._run_graphs(out)
         else:  # prompt logprobs need every row: eager
             inputs = build_step_inputs(out.seqs, len(out.decodes), self.block_size, self.last_rows)
