@@ -114,6 +114,13 @@ class EngineConfig:
             return torch.float32
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
+    @property
+    def max_decode_rows(self) -> int:
+        """Decode rows a step can hold: one per sequence, 1 + k per sequence when speculating (CUDA graphs
+        are captured up to this, 512 at most)."""
+        k = self.speculative_config.num_speculative_tokens if self.speculative_config else 0
+        return min(self.max_num_seqs * (1 + k), 512)
+
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
         names = {f.name for f in fields(cls)}

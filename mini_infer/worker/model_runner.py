@@ -114,7 +114,7 @@ class ModelRunner:
     # -- setup --------------------------------------------------------------------------------
     def init_kv_cache(self) -> int:
         """Sizes and allocates the KV pool, then captures the CUDA graphs and warms the sampler up."""
-        graph_batch = min(self.config.max_num_seqs, 512) if self.use_cuda_graphs else None
+        graph_batch = self.config.max_decode_rows if self.use_cuda_graphs else None
         num_blocks = num_kv_blocks(
             self.config,
             self.kv_cache,
