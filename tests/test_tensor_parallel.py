@@ -60,6 +60,12 @@ def test_stories_tp2():
         seeded = SamplingParams(temperature=0.9, seed=7, max_tokens=8)
         a, b = (llm.generate([{"prompt_token_ids": PROMPTS[1]}], seeded, use_tqdm=False) for _ in range(2))
         assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
+        # an exception in a worker (here: a step it cannot unpickle) surfaces on rank 0 with its reason
+        executor = llm.llm_engine.executor
+        send = executor.send_step
+        executor.send_step = lambda data: send(b"not a pickle")
+        with pytest.raises(ExecutorError, match="worker 1 raised UnpicklingError"):
+            llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY, use_tqdm=False)
     finally:
         procs = _workers(llm)
         llm.llm_engine.shutdown()
