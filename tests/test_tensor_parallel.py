@@ -143,3 +143,24 @@ def test_ray_executor():
             llm.llm_engine.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_qwen3_tp4_replicates_kv_heads():
+    """4 ranks, 4 heads, 2 KV heads: each KV head lives on two ranks."""
+    llm = LLM(str(QWEN3), **{**ENGINE, "tensor_parallel_size": 4})
+    try:
+        attn = llm.llm_engine.model_runner.model.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads, attn.qkv_proj.kv_replicas) == (1, 1, 2)
+        _check(llm, str(QWEN3))
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_moe_tensor_parallel(tmp_path):
+    """Qwen2-MoE without expert parallelism: every rank holds half of each expert (and of the shared one)."""
+    path = _save_random(tmp_path, CONFIGS["qwen2-moe"]())
+    llm = LLM(path, **ENGINE)
+    try:
+        _check(llm, path)
+    finally:
+        llm.llm_engine.shutdown()
