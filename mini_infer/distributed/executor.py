@@ -37,6 +37,11 @@ def make_executor(config: EngineConfig, path: Path, max_model_len: int):
     check_parallel_sizes(load_hf_config(path), tp, config.enable_expert_parallel)
     if tp == 1:
         return UniProcExecutor()
+    if config.resolved_device.type == "cuda" and config.distributed_executor_backend != "ray":  # one host
+        import torch
+
+        if tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; this host shows {torch.cuda.device_count()}")
     if config.distributed_executor_backend == "ray":
         from mini_infer.distributed.executor_ray import RayExecutor
 
