@@ -47,6 +47,14 @@ def _check(llm: LLM, path: str) -> None:
                 assert abs(lp.logprob - logprobs[step, token].item()) < 1e-4, (step, token)
 
 
+def _hf_prompt_logprobs(path: str, prompt: list[int]) -> torch.Tensor:
+    from conftest import _hf_model
+
+    with torch.no_grad():
+        logits = _hf_model(path)(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    return logits[:-1].gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+
+
 def _workers(llm: LLM) -> list:
     return llm.llm_engine.executor.procs
 
@@ -60,6 +68,14 @@ def test_stories_tp2():
         seeded = SamplingParams(temperature=0.9, seed=7, max_tokens=8)
         a, b = (llm.generate([{"prompt_token_ids": PROMPTS[1]}], seeded, use_tqdm=False) for _ in range(2))
         assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
+        # prompt logprobs: every rank makes the LM head's chunks (its all-gathers) over the whole prompt
+        prompt = PROMPTS[1]
+        out = llm.generate(
+            [{"prompt_token_ids": prompt}], SamplingParams(max_tokens=2, prompt_logprobs=0), use_tqdm=False
+        )
+        ref = _hf_prompt_logprobs(str(STORIES), prompt)
+        got = [next(iter(e.values())).logprob for e in out[0].prompt_logprobs[1:]]
+        assert torch.allclose(torch.tensor(got), ref, atol=1e-4)
         # an exception in a worker (here: a step it cannot unpickle) surfaces on rank 0 with its reason
         executor = llm.llm_engine.executor
         send = executor.send_step

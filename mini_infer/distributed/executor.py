@@ -54,9 +54,9 @@ def make_executor(config: EngineConfig, path: Path, max_model_len: int):
 class DistributedExecutor:
     """Rank 0's side of a group: sends each step to the workers, then runs it here.
 
-    A step goes out as one pickle of the SchedulerOutput (the scheduled sequences: block tables, the
-    tokens of the chunk, sampling parameters), written to each worker before rank 0 starts its own
-    forward, so the workers' forwards overlap rank 0's. Any failure inside a step is fatal
+    A step goes out as one pickle of the SchedulerOutput, its sequences cut down to what a forward pass
+    reads (wire.py: block tables, the tokens of the chunk, sampling parameters), written to each worker
+    before rank 0 starts its own forward, so the workers' forwards overlap rank 0's. Any failure inside a step is fatal
     (ExecutorError): a rank that missed a collective leaves the group out of step."""
 
     def __init__(self) -> None:
@@ -69,9 +69,11 @@ class DistributedExecutor:
     def execute_model(self, out):
         import pickle
 
+        from mini_infer.distributed.wire import wire_output
+
         if self.failed is not None:
             raise ExecutorError(self.failed)
-        data = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(wire_output(out), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             self.send_step(data)
             return self.runner.execute(out)
