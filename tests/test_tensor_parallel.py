@@ -180,3 +180,30 @@ def test_moe_tensor_parallel(tmp_path):
         _check(llm, path)
     finally:
         llm.llm_engine.shutdown()
+
+
+_CHILD = """
+import os, signal, sys
+from mini_infer import LLM
+llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=64)
+print(" ".join(str(p.pid) for p in llm.llm_engine.executor.procs), flush=True)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("end", ["exit", "kill"])
+def test_no_worker_outlives_its_process(end):
+    """A script that ends without shutdown(), or is killed outright: its workers go with it."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(STORIES), end], capture_output=True, text=True, timeout=120
+    )
+    pids = [int(p) for p in result.stdout.split()]
+    assert len(pids) == 1, result.stderr[-2000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pids[0]}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pids[0]}")
