@@ -3,7 +3,7 @@
 Rank 0 is the engine's own process: it schedules, runs its ModelRunner and samples. The other ranks are
 workers started by the `mp` executor (spawned processes on this host) or the `ray` one (actors in a
 placement group, one bundle per GPU). One process (tensor_parallel_size 1) has no executor work at all:
-`execute_model` is the runner's own `execute`.
+`execute_model` calls the runner's own `execute`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ class UniProcExecutor:
     """One rank: the engine calls the runner directly."""
 
     def bind(self, runner: ModelRunner) -> None:
-        self.execute_model = runner.execute
+        self.runner = runner
+
+    def execute_model(self, out):
+        return self.runner.execute(out)  # looked up per call: tests and observers may wrap the runner's
 
     def shutdown(self) -> None:
         pass

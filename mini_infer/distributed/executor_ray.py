@@ -86,7 +86,8 @@ class RayExecutor(DistributedExecutor):
                 raise ExecutorError(f"Ray could not place {world} bundles of {bundle} within {timeout:.0f}s")
             init_method = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
             actor_cls = ray.remote(num_cpus=1, num_gpus=1 if cuda else 0)(RayWorker)
-            env = {"env_vars": {**worker_env(), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}}
+            path_env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+            env = {"env_vars": {**worker_env(), **path_env}}  # the driver's import path (a checkout)
             for rank in range(1, world):
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
                 actor = actor_cls.options(scheduling_strategy=strategy, runtime_env=env).remote()
