@@ -115,8 +115,8 @@ class OutputProcessor:
             if request is None:
                 continue
             entries = logprobs[row] if logprobs else None
-            if not isinstance(entries, list):  # one token; a verified run has an entry per token
-                entries = [entries]
+            if not isinstance(entries, list):  # no logprobs, or one token's: a verified run has a list
+                entries = [entries] * num_taken
             out, end = request.outputs[seq.index], len(seq.token_ids) - num_taken
             try:
                 for entry in entries[:num_taken]:

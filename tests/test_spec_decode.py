@@ -10,13 +10,19 @@ import pytest
 import torch
 from conftest import PROMPTS, _hf_model, hf_greedy
 
-from mini_infer import LLM, SamplingParams
+from mini_infer import LLM as _LLM
+from mini_infer import SamplingParams
 from mini_infer.sampler import build_sampling_batch
 from mini_infer.spec_decode.config import SpeculativeConfig
 from mini_infer.spec_decode.ngram import propose_ngram
 from mini_infer.spec_decode.rejection_sampler import rejection_sample
 
 REPEATING = "Lily and Tom went to the park. Lily and Tom saw a dog. Lily and Tom"
+
+
+def LLM(model: str, **kwargs) -> _LLM:  # noqa: N802
+    """float32, so that exactness holds on a GPU too (dtype auto picks bf16 there)."""
+    return _LLM(model, dtype="float32", **kwargs)
 
 
 def ngram(k: int, **kwargs) -> dict:
@@ -58,6 +64,7 @@ def test_greedy_tokens_equal_transformers(stories_path, k):
     stats = llm.llm_engine.stats
     assert stats.spec_num_accepted_tokens > 20 and stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens
     assert len(stats.spec_num_accepted_per_pos) == k and stats.spec_num_accepted_per_pos[0] > 0
+    assert stats.generation_tokens == sum(len(out.outputs[0].token_ids) for out in outs)  # every token of a run
     assert stats.num_kv_blocks_used == 0
 
 
@@ -216,7 +223,8 @@ def test_server_speculates_and_reports_it(stories_path):
     from mini_infer.async_engine import AsyncLLMEngine
     from mini_infer.entrypoints.openai.api_server import build_app
 
-    config = EngineConfig(model=stories_path, speculative_config='{"method": "ngram", "num_speculative_tokens": 3}')
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    config = EngineConfig(model=stories_path, dtype="float32", speculative_config=spec)
     engine = AsyncLLMEngine(LLMEngine(config))
     expected = LLM(stories_path).generate(REPEATING, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
     with ServerThread(build_app(engine, ["m"])) as server:
@@ -278,3 +286,33 @@ def test_a_draft_with_another_vocabulary_is_refused(stories_path, tmp_path):
         LLM(stories_path, speculative_config=draft(str(other), 2))
     with pytest.raises(ValueError, match="needs 'model'"):
         LLM(stories_path, speculative_config={"method": "draft_model", "num_speculative_tokens": 2})
+
+
+def test_a_verify_run_is_decode_rows_of_one_sequence():
+    """A verify run (last token + k drafts) is laid out as 1 + k decode rows, row i reading the keys up to
+    its own position through the sequence's block table, so the decode kernel computes each row as a
+    plain decode there; prefill chunks after it keep their layout."""
+    from mini_infer.scheduler import ScheduledSeq
+    from mini_infer.sequence import Sequence
+    from mini_infer.worker.step_inputs import build_step_inputs
+
+    verify = Sequence("v", 0, list(range(20)), SamplingParams())
+    verify.block_table = [7, 3]
+    plain = Sequence("d", 0, list(range(5)), SamplingParams())
+    plain.block_table = [1]
+    chunk = Sequence("p", 0, list(range(40)), SamplingParams())
+    chunk.block_table = [4, 5, 6]
+    seqs = [
+        ScheduledSeq(verify, 19, 4, True, 3, [101, 102, 103]),
+        ScheduledSeq(plain, 4, 1, True, 0),
+        ScheduledSeq(chunk, 16, 24, True, 0),
+    ]
+    inputs = build_step_inputs(seqs, 2, 16, {})
+    assert inputs.num_decodes == 5
+    assert inputs.query_lens.tolist() == [1, 1, 1, 1, 1, 24]
+    assert inputs.seq_lens.tolist() == [20, 21, 22, 23, 5, 40]
+    assert inputs.block_tables[:4, :2].tolist() == [[7, 3]] * 4 and inputs.block_tables[5].tolist() == [4, 5, 6]
+    assert inputs.token_ids[:5].tolist() == [19, 101, 102, 103, 4]
+    assert inputs.positions[:5].tolist() == [19, 20, 21, 22, 4]
+    assert inputs.slot_mapping[:4].tolist() == [3 * 16 + 3, 3 * 16 + 4, 3 * 16 + 5, 3 * 16 + 6]
+    assert inputs.logits_indices.tolist() == [0, 1, 2, 3, 4, 28]

@@ -136,6 +136,10 @@ class Eagle3Head(nn.Module):
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"EAGLE-3 checkpoint in {path} lacks {missing[:6]}")
+        targets = torch.arange(self.draft_vocab_size, device=self.d2t.device) + self.d2t
+        vocab = target_embedding.weight.shape[0]
+        if int(targets.min()) < 0 or int(targets.max()) >= vocab:
+            raise ValueError(f"EAGLE-3 head in {path}: d2t maps draft ids outside the target's {vocab} tokens")
         if own_embedding is None:
             self.embed_tokens = target_embedding
         else:

@@ -142,9 +142,8 @@ class ModelRunner:
             seqs.append(ScheduledSeq(seq, 0, n, True, 0))
         inputs = build_step_inputs(seqs, 0, self.block_size, {})
         with torch.inference_mode():
-            logits = self.model.compute_logits(
-                self._forward(inputs)[to_device(inputs.logits_indices, torch.int64, self.device)]
-            )
+            hidden, _ = self._forward_with_aux(inputs)
+            logits = self.model.compute_logits(hidden[to_device(inputs.logits_indices, torch.int64, self.device)])
         params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * len(lens)
         batch = build_sampling_batch(
             params, [[0]] * len(lens), [[]] * len(lens), [None] * len(lens), self.vocab_size, self.device
@@ -203,6 +202,11 @@ class ModelRunner:
         with forward_context(meta):
             return (model or self.model)(ids, positions)
 
+    def _forward_with_aux(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The target's hidden states, and those an EAGLE-3 proposer reads where the model gives them."""
+        out = self._forward(inputs)
+        return out if isinstance(out, tuple) else (out, None)
+
     def record(
         self, meta: AttentionMetadata, ids: torch.Tensor, positions: torch.Tensor, pool: object
     ) -> tuple[Callable[[], torch.Tensor], object]:
@@ -258,13 +262,11 @@ class ModelRunner:
         prompt_rows = self._prompt_logprob_rows(out)
         max_table = max(len(s.seq.block_table) for s in out.seqs)
         prompt_logprobs = None
-        if self.graphs and not prompt_rows and self.graphs.can_run(len(out.decodes), out.prefills, max_table):
+        if self.graphs and not prompt_rows and self.graphs.can_run(out.num_decode_rows, out.prefills, max_table):
             hidden = self._run_graphs(out)
         else:  # prompt logprobs need every row: eager
             inputs = build_step_inputs(out.seqs, len(out.decodes), self.block_size, self.last_rows)
-            all_hidden, aux = self._forward(inputs), None
-            if isinstance(all_hidden, tuple):  # the target also gave the hidden states a proposer reads
-                all_hidden, aux = all_hidden
+            all_hidden, aux = self._forward_with_aux(inputs)
             if self.proposer is not None:
                 self.proposer.after_forward(out, inputs, aux, self._forward)
             prompt_logprobs = self._prompt_logprobs(all_hidden, prompt_rows, out) if prompt_rows else None
