@@ -61,6 +61,9 @@ class EngineConfig:
     max_seqs_per_request: int = 128  # the largest n (a server also counts n x prompts of one call)
     # vLLM's: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} (or its JSON)
     speculative_config: SpeculativeConfig | dict | str | None = None
+    tensor_parallel_size: int = 1  # ranks that split every layer (docs/distributed.md)
+    enable_expert_parallel: bool = False  # MoE: split the experts over those ranks instead of each expert
+    distributed_executor_backend: str | None = None  # "mp" (processes on this host; the default) or "ray"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -76,9 +79,15 @@ class EngineConfig:
         _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _check_positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
         _check_positive("max_seqs_per_request", self.max_seqs_per_request)
+        _check_positive("tensor_parallel_size", self.tensor_parallel_size)
+        _check_choice("distributed_executor_backend", self.distributed_executor_backend, (None, "mp", "ray"))
         from mini_infer.spec_decode.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
+            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1 yet")
+        if self.enable_expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError("enable_expert_parallel needs tensor_parallel_size > 1 (experts are split over its ranks)")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be a non-negative integer, got {self.max_logprobs!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size % 16:

@@ -1,6 +1,6 @@
 """LLMEngine: requests in, one scheduled forward pass per `step()`, RequestOutputs back.
 
-step() = scheduler.schedule() -> model_runner.execute() -> scheduler.update_from_output() ->
+step() = scheduler.schedule() -> executor.execute_model() -> scheduler.update_from_output() ->
 output_processor.process(). Everything a request does happens inside this loop.
 
 With async scheduling (the default) a step queues its forward pass and then reads back the tokens
@@ -28,6 +28,7 @@ from mini_infer.attention import get_attention_backend
 from mini_infer.block_manager import BlockManager
 from mini_infer.config import EngineConfig
 from mini_infer.detokenizer import Detokenizer
+from mini_infer.distributed.executor import ExecutorError, make_executor
 from mini_infer.input_processor import InputProcessor, PromptType
 from mini_infer.model_loader import checkpoint_dtype, eos_token_ids, load_hf_config, load_model, resolve_model_path
 from mini_infer.output_processor import OutputProcessor, is_device_fault
@@ -110,6 +111,8 @@ class LLMEngine:
         )
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = frozenset(eos_token_ids(path, self.model_config))
+        # tensor parallelism: starts the other ranks, which build their shards while this one does
+        self.executor = make_executor(config, path, self.max_model_len)
         device = config.resolved_device
         dtype = config.resolve_dtype(checkpoint_dtype(self.model_config))
         backend = get_attention_backend(config.resolved_kernel_backend, device)
@@ -137,6 +140,7 @@ class LLMEngine:
             num_blocks * config.block_size / self.max_model_len,
             self.max_model_len,
         )
+        self.executor.bind(self.model_runner)
         block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         propose = None
         if spec is not None:
@@ -252,9 +256,9 @@ class LLMEngine:
         if self.observer is not None:
             self.observer.launching(out)
         try:
-            pending = self.model_runner.execute(out)
+            pending = self.executor.execute_model(out)
         except Exception as exc:
-            if is_device_fault(exc):
+            if is_device_fault(exc) or isinstance(exc, ExecutorError):  # a lost rank stops all
                 raise
             ids = sorted({s.seq.request_id for s in out.seqs})
             logger.exception("a forward pass failed; failing its %d requests: %s", len(ids), ", ".join(ids))
@@ -270,6 +274,10 @@ class LLMEngine:
         read.append(step.pending)
         taken = self.scheduler.update_from_output(step.out, result.token_ids)
         return self.output_processor.process(step.out, taken, result)
+
+    def shutdown(self) -> None:
+        """Stops the other tensor-parallel ranks (at exit they stop by themselves)."""
+        self.executor.shutdown()
 
     # -- metrics ------------------------------------------------------------------------------
     @property

@@ -8,10 +8,10 @@ Triton GEMV for one or two rows where it wins, kernels/gemv.py).
 """
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mini_infer.distributed import get_tp_rank, get_tp_size
+from mini_infer.distributed.communication_op import tensor_model_parallel_all_reduce
 from mini_infer.kernels import TORCH_OPS, KernelOps
 
 
@@ -110,6 +110,4 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        if self.tp_size > 1:
-            dist.all_reduce(y)
-        return y
+        return tensor_model_parallel_all_reduce(y) if self.tp_size > 1 else y

@@ -24,6 +24,7 @@ from transformers import PretrainedConfig
 from mini_infer.attention.backend import AttentionBackend, AttentionMetadata, Put
 from mini_infer.config import EngineConfig
 from mini_infer.cpu_threads import step_threads
+from mini_infer.distributed.communication_op import broadcast_from_driver, min_over_ranks
 from mini_infer.forward_context import forward_context
 from mini_infer.sampler import DeviceSample, SamplerOutput, build_sampling_batch, sample, sample_on_device, to_device
 from mini_infer.sampling_params import SamplingParams
@@ -123,6 +124,7 @@ class ModelRunner:
                 self.config, self.kv_cache, self.max_model_len, self._profile_run, graph_batch
             ),
         )
+        num_blocks = min_over_ranks(num_blocks, self.device)  # every rank's pool holds the same blocks
         self.kv_cache.allocate(num_blocks)
         if self.use_cuda_graphs:
             self.capture_cuda_graphs()
@@ -278,6 +280,14 @@ class ModelRunner:
             output = self._verify(logits, sampling)
             output.prompt_logprobs = prompt_logprobs or {}
             return PendingStep.ready(output)
+        result = self._sample(logits, sampling)
+        self.last_tokens = result.tokens
+        self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
+        return PendingStep(result, prompt_logprobs)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> DeviceSample:
+        """Samples one token per row. With tensor parallelism only rank 0 samples and sends the tokens to
+        the other ranks (they feed the next step's pending inputs there too); see distributed/worker.py."""
         params = [s.seq.params for s in sampling]
         penalties = any(p.uses_penalties for p in params)
         seeds = self._row_seeds(sampling)
@@ -295,9 +305,8 @@ class ModelRunner:
             seeds=seeds if self.device.type == "cuda" else None,
         )
         result = sample_on_device(logits, batch)
-        self.last_tokens = result.tokens
-        self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
-        return PendingStep(result, prompt_logprobs)
+        broadcast_from_driver(result.tokens)
+        return result
 
     def _verify(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> SamplerOutput:
         """Rejection sampling of the drafts: each sequence's rows are its token positions, so each row gets
