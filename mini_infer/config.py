@@ -61,6 +61,8 @@ class EngineConfig:
     max_seqs_per_request: int = 128  # the largest n (a server also counts n x prompts of one call)
     # vLLM's: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} (or its JSON)
     speculative_config: SpeculativeConfig | dict | str | None = None
+    # vLLM's: None (a quantized checkpoint's own scheme), "fp8" / "int8" (W8A8 online), "compressed-tensors"
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -69,6 +71,9 @@ class EngineConfig:
         _check_choice("device", self.device, ("auto", "cuda", "cpu"))
         _check_choice("load_format", self.load_format, ("auto", "dummy"))
         _check_choice("kernel_backend", self.kernel_backend, ("auto", "torch", "triton"))
+        from mini_infer.quantization import QUANTIZATION_METHODS
+
+        _check_choice("quantization", self.quantization, (None, *QUANTIZATION_METHODS))
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         _check_positive("max_model_len", self.max_model_len, allow_none=True)
