@@ -62,9 +62,9 @@ def test_act_quant_rejects_partial_groups():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 11])
-def test_w8a8_gemv_channel_scales(dtype, m):
-    x, w = _inputs(m, 96), _inputs(40, 96) / 10
+@pytest.mark.parametrize("m,k", [(1, 96), (3, 80), (11, 96)])
+def test_w8a8_gemv_channel_scales(dtype, m, k):
+    x, w = _inputs(m, k), _inputs(40, k) / 10
     bias = torch.randn(40, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     xq, sx = act_quant_ref(x, dtype)
     wq, sw = act_quant_ref(w, dtype)
@@ -83,4 +83,20 @@ def test_w8a8_gemv_block_scales(m):
     sw = (torch.rand(5, 4, generator=torch.Generator().manual_seed(2)) + 0.1).to(DEVICE)
     ref = w8a8_mm_ref(xq, sx, wq, sw, None, torch.float32, (8, 32))
     out = w8a8_gemv_triton(xq, sx, wq, sw, None, torch.float32, (8, 32))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [None, (8, 32)])
+@pytest.mark.parametrize("m", [1, 6])
+def test_w8a8_gemv_quantizes_activations_in_kernel(dtype, block, m):
+    """x in the model dtype, quantized inside the GEMV (decode's one-launch linear): the same as
+    act_quant_ref followed by the reference product."""
+    x, w = _inputs(m, 128), _inputs(40, 128) / 10
+    wq, sw = act_quant_ref(w, dtype)
+    if block is not None:
+        sw = (torch.rand(5, 4, generator=torch.Generator().manual_seed(3)) + 0.1).to(DEVICE)
+    xq, sx = act_quant_ref(x, dtype, None if block is None else block[1])
+    ref = w8a8_mm_ref(xq, sx, wq, sw, None, torch.float32, block)
+    out = w8a8_gemv_triton(x, None, wq, sw, None, torch.float32, block)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

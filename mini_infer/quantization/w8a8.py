@@ -4,7 +4,7 @@ token (or per token and K group) right before the product.
 Online (`online=True`) the layer loads its weight in the model dtype and quantizes it after loading with
 the activations' own rule (per output row: amax / qmax), so the engine holds only the 8-bit copy; from a
 checkpoint the 8-bit `weight` and its scales load as they are. Either way the product is
-kernels/scaled_mm.py's `w8a8_mm` on `kernels/act_quant.py`'s output, whose references are the CPU path.
+kernels/scaled_mm.py's `w8a8_linear` (activation quantization + 8-bit product; references on CPU).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mini_infer.kernels.act_quant import act_quant_ref, act_quant_triton, check_quant_dtype
-from mini_infer.kernels.scaled_mm import w8a8_mm
+from mini_infer.kernels.act_quant import act_quant_ref, check_quant_dtype
+from mini_infer.kernels.scaled_mm import w8a8_linear
 
 if TYPE_CHECKING:
     from mini_infer.layers.linear import LinearBase
@@ -72,10 +72,5 @@ class W8A8LinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        group = self.block[1] if self.block is not None else None
-        quant = act_quant_triton if x.is_cuda else act_quant_ref
-        xq, x_scale = quant(x2, self.dtype, group)
-        w_scale = getattr(layer, self.scale_name)
-        y = w8a8_mm(xq, x_scale, layer.weight, w_scale, bias, x.dtype, self.block)
+        y = w8a8_linear(x.reshape(-1, shape[-1]), layer.weight, getattr(layer, self.scale_name), bias, self.block)
         return y.view(*shape[:-1], y.shape[-1])
