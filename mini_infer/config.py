@@ -64,6 +64,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks that split every layer (docs/distributed.md)
     enable_expert_parallel: bool = False  # MoE: split the experts over those ranks instead of each expert
     distributed_executor_backend: str | None = None  # "mp" (processes on this host; the default) or "ray"
+    # vLLM's: None (a quantized checkpoint's own scheme), "fp8" / "int8" (W8A8 online), "compressed-tensors"
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -72,6 +74,9 @@ class EngineConfig:
         _check_choice("device", self.device, ("auto", "cuda", "cpu"))
         _check_choice("load_format", self.load_format, ("auto", "dummy"))
         _check_choice("kernel_backend", self.kernel_backend, ("auto", "torch", "triton"))
+        from mini_infer.quantization import QUANTIZATION_METHODS
+
+        _check_choice("quantization", self.quantization, (None, *QUANTIZATION_METHODS))
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         _check_positive("max_model_len", self.max_model_len, allow_none=True)

@@ -117,7 +117,9 @@ class LLMEngine:
         dtype = config.resolve_dtype(checkpoint_dtype(self.model_config))
         backend = get_attention_backend(config.resolved_kernel_backend, device)
         start = time.perf_counter()
-        model = load_model(path, self.model_config, backend.ops, dtype, device, config.load_format, config.seed)
+        model = load_model(
+            path, self.model_config, backend.ops, dtype, device, config.load_format, config.seed, config.quantization
+        )
         logger.info(
             "loaded %s (%s, %s, %s kernels) in %.1fs",
             config.model,

@@ -177,6 +177,12 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     for i, (name, param) in enumerate(model.named_parameters()):
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
+        elif name.endswith(("weight_scale", "weight_scale_inv")):  # 8-bit checkpoint layouts: |w| <= 0.02
+            param.data.fill_(0.02 / 64)
+        elif param.element_size() == 1:
+            gen = torch.Generator(device=param.device).manual_seed(seed + i)
+            values = torch.empty(param.shape, device=param.device).uniform_(-64, 64, generator=gen)
+            param.data.copy_(values.round())
         else:
             gen = torch.Generator(device=param.device).manual_seed(seed + i)
             param.data.uniform_(-0.02, 0.02, generator=gen)
@@ -190,12 +196,19 @@ def load_model(
     device: torch.device,
     load_format: str,
     seed: int,
+    quantization: str | None = None,
 ) -> nn.Module:
+    """quantization: EngineConfig.quantization; a quantized checkpoint's own scheme is read either way."""
+    from mini_infer.quantization.setup import process_weights_after_loading, quantize_model, resolve_quant_config
+
+    quant = resolve_quant_config(quantization, config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = build_model(config, ops)
+            if quant is not None:
+                quantize_model(model, quant)
     finally:
         torch.set_default_dtype(previous)
     if load_format == "dummy":
@@ -204,4 +217,5 @@ def load_model(
         if path.is_file():
             raise ValueError(f"{path.stem} is an architecture preset with no weights: add --load-format dummy")
         load_weights(model, path)
+    process_weights_after_loading(model)
     return model.eval()
