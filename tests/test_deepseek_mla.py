@@ -162,11 +162,14 @@ def test_preemption(ds_model, expected):
 
 
 def test_triton_kernels_in_the_engine(ds_model, expected):
-    """The Triton MLA kernels (interpreter) in a batched, chunked run: a 7-token prompt prefilled in two
-    chunks beside a 1-token one, then both decode. One config: the interpreter is slow."""
+    """The Triton MLA kernels (interpreter) in a batched, chunked run through the CUDA-graph input path
+    (padded rows): a 7-token prompt prefilled in two chunks beside a 1-token one, then both decode. One
+    config: the interpreter is slow."""
     if "v3" not in ds_model:
         pytest.skip("the V3 config covers the kernels")
     llm = LLM(ds_model, dtype="float32", kernel_backend="triton", max_num_batched_tokens=4, max_num_seqs=2)
+    llm.llm_engine.model_runner.capture_cuda_graphs()  # off CUDA: the graphs' static, padded inputs, run eagerly
+    graphs = llm.llm_engine.model_runner.graphs
     params = SamplingParams(temperature=0, max_tokens=3, logprobs=3, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": PROMPTS[i]} for i in (0, 2)], params, use_tqdm=False)
     for out, i in zip(outs, (0, 2)):
@@ -175,6 +178,7 @@ def test_triton_kernels_in_the_engine(ds_model, expected):
         for step, entry in enumerate(out.outputs[0].logprobs):
             for token, lp in entry.items():
                 assert abs(lp.logprob - logprobs[step, token].item()) < 1e-4
+    assert graphs.prefill.num_replays > 0 and graphs.decode.num_replays > 0
 
 
 def test_latent_cache_is_one_entry_per_token(ds_model):
