@@ -224,3 +224,15 @@ def test_presets_build():
     model = get_model_class(config)(config, TORCH_OPS)
     assert model.attention_layers()[0].kv_cache_shape(1, 16) == (1, 16, 512 + 64)
     assert model.model.layers[0].self_attn.attn.scale == pytest.approx(192**-0.5 * (0.0707 * math.log(40) + 1) ** 2)
+
+
+def test_bad_routing_config_is_a_value_error():
+    from mini_infer.models.deepseek_v2 import DeepseekRouter
+
+    config = CONFIGS["deepseek-v2"]()
+    config.topk_group = 5  # more groups kept than there are
+    with pytest.raises(ValueError, match="topk_group"):
+        DeepseekRouter(config, v3=False)
+    config.topk_method = "noaux"
+    with pytest.raises(ValueError, match="topk_method"):
+        DeepseekRouter(config, v3=False)

@@ -48,7 +48,7 @@ def mla_softmax_scale(config: PretrainedConfig) -> float:
 
 
 class DeepseekV2Attention(nn.Module):
-    rope_interleave_default = True  # V2 always rotates interleaved pairs; V3 reads `rope_interleave`
+    reads_rope_interleave = False  # V2 always rotates interleaved pairs; V3 reads `rope_interleave`
 
     def __init__(self, config: PretrainedConfig, ops: KernelOps, cos_sin_cache: torch.Tensor) -> None:
         super().__init__()
@@ -69,7 +69,7 @@ class DeepseekV2Attention(nn.Module):
             self.kv_lora_rank, config.num_attention_heads * (self.nope + self.v_dim), ops=ops
         )
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.v_dim, hidden, bias=bias, ops=ops)
-        self.interleave = bool(getattr(config, "rope_interleave", self.rope_interleave_default))
+        self.interleave = bool(getattr(config, "rope_interleave", True)) if self.reads_rope_interleave else True
         self.cos_sin_cache = cos_sin_cache
         self.attn = MLAAttention(self.num_heads, self.kv_lora_rank, self.rope, mla_softmax_scale(config), ops)
 
@@ -91,7 +91,7 @@ class DeepseekV2Attention(nn.Module):
 
 
 class DeepseekV3Attention(DeepseekV2Attention):
-    pass
+    reads_rope_interleave = True
 
 
 class DeepseekRouter(nn.Module):
@@ -108,6 +108,14 @@ class DeepseekRouter(nn.Module):
         self.scaling = float(config.routed_scaling_factor)
         self.method = getattr(config, "topk_method", "greedy")
         self.renormalize = bool(getattr(config, "norm_topk_prob", False))
+        grouped = v3 or self.method == "group_limited_greedy"
+        if not v3 and self.method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"topk_method {self.method!r} is not supported (greedy, group_limited_greedy)")
+        if grouped and not (self.n_group and E % self.n_group == 0 and 0 < (self.topk_group or 0) <= self.n_group):
+            raise ValueError(
+                f"grouped routing needs n_group dividing n_routed_experts={E} and 0 < topk_group <= n_group, "
+                f"got n_group={self.n_group}, topk_group={self.topk_group}"
+            )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = torch.nn.functional.linear(x.float(), self.weight)
