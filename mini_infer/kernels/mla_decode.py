@@ -13,7 +13,7 @@ host-side shapes: the Triton path is CUDA-graph safe. The reference loops over s
 
 import torch
 
-from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
+from mini_infer.kernels._triton import dot, dot_precision, next_pow2, require_triton, tl, triton, upcast_dot
 
 
 def mla_attention_ref(
@@ -86,6 +86,7 @@ def _mla_attention_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_P: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     row, head_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -95,8 +96,6 @@ def _mla_attention_kernel(
     q_base = q_ptr + row.to(tl.int64) * q_stride_t + heads[:, None] * q_stride_h
     q_c = tl.load(q_base + offs_r[None, :], mask=head_mask[:, None] & (offs_r < R)[None, :], other=0.0)
     q_pe = tl.load(q_base + R + offs_p[None, :], mask=head_mask[:, None] & (offs_p < P)[None, :], other=0.0)
-    if UPCAST_DOT:
-        q_c, q_pe = q_c.to(tl.float32), q_pe.to(tl.float32)
 
     seq_len = tl.load(lens_ptr + row)
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -114,15 +113,14 @@ def _mla_attention_kernel(
         entry = cache_ptr + slot[:, None] * (R + P)
         kv_c = tl.load(entry + offs_r[None, :], mask=key_mask[:, None] & (offs_r < R)[None, :], other=0.0)
         k_pe = tl.load(entry + R + offs_p[None, :], mask=key_mask[:, None] & (offs_p < P)[None, :], other=0.0)
-        if UPCAST_DOT:
-            kv_c, k_pe = kv_c.to(tl.float32), k_pe.to(tl.float32)
-        s = tl.dot(q_c, tl.trans(kv_c)) + tl.dot(q_pe, tl.trans(k_pe))  # [BLOCK_H, BLOCK_N]
+        s = dot(q_c, tl.trans(kv_c), UPCAST_DOT, DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        s += dot(q_pe, tl.trans(k_pe), UPCAST_DOT, DOT_PRECISION)
         s = tl.where(key_mask[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv_c.dtype), kv_c).to(tl.float32)
+        acc = acc * alpha[:, None] + dot(p.to(kv_c.dtype), kv_c, UPCAST_DOT, DOT_PRECISION)
         m = m_new
 
     out_row = (row.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
@@ -152,13 +150,11 @@ def mla_attention_triton(
 ) -> torch.Tensor:
     """mla_attention_ref's arguments and result; no host sync (CUDA-graph safe)."""
     require_triton()
-    from mini_infer.kernels._triton import upcast_dot
-
     T, H, D = q.shape
     R, P = kv_lora_rank, D - kv_lora_rank
     if q.stride(-1) != 1:
         q = q.contiguous()
-    block_h, block_r, block_p = 16, next_pow2(R), max(16, next_pow2(P))
+    block_h, block_r, block_p = 16, max(16, next_pow2(R)), max(16, next_pow2(P))
     splits = num_splits or default_num_splits(T, H, block_h)
     acc = torch.empty(T, H, splits, block_r, dtype=torch.float32, device=q.device)
     stats = torch.empty(T, H, splits, 2, dtype=torch.float32, device=q.device)
@@ -186,6 +182,7 @@ def mla_attention_triton(
         BLOCK_R=block_r,
         BLOCK_P=block_p,
         UPCAST_DOT=upcast_dot(q),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
         num_stages=2,
     )
