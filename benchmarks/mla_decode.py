@@ -1,5 +1,6 @@
 """MLA decode on the GPU: the latent kernel against the PyTorch reference, torch.compile and the
-expanded path, then DeepSeek-V2-Lite decode steps in the engine (dummy weights).
+expanded path, then DeepSeek-V2-Lite decode steps in the engine (dummy weights) and the concurrency its
+KV pool allows at 4k context against a dense preset (llama-3-8b by default).
 
 Kernel part: one layer's decode attention over a paged latent cache (bf16, 576 values per token), for
 DeepSeek-V2-Lite (16 heads) and V3 (128 heads) at batch x context 64 x 4k, 4 x 32k and a batch sweep at
@@ -91,12 +92,12 @@ def kernel_case(batch: int, context: int, heads: int, gbps: float, with_compile:
     return row
 
 
-def engine_part(batches: list[int], input_len: int, output_len: int, gbps: float) -> list[dict]:
+def engine_part(batches: list[int], input_len: int, output_len: int, gbps: float, model: str) -> list[dict]:
     from mini_infer import LLM, SamplingParams
     from mini_infer.layers.fused_moe import FusedMoE
 
     llm = LLM(
-        "deepseek-v2-lite",
+        model,
         load_format="dummy",
         dtype="bfloat16",
         max_model_len=input_len + output_len + 16,
@@ -115,7 +116,7 @@ def engine_part(batches: list[int], input_len: int, output_len: int, gbps: float
     for batch in batches:
         for run in range(2):  # an untimed run of the same shape first
             for i in range(batch):
-                ids = torch.randint(100, 100000, (input_len,), generator=gen).tolist()
+                ids = torch.randint(3, cfg.vocab_size, (input_len,), generator=gen).tolist()
                 engine.add_request(f"{batch}-{run}-{i}", {"prompt_token_ids": ids}, params)
             times = []
             while engine.has_unfinished_requests():
@@ -125,7 +126,8 @@ def engine_part(batches: list[int], input_len: int, output_len: int, gbps: float
         step = statistics.median(times[-(output_len // 2) :])
         touched = E * (1 - (1 - k / E) ** batch) / E
         context = input_len + output_len * 3 // 4
-        bytes_ = dense_bytes + touched * expert_bytes + batch * context * (R + P) * 2 * cfg.num_hidden_layers
+        entry = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        bytes_ = dense_bytes + touched * expert_bytes + batch * context * entry * 2 * cfg.num_hidden_layers
         row = {
             "batch": batch,
             "step_ms": round(step * 1e3, 3),
@@ -138,10 +140,41 @@ def engine_part(batches: list[int], input_len: int, output_len: int, gbps: float
     return rows
 
 
+def concurrency_part(models: list[str], context: int) -> list[dict]:
+    """How many sequences of `context` tokens each model's KV pool holds, from the engine's own sizing
+    (gpu_memory_utilization's default, eager so no graph reserve differs between them)."""
+    import gc
+
+    from mini_infer import LLM
+
+    rows = []
+    for name in models:
+        llm = LLM(
+            name, load_format="dummy", dtype="bfloat16", max_model_len=context, max_num_seqs=16384, enforce_eager=True
+        )
+        stats = llm.llm_engine.stats
+        runner = llm.llm_engine.model_runner
+        row = {
+            "model": name,
+            "kv_bytes_per_token": runner.kv_cache.block_bytes // runner.block_size,
+            "kv_blocks": stats.num_kv_blocks_total,
+            "concurrent_seqs": round(stats.num_kv_blocks_total * runner.block_size / context, 1),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del llm, runner, stats
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--skip-concurrency", action="store_true")
+    ap.add_argument("--model", default="deepseek-v2-lite", help="the engine part's model (a DeepSeek preset or folder)")
+    ap.add_argument("--dense-model", default="llama-3-8b", help="the dense preset the concurrency is set against")
     ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out (its compile is slow)")
     ap.add_argument("--batches", default="1,4,16,64,128,256")
     ap.add_argument("--input-len", type=int, default=512)
@@ -163,7 +196,9 @@ def main() -> None:
             for b, ctx in cases
         ]
     if not args.skip_engine:
-        result["engine_deepseek_v2_lite"] = engine_part(batches, args.input_len, args.output_len, gbps)
+        result["engine_deepseek_v2_lite"] = engine_part(batches, args.input_len, args.output_len, gbps, args.model)
+    if not args.skip_concurrency:
+        result["concurrency_4k"] = concurrency_part([args.model, args.dense_model], 4096)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -189,6 +224,10 @@ def main() -> None:
         lines += ["", "| batch | step ms | tok/s | roofline ms | % roofline |", "| --- | --- | --- | --- | --- |"]
         for r in result["engine_deepseek_v2_lite"]:
             lines.append(f"| {r['batch']} | {r['step_ms']} | {r['tok_s']} | {r['roofline_ms']} | {r['pct_roofline']} |")
+    if "concurrency_4k" in result:
+        lines += ["", "| model (4k context) | KV bytes/token | blocks | sequences |", "| --- | --- | --- | --- |"]
+        for r in result["concurrency_4k"]:
+            lines.append(f"| {r['model']} | {r['kv_bytes_per_token']} | {r['kv_blocks']} | {r['concurrent_seqs']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
