@@ -18,12 +18,12 @@ import math
 import re
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import PretrainedConfig
 
 from mini_infer.attention.mla import MLAAttention
 from mini_infer.distributed import get_tp_size
+from mini_infer.distributed.communication_op import tensor_model_parallel_all_reduce
 from mini_infer.kernels import KernelOps
 from mini_infer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mini_infer.layers.fused_moe import QWEN_EXPERT_PROJECTIONS, FusedMoE, expert_checkpoint_target
@@ -147,13 +147,18 @@ class DeepseekMoE(nn.Module):
         self.shared_experts = LlamaMLP(config, ops, config.moe_intermediate_size * config.n_shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FusedMoE.forward with DeepSeek's router in place of its softmax top-k."""
         weights, ids = self.gate(x)
         experts = self.experts
         if experts.on_route is not None:
             experts.on_route(ids)
+        if experts.expert_parallel:  # slots of other ranks' experts: weight 0 on a local expert
+            local = ids - experts.expert_start
+            outside = (local < 0) | (local >= experts.num_local_experts)
+            ids, weights = local.masked_fill(outside, 0), weights.masked_fill(outside, 0)
         out = experts.ops.fused_experts(x, experts.w13_weight, experts.w2_weight, weights, ids)
         if experts.tp_size > 1:
-            dist.all_reduce(out)
+            out = tensor_model_parallel_all_reduce(out)
         return out + self.shared_experts(x)
 
 
