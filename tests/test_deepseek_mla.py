@@ -4,7 +4,8 @@ transformers expands the latent into per-head K/V; mini-infer attends in latent 
 W_UV absorbed, so greedy tokens and logprobs agreeing checks the absorption as well as the cache. Both
 configs turn YaRN on (the softmax scale changes with mscale_all_dim); V2 routes group-limited with a
 dense first layer, V3 uses q_lora, grouped sigmoid routing with a non-zero correction bias and
-routed_scaling_factor, and has an MTP layer's weights in its checkpoint that the loader must skip.
+routed_scaling_factor, and has an MTP layer's weights in its checkpoint that the loader must skip; it also
+runs with tensor and expert parallelism (2 CPU ranks).
 """
 
 from __future__ import annotations
@@ -238,3 +239,16 @@ def test_bad_routing_config_is_a_value_error():
     config.topk_method = "noaux"
     with pytest.raises(ValueError, match="topk_method"):
         DeepseekRouter(config, v3=False)
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_tensor_parallel(ds_model, expected, expert_parallel):
+    """2 ranks (gloo, CPU): heads of q/kv_b/o split, the latent replicated; experts split by their
+    intermediate size, or whole experts per rank. One config: the V3 one covers q_lora and its router."""
+    if "v3" not in ds_model:
+        pytest.skip("the V3 config covers tensor parallelism")
+    llm = LLM(ds_model, dtype="float32", tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
+    try:
+        _check(_generate(llm, PROMPTS[:2]), expected[:2])
+    finally:
+        llm.llm_engine.shutdown()
