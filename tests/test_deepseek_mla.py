@@ -252,3 +252,12 @@ def test_tensor_parallel(ds_model, expected, expert_parallel):
         _check(_generate(llm, PROMPTS[:2]), expected[:2])
     finally:
         llm.llm_engine.shutdown()
+
+
+def test_online_fp8_leaves_the_absorbed_weights_alone(ds_model):
+    """quantization="fp8" quantizes the projections; kv_b_proj's halves, absorbed around attention, stay."""
+    llm = LLM(ds_model, dtype="float32", quantization="fp8")
+    attn = llm.llm_engine.model_runner.model.model.layers[0].self_attn
+    assert attn.kv_b_proj.weight.dtype == torch.float32
+    out = _generate(llm, PROMPTS[:1])
+    assert len(out[0].outputs[0].token_ids) == STEPS

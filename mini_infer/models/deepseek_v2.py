@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mini_infer.attention.mla import MLAAttention
-from mini_infer.distributed import get_tp_size
+from mini_infer.distributed import get_tp_rank, get_tp_size
 from mini_infer.distributed.communication_op import tensor_model_parallel_all_reduce
 from mini_infer.kernels import KernelOps
 from mini_infer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -47,6 +47,23 @@ def mla_softmax_scale(config: PretrainedConfig) -> float:
     return scale
 
 
+class KVUpProjection(nn.Module):
+    """kv_b_proj's weight, this rank's heads only: attention never multiplies by it as one matrix (its
+    W_UK and W_UV halves are absorbed around the attention), so it is no linear layer, and quantizing the
+    model's projections leaves it in the model dtype."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.tp_rank = get_tp_rank()
+        rows = out_features // get_tp_size()
+        self.weight = nn.Parameter(torch.empty(rows, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        rows = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+
+
 class DeepseekV2Attention(nn.Module):
     reads_rope_interleave = False  # V2 always rotates interleaved pairs; V3 reads `rope_interleave`
 
@@ -65,9 +82,7 @@ class DeepseekV2Attention(nn.Module):
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, config.num_attention_heads * qk_dim, ops=ops)
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope, bias=bias, ops=ops)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6, ops)
-        self.kv_b_proj = ColumnParallelLinear(
-            self.kv_lora_rank, config.num_attention_heads * (self.nope + self.v_dim), ops=ops
-        )
+        self.kv_b_proj = KVUpProjection(self.kv_lora_rank, config.num_attention_heads * (self.nope + self.v_dim))
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.v_dim, hidden, bias=bias, ops=ops)
         self.interleave = bool(getattr(config, "rope_interleave", True)) if self.reads_rope_interleave else True
         self.cos_sin_cache = cos_sin_cache
