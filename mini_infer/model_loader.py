@@ -131,11 +131,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
     tied = getattr(model.config, "tie_word_embeddings", False)
     packed = getattr(model, "packed_modules_mapping", {})
     remap = getattr(model, "map_checkpoint_name", None)
+    skip = getattr(model, "ignore_checkpoint_name", None)
     loaded: set[str] = set()
     for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+                    continue
+                if skip is not None and skip(name):  # weights generation never uses (V3's MTP layer)
                     continue
                 target, shard = name, None
                 if (mapped := remap(name) if remap else None) is not None:  # e.g. experts into stacked tensors
