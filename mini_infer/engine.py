@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, wait
@@ -151,6 +152,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.detokenizer, self.scheduler)
         self.observer: StepObserver | None = None
         self._structured: StructuredOutputManager | None = None  # made on the first constrained request
+        self._structured_lock = threading.Lock()
         self.grammar_waiting: dict[str, tuple[object, Future]] = {}  # request id -> (request, its grammar)
         self.in_flight: _InFlight | None = None
         self.prompt_tokens = 0
@@ -211,10 +213,11 @@ class LLMEngine:
 
     @property
     def structured(self) -> StructuredOutputManager:
-        if self._structured is None:
-            self._structured = StructuredOutputManager(
-                self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids)
-            )
+        with self._structured_lock:  # the server's threads check grammars too
+            if self._structured is None:
+                self._structured = StructuredOutputManager(
+                    self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids)
+                )
         return self._structured
 
     def check_structured_outputs(self, params: SamplingParams) -> None:

@@ -48,11 +48,10 @@ class XgrammarBackend:
                 return c.compile_grammar(choice_grammar(spec.choice))
             return c.compile_grammar(spec.grammar)
         except Exception as e:  # xgrammar raises RuntimeError / its own errors with the parser's message
-            raise ValueError(f"invalid structured output ({spec.kind}): {e}") from e
+            raise ValueError(f"structured_outputs: the {spec.kind} does not compile: {e}") from e
 
     def matcher(self, compiled):
-        # Rollback depth: a verification step rolls back at most the drafts it tried.
-        return self.xgr.GrammarMatcher(compiled, max_rollback_tokens=64)
+        return self.xgr.GrammarMatcher(compiled)  # rollback is unbounded (verification rolls back drafts)
 
     def bitmask(self, rows: int):
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
