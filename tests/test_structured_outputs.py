@@ -147,3 +147,65 @@ def test_bitmask_matches_xgrammar():
     full[rows] = mask
     xgr.apply_token_bitmask_inplace(ref, full)
     assert torch.equal(ours, ref)
+
+
+# ---- the server, through the official openai client ------------------------------------------
+TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def test_server(stories_path):
+    openai = pytest.importorskip("openai")
+    from mini_infer import EngineConfig, LLMEngine
+    from mini_infer.async_engine import AsyncLLMEngine
+    from mini_infer.entrypoints.openai.api_server import build_app
+    from tests.test_server import ServerThread
+
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=stories_path, dtype="float32", max_model_len=256)))
+    try:
+        with ServerThread(build_app(engine, ["stories"], chat_template=TEMPLATE)) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            schema = {"name": "pet", "schema": SCHEMA}
+            out = client.completions.create(
+                model="stories",
+                prompt="Once upon a time",
+                max_tokens=40,
+                temperature=0,
+                extra_body={"response_format": {"type": "json_schema", "json_schema": schema}},
+            ).choices[0]
+            # any whitespace (the default): this greedy model spews it, so only the start is checked
+            assert out.text.startswith("{") and (out.finish_reason == "length" or json.loads(out.text))
+            out = client.completions.create(
+                model="stories",
+                prompt="Once upon a time",
+                max_tokens=120,
+                extra_body={"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
+            ).choices[0]
+            assert out.finish_reason == "stop", out.text
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+            chat = client.chat.completions.create(
+                model="stories",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=60,
+                extra_body={"guided_choice": CHOICES},
+            ).choices[0]
+            assert chat.message.content in CHOICES and chat.finish_reason == "stop"
+            chat = client.chat.completions.create(
+                model="stories",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=30,
+                temperature=0,
+                response_format={"type": "json_object"},
+            ).choices[0]
+            assert chat.message.content.startswith("{")
+            out = client.completions.create(
+                model="stories", prompt="Once", max_tokens=30, extra_body={"structured_outputs": {"regex": REGEX}}
+            ).choices[0]
+            assert re.fullmatch(REGEX, out.text)
+            with pytest.raises(openai.BadRequestError, match="does not compile"):
+                client.completions.create(
+                    model="stories", prompt="Once", max_tokens=5, extra_body={"guided_grammar": "root ::= ("}
+                )
+            out = client.completions.create(model="stories", prompt="Once", max_tokens=4)  # still serving
+            assert out.choices[0].finish_reason == "length"
+    finally:
+        engine.shutdown()
