@@ -99,7 +99,10 @@ class StructuredOutputManager:
                 continue
             matcher = entry[1]
             for token in seq.token_ids[len(seq.token_ids) - n :]:
-                if matcher.is_terminated() or not matcher.accept_token(token):
+                if matcher.is_terminated():  # its grammar ended on EOS and ignore_eos went on: unconstrained
+                    del self.matchers[seq.seq_id]
+                    break
+                if not matcher.accept_token(token):
                     # only a token the mask allowed is sampled; min_tokens banning the only allowed EOS,
                     # or an all-masked row, can break that. The sequence goes on unconstrained.
                     logger.warning("sequence of %s left its grammar at token %d", seq.request_id, token)
