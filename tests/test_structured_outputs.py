@@ -117,6 +117,10 @@ def test_finish_reasons_and_bad_grammars(stories):
     assert (outs[1].outputs[0].text, outs[1].outputs[0].finish_reason) == ("x", "stop")
     assert outs[2].outputs[0].finish_reason == "error"
     assert outs[3].outputs[0].finish_reason == "length" and len(outs[3].outputs[0].token_ids) == 4
+    engine = stories.llm_engine  # aborted while its grammar compiles: gone, nothing left behind
+    engine.add_request("w", "Once", SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]{7}")))
+    engine.abort_request("w")
+    assert not engine.has_unfinished_requests() and not engine.step()
     for kwargs in ({}, {"regex": "a", "choice": ["a"]}, {"choice": []}, {"json": "{nope"}):
         with pytest.raises(ValueError):
             StructuredOutputsParams(**kwargs)
