@@ -44,6 +44,8 @@ class SchedulerOutput:
 
     decodes: list[ScheduledSeq]
     prefills: list[ScheduledSeq]
+    # structured outputs: (constrained sampled rows, their int32 token bitmasks), filled by the engine
+    grammar_bitmask: tuple[list[int], object] | None = None
 
     @property
     def seqs(self) -> list[ScheduledSeq]:
