@@ -13,8 +13,7 @@ import re
 
 import pytest
 import torch
-
-from tests.conftest import hf_greedy
+from conftest import hf_greedy
 
 xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -159,10 +158,11 @@ TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 def test_server(stories_path):
     openai = pytest.importorskip("openai")
+    from test_server import ServerThread
+
     from mini_infer import EngineConfig, LLMEngine
     from mini_infer.async_engine import AsyncLLMEngine
     from mini_infer.entrypoints.openai.api_server import build_app
-    from tests.test_server import ServerThread
 
     engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=stories_path, dtype="float32", max_model_len=256)))
     try:
