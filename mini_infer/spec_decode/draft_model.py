@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
 from mini_infer.sequence import Sequence
-from mini_infer.worker.step_inputs import StepInputs
+from mini_infer.worker.step_inputs import StepInputs, build_decode_rows
 
 PLACEHOLDER = 0  # what the scheduler plans with; the runner writes the draft's tokens over it
 
@@ -56,23 +55,7 @@ class DraftModel:
         tokens = [s.seq.token_ids[s.start] for s in active]  # the run's first input: the last known token
         for j in range(max(len(s.draft_token_ids) for s in active)):
             active, tokens = zip(*[(s, t) for s, t in zip(active, tokens) if j < len(s.draft_token_ids)])
-            positions = np.array([s.start + j for s in active], dtype=np.int64)
-            tables = np.zeros((len(active), max(len(s.seq.block_table) for s in active)), dtype=np.int32)
-            for i, s in enumerate(active):
-                tables[i, : len(s.seq.block_table)] = s.seq.block_table
-            slots = tables[np.arange(len(active)), positions // self.block_size].astype(np.int64) * self.block_size
-            n = len(active)
-            inputs = StepInputs(
-                token_ids=np.array(tokens, dtype=np.int64),
-                positions=positions,
-                slot_mapping=slots + positions % self.block_size,
-                query_lens=np.ones(n, np.int64),
-                seq_lens=positions + 1,
-                block_tables=tables,
-                num_decodes=n,
-                logits_indices=np.arange(n, dtype=np.int64),
-                pending=np.zeros((0, 2), np.int64),
-            )
+            inputs = build_decode_rows(list(tokens), [s.start + j for s in active], active, self.block_size)
             proposals = self.model.compute_logits(forward(inputs, self.model)).argmax(dim=-1).tolist()
             for s, token in zip(active, proposals):
                 s.draft_token_ids[j] = token

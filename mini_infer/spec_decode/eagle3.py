@@ -32,7 +32,7 @@ from mini_infer.layers.linear import QKVParallelLinear, ReplicatedLinear
 from mini_infer.layers.rotary import build_cos_sin_cache
 from mini_infer.models.llama import LlamaAttention, LlamaMLP, RMSNorm
 from mini_infer.scheduler import SchedulerOutput
-from mini_infer.worker.step_inputs import StepInputs
+from mini_infer.worker.step_inputs import StepInputs, build_decode_rows
 
 ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 
@@ -208,7 +208,8 @@ class Eagle3Proposer:
         if rows:
             tokens = [s.seq.token_ids[p + 1] for s, first, end in rows for p in range(first, end)]
             positions = [p for _, first, end in rows for p in range(first, end)]
-            inputs = self._inputs(tokens, positions, [s for s, first, end in rows for _ in range(first, end)])
+            owners = [s for s, first, end in rows for _ in range(first, end)]
+            inputs = build_decode_rows(tokens, positions, owners, self.block_size)
             normed, prenorm = forward(inputs, self._model(torch.cat(hidden_parts)))
             ends = np.cumsum([end - first for _, first, end in rows]) - 1
             drafts = self.head.draft_tokens(normed[torch.as_tensor(ends, device=normed.device)]).tolist()
@@ -222,7 +223,8 @@ class Eagle3Proposer:
             tokens = [s.draft_token_ids[j - 1] for s in verify]
             positions = [s.start + j - 1 for s in verify]
             hidden = torch.stack([last_hidden[s.seq.seq_id] for s in verify])
-            normed, prenorm = forward(self._inputs(tokens, positions, verify), self._model(hidden))
+            inputs = build_decode_rows(tokens, positions, verify, self.block_size)
+            normed, prenorm = forward(inputs, self._model(hidden))
             for i, (s, token) in enumerate(zip(verify, self.head.draft_tokens(normed).tolist())):
                 s.draft_token_ids[j] = token
                 last_hidden[s.seq.seq_id] = prenorm[i]
@@ -231,24 +233,3 @@ class Eagle3Proposer:
         """The head as forward(inputs, model) runs models: model(ids, positions)."""
         head = self.head
         return lambda ids, positions: head(ids, positions, hidden)
-
-    def _inputs(self, tokens: list[int], positions: list[int], scheduled: list) -> StepInputs:
-        """One query per position, each in its own sequence's blocks (decode-shaped: every row its own
-        sequence, keys up to its position)."""
-        n, bs = len(tokens), self.block_size
-        pos = np.asarray(positions, dtype=np.int64)
-        tables = np.zeros((n, max(len(s.seq.block_table) for s in scheduled)), dtype=np.int32)
-        for i, s in enumerate(scheduled):
-            tables[i, : len(s.seq.block_table)] = s.seq.block_table
-        slots = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
-        return StepInputs(
-            token_ids=np.asarray(tokens, dtype=np.int64),
-            positions=pos,
-            slot_mapping=slots,
-            query_lens=np.ones(n, np.int64),
-            seq_lens=pos + 1,
-            block_tables=tables,
-            num_decodes=n,
-            logits_indices=np.arange(n, dtype=np.int64),
-            pending=np.zeros((0, 2), np.int64),
-        )

@@ -112,3 +112,24 @@ def build_step_inputs(
         logits_indices=np.repeat(ends - sampled_rows, sampled_rows) + _ranges(sampled_rows),
         pending=np.array(pending, dtype=np.int64).reshape(-1, 2),
     )
+
+
+def build_decode_rows(tokens: list[int], positions: list[int], seqs: list, block_size: int) -> StepInputs:
+    """One decode row per (token, position) of seqs[i]'s sequence (keys up to its position): the passes a
+    proposer's own model runs in the target's blocks (spec_decode/draft_model.py, eagle3.py)."""
+    n = len(tokens)
+    pos = np.asarray(positions, dtype=np.int64)
+    tables = np.zeros((n, max(len(s.seq.block_table) for s in seqs)), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        tables[i, : len(s.seq.block_table)] = s.seq.block_table
+    return StepInputs(
+        token_ids=np.asarray(tokens, dtype=np.int64),
+        positions=pos,
+        slot_mapping=tables[np.arange(n), pos // block_size].astype(np.int64) * block_size + pos % block_size,
+        query_lens=np.ones(n, np.int64),
+        seq_lens=pos + 1,
+        block_tables=tables,
+        num_decodes=n,
+        logits_indices=np.arange(n, dtype=np.int64),
+        pending=np.zeros((0, 2), np.int64),
+    )
