@@ -37,6 +37,7 @@ from mini_infer.scheduler import Scheduler, SchedulerOutput
 from mini_infer.spec_decode.draft_model import DraftModel, plan_draft_slots
 from mini_infer.spec_decode.eagle3 import Eagle3Proposer, aux_layer_ids, load_eagle3_head
 from mini_infer.spec_decode.ngram import NgramProposer
+from mini_infer.worker.kv_swap import KVSwapper, num_host_blocks
 from mini_infer.worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ class EngineStats:
     spec_num_draft_tokens: int = 0  # speculative decoding: draft tokens verified, accepted, accepted per position
     spec_num_accepted_tokens: int = 0
     spec_num_accepted_per_pos: list[int] = field(default_factory=list)
+    num_swapped: int = 0  # swap preemption: sequences in host blocks now; swaps out and in, in total
+    num_swap_outs: int = 0
+    num_swap_ins: int = 0
+    num_host_blocks_used: int = 0
+    num_host_blocks_total: int = 0
 
 
 class StepObserver(Protocol):
@@ -142,7 +148,12 @@ class LLMEngine:
         if spec is not None:
             ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
             propose = plan_draft_slots if proposer is not None else ngram
-        self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose)
+        self.kv_swapper = None  # swap preemption's host pool (worker/kv_swap.py)
+        if config.preemption_mode == "swap":
+            num_host = num_host_blocks(config.swap_space, self.model_runner.kv_cache.block_bytes)
+            self.kv_swapper = KVSwapper(self.model_runner.kv_cache, num_host)
+        host_blocks = self.kv_swapper.host.shape[0] if self.kv_swapper is not None else 0
+        self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose, host_blocks)
         self.input_processor = InputProcessor(
             config, self.model_config, self.detokenizer, self.max_model_len, self.eos_token_ids, self.scheduler.fits
         )
@@ -234,6 +245,8 @@ class LLMEngine:
             outputs += self._update(self.in_flight, read)
             self.in_flight = None
         out = self.scheduler.schedule()
+        if out.blocks_to_swap_out or out.blocks_to_swap_in:  # queued before the forward pass that needs them
+            self.kv_swapper.swap(out.blocks_to_swap_out, out.blocks_to_swap_in)
         launched = self._execute(out, outputs) if out else None
         if self.in_flight is not None:
             outputs += self._update(self.in_flight, read)
@@ -291,4 +304,9 @@ class LLMEngine:
             spec_num_draft_tokens=scheduler.spec_num_draft_tokens,
             spec_num_accepted_tokens=scheduler.spec_num_accepted_tokens,
             spec_num_accepted_per_pos=list(scheduler.spec_num_accepted_per_pos),
+            num_swapped=len(scheduler.swapped),
+            num_swap_outs=scheduler.num_swap_outs,
+            num_swap_ins=scheduler.num_swap_ins,
+            num_host_blocks_used=scheduler.host_blocks.num_used_blocks,
+            num_host_blocks_total=scheduler.host_blocks.num_blocks,
         )
