@@ -49,7 +49,7 @@ class KVSwapper:
             [kv_cache.dtype] * len(kv_cache.layers),
         )
         cuda = self.device.type == "cuda"
-        self.host = torch.zeros(num_blocks, self.layout.block_bytes, dtype=torch.uint8, pin_memory=cuda)
+        self.host = torch.empty(num_blocks, self.layout.block_bytes, dtype=torch.uint8, pin_memory=cuda)
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         logger.info("swap space: %d host blocks (%.2f GiB%s)", num_blocks, self.host.numel() / 2**30, ", pinned" * cuda)
 
