@@ -111,7 +111,7 @@ class Scheduler:
         chunked = self.config.enable_chunked_prefill
         scheduled: list[ScheduledSeq] = []
         self._swap_out, self._swap_in = [], []
-        preemptions = self.num_preemptions
+        num_swapped = len(self.swapped)  # those swapped out by this step come after, and stay out for it
 
         # 1. running sequences, highest priority first; preempt from the other end when out of blocks
         self.running.sort(key=Sequence.sort_key)
@@ -139,9 +139,9 @@ class Scheduler:
                 budget -= num_new + len(drafts)
                 i += 1
 
-        # 2. swapped sequences, before any new one: not in a step that preempted (it would only thrash)
-        if self.swapped and self.num_preemptions == preemptions:
-            budget = self._schedule_swapped(budget, scheduled)
+        # 2. swapped sequences, before any new one (not those this step swapped out: that would only thrash)
+        if num_swapped:
+            budget = self._schedule_swapped(budget, scheduled, self.swapped[:num_swapped])
         first_swapped = min(s.sort_key() for s in self.swapped) if self.swapped else None
 
         # 3. waiting sequences, in admission order, while there is budget, room and blocks
@@ -192,12 +192,12 @@ class Scheduler:
         decodes.sort(key=lambda s: -s.start)
         return SchedulerOutput(decodes, prefills, self._swap_out, self._swap_in)
 
-    def _schedule_swapped(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
-        """Swaps sequences back in, highest priority and earliest arrival first, while their blocks, the
+    def _schedule_swapped(self, budget: int, scheduled: list[ScheduledSeq], candidates: list[Sequence]) -> int:
+        """Swaps candidates back in, highest priority and earliest arrival first, while their blocks, the
         budget and max_num_seqs allow; returns the budget left."""
-        self.swapped.sort(key=Sequence.sort_key)
-        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.swapped[0]
+        for seq in sorted(candidates, key=Sequence.sort_key):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
             if seq.num_pending:  # its last token lands at the end of this engine step: next step
                 break
             num_new = seq.num_total_tokens - seq.num_computed_tokens
@@ -207,7 +207,7 @@ class Scheduler:
             blocks = self.block_manager.allocate(self.block_manager.blocks_needed(seq.num_computed_tokens + num_new))
             if blocks is None:
                 break
-            self.swapped.pop(0)
+            self.swapped.remove(seq)
             self._swap_in += zip(seq.host_blocks, blocks)
             self.host_blocks.free(seq.host_blocks)  # rewritten only after this copy: one stream orders both
             seq.block_table, seq.host_blocks = blocks, []

@@ -18,6 +18,7 @@ import logging
 import numpy as np
 import torch
 
+from mini_infer.cpu_threads import step_threads
 from mini_infer.kv_transfer.block_copy import BlockLayout, gather_blocks, scatter_blocks
 from mini_infer.worker.kv_cache import KVCache
 
@@ -55,13 +56,16 @@ class KVSwapper:
 
     def swap(self, blocks_to_swap_out: list[tuple[int, int]], blocks_to_swap_in: list[tuple[int, int]]) -> None:
         """(device block, host block) pairs out, then (host block, device block) pairs in: in this order,
-        since a block a swap-out frees may be the one a swap-in of the same step fills."""
-        if blocks_to_swap_out:
-            dev, host = zip(*blocks_to_swap_out)
-            self.swap_out(list(dev), list(host))
-        if blocks_to_swap_in:
-            host, dev = zip(*blocks_to_swap_in)
-            self.swap_in(list(host), list(dev))
+        since a block a swap-out frees may be the one a swap-in of the same step fills. On CPU the copies
+        run on one thread: memory-bound, and a second thread waiting at each op's end cost ~6 ms a copy on
+        a busy machine against 0.1 ms on one (cpu_threads.py)."""
+        with step_threads(self.device, 0):
+            if blocks_to_swap_out:
+                dev, host = zip(*blocks_to_swap_out)
+                self.swap_out(list(dev), list(host))
+            if blocks_to_swap_in:
+                host, dev = zip(*blocks_to_swap_in)
+                self.swap_in(list(host), list(dev))
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         t = torch.tensor(ids, dtype=torch.int64)
