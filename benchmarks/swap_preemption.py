@@ -4,8 +4,8 @@ Every request arrives at once (prompt of --prompt-lens tokens, --max-tokens gene
 KV pool is forced (num_gpu_blocks_override) to --pool-fraction of what they need together, so requests are
 preempted over and over. For each prompt length and preemption mode: wall time, output tokens/s, the
 recomputed tokens (scheduled minus prompt minus generated), preemptions and swaps, end-to-end latency
-percentiles of all requests and of those that were preempted (of the fastest of --repeats runs). Dummy weights: the timing does not depend
-on them.
+percentiles of all requests and of those that were preempted (of the fastest of --repeats runs). Dummy
+weights: the timing does not depend on them.
 
     # CPU (the numbers in docs/preemption.md)
     python benchmarks/swap_preemption.py --model tiny-llama --device cpu \\
@@ -169,7 +169,7 @@ def main() -> None:
             for mode in runs:
                 runs[mode].append(run(args, prompt_len, mode))
                 print(json.dumps(runs[mode][-1]), flush=True)
-        for mode, tries in runs.items():  # the fastest run of each; all wall times kept
+        for tries in runs.values():  # the fastest run of each; all wall times kept
             best = min(tries, key=lambda r: r["wall_s"])
             rows.append({**best, "wall_s_all": [r["wall_s"] for r in tries]})
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
