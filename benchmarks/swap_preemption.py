@@ -1,14 +1,14 @@
 """Swap vs recompute preemption on a workload that overflows the KV pool, for short and long sequences.
 
 Every request arrives at once (prompt of --prompt-lens tokens, --max-tokens generated, ignore_eos) and the
-KV pool is forced (num_gpu_blocks_override) to --pool-fraction of what they need together, so requests are
-preempted over and over. For each prompt length and preemption mode: wall time, output tokens/s, the
-recomputed tokens (scheduled minus prompt minus generated), preemptions and swaps, end-to-end latency
-percentiles of all requests and of those that were preempted (of the fastest of --repeats runs). Dummy
-weights: the timing does not depend on them.
+KV pool is forced (num_gpu_blocks_override) to hold the prompts of --pool-fraction of them: as the admitted
+ones generate they overflow it, and requests are preempted over and over. For each prompt length and
+preemption mode: wall time, output tokens/s, the recomputed tokens (scheduled minus prompt minus
+generated), preemptions and swaps, end-to-end latency percentiles of all requests and of those that were
+preempted (of the fastest of --repeats runs). Dummy weights: the timing does not depend on them.
 
     # CPU (the numbers in docs/preemption.md)
-    python benchmarks/swap_preemption.py --model tiny-llama --device cpu \\
+    python benchmarks/swap_preemption.py --model tiny-llama --device cpu --swap-space 0.5 \\
         --output-json benchmarks/results/cpu/swap_preemption.json
     # H200
     python benchmarks/swap_preemption.py --model llama-3-8b --prompt-lens 128,2048 --num-requests 64 \\
@@ -42,8 +42,9 @@ def percentile(values: list[float], q: float) -> float | None:
 def run(args: argparse.Namespace, prompt_len: int, mode: str) -> dict:
     free_device_memory()
     need = -(-(prompt_len + args.max_tokens) // args.block_size)  # blocks of one request at its end
-    # half a request more than a whole number of them, so the last admitted one outgrows the pool
-    pool = max(need + 1, int(args.pool_fraction * args.num_requests * need) + need // 2)
+    # room for the prompts (and first tokens) of pool_fraction of the requests: their growth overflows it
+    admitted = max(1, int(args.pool_fraction * args.num_requests))
+    pool = max(need + 1, admitted * -(-(prompt_len + 1) // args.block_size) + 1)
     config = EngineConfig(
         model=args.model,
         load_format=args.load_format,
@@ -156,7 +157,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--pool-fraction", type=float, default=0.5, help="KV pool / what all requests need")
+    parser.add_argument("--pool-fraction", type=float, default=0.5, help="the share of prompts the KV pool holds")
     parser.add_argument("--swap-space", type=float, default=4.0, help="GiB of host blocks (swap mode)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each; the fastest is reported")
     parser.add_argument("--output-json", type=Path, default=None, help="also writes the .md beside it")
