@@ -152,6 +152,8 @@ class LLMEngine:
         if config.preemption_mode == "swap":
             num_host = num_host_blocks(config.swap_space, self.model_runner.kv_cache.block_bytes)
             self.kv_swapper = KVSwapper(self.model_runner.kv_cache, num_host)
+            if num_host == 0:
+                logger.warning("swap_space=%s GiB holds no KV block: every preemption recomputes", config.swap_space)
         host_blocks = self.kv_swapper.host.shape[0] if self.kv_swapper is not None else 0
         self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose, host_blocks)
         self.input_processor = InputProcessor(

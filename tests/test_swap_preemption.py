@@ -247,6 +247,19 @@ def test_qwen3_swapping_keeps_greedy_tokens(qwen3_path):
     _no_leaks(llm)
 
 
+def test_a_draft_models_cache_is_swapped_with_the_targets(stories_path, qwen3_path):
+    """Speculative decoding with a draft model: its KV sits in the same blocks, so a host block carries
+    both models' layers; the tokens stay those of an engine that never preempts."""
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(stories_path).generate(PROMPTS[:4], params, use_tqdm=False)]
+    spec = {"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 3}
+    llm = LLM(stories_path, speculative_config=spec, swap_space=0.01, **{**TINY, "num_gpu_blocks_override": 10})
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:4], params, use_tqdm=False)] == expected
+    stats = llm.llm_engine.stats
+    assert stats.num_swap_outs > 0 and stats.spec_num_draft_tokens > 0
+    _no_leaks(llm)
+
+
 # ---- settings and metrics -----------------------------------------------------------------------
 def test_settings_are_validated_and_have_flags():
     for bad in ({"preemption_mode": "drop"}, {"swap_space": -1}, {"swap_space": float("nan")}, {"swap_space": "4"}):
