@@ -192,6 +192,26 @@ def test_swapping_shared_prefix_blocks(stories_path, expected):
     _no_leaks(llm)
 
 
+def test_priorities_decide_who_is_swapped(stories_path, expected):
+    # half the requests urgent (priority 0), half not (1): a victim is always the lowest-priority, latest
+    # running sequence, so no urgent one is swapped while a non-urgent one runs
+    llm = LLM(stories_path, swap_space=0.01, **TINY)
+    scheduler = llm.llm_engine.scheduler
+    preempt, victims = scheduler._preempt, []
+
+    def watched(seq):
+        assert all(other.sort_key() < seq.sort_key() for other in scheduler.running)  # popped from there
+        victims.append(seq.priority)
+        preempt(seq)
+
+    scheduler._preempt = watched
+    priority = [i % 2 for i in range(len(PROMPTS))]
+    outs = llm.generate(PROMPTS, GREEDY, priority=priority, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert victims and victims.count(1) > victims.count(0)
+    _no_leaks(llm)
+
+
 def test_swap_restores_the_kv(stories_path, expected, monkeypatch):
     import mini_infer.worker.kv_swap as kv_swap
 
