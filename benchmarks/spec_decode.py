@@ -264,8 +264,14 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--ngram-batch", type=int, default=1)
+    parser.add_argument("--decode-num-splits", type=int, help="experiment: one split count at every batch")
     parser.add_argument("--output-json", required=True)
     args = parser.parse_args()
+    if args.decode_num_splits:  # the split count then depends on no shape: decode rows round alike
+        from mini_infer.kernels import decode_attention as kernel
+
+        config = kernel.DecodeConfig(num_splits=args.decode_num_splits)
+        kernel.decode_attention_triton.__defaults__ = (config,)
     args.batches = [int(b) for b in args.batch_sizes.split(",")]
     args.ks = [int(k) for k in args.ks.split(",")]
     rows: list[dict] = []

@@ -61,10 +61,15 @@ class EngineConfig:
     max_seqs_per_request: int = 128  # the largest n (a server also counts n x prompts of one call)
     # vLLM's: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} (or its JSON)
     speculative_config: SpeculativeConfig | dict | str | None = None
+    tensor_parallel_size: int = 1  # ranks that split every layer (docs/distributed.md)
+    enable_expert_parallel: bool = False  # MoE: split the experts over those ranks instead of each expert
+    distributed_executor_backend: str | None = None  # "mp" (processes on this host; the default) or "ray"
+    # vLLM's: None (a quantized checkpoint's own scheme), "fp8" / "int8" (W8A8 online), "compressed-tensors"
+    quantization: str | None = None
     # what preemption does with a request's KV: drop it and recompute later, or copy it to a host pool
     # of swap_space GiB and back (docs/preemption.md says which to pick when)
     preemption_mode: str = "recompute"
-    swap_space: float = 4.0  # GiB of host memory per engine for swapped-out KV blocks (preemption_mode="swap")
+    swap_space: float = 4.0  # GiB of host memory per rank for swapped-out KV blocks (preemption_mode="swap")
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -73,6 +78,9 @@ class EngineConfig:
         _check_choice("device", self.device, ("auto", "cuda", "cpu"))
         _check_choice("load_format", self.load_format, ("auto", "dummy"))
         _check_choice("kernel_backend", self.kernel_backend, ("auto", "torch", "triton"))
+        from mini_infer.quantization import QUANTIZATION_METHODS
+
+        _check_choice("quantization", self.quantization, (None, *QUANTIZATION_METHODS))
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         _check_positive("max_model_len", self.max_model_len, allow_none=True)
@@ -80,9 +88,15 @@ class EngineConfig:
         _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _check_positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
         _check_positive("max_seqs_per_request", self.max_seqs_per_request)
+        _check_positive("tensor_parallel_size", self.tensor_parallel_size)
+        _check_choice("distributed_executor_backend", self.distributed_executor_backend, (None, "mp", "ray"))
         from mini_infer.spec_decode.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
+            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1 yet")
+        if self.enable_expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError("enable_expert_parallel needs tensor_parallel_size > 1 (experts are split over its ranks)")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be a non-negative integer, got {self.max_logprobs!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size % 16:
@@ -121,6 +135,13 @@ class EngineConfig:
         if self.resolved_device.type == "cpu":
             return torch.float32
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    @property
+    def max_decode_rows(self) -> int:
+        """Decode rows a step can hold: one per sequence, 1 + k per sequence when speculating (CUDA graphs
+        are captured up to this, 512 at most)."""
+        k = self.speculative_config.num_speculative_tokens if self.speculative_config else 0
+        return min(self.max_num_seqs * (1 + k), 512)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:

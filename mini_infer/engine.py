@@ -1,6 +1,6 @@
 """LLMEngine: requests in, one scheduled forward pass per `step()`, RequestOutputs back.
 
-step() = scheduler.schedule() -> model_runner.execute() -> scheduler.update_from_output() ->
+step() = scheduler.schedule() -> executor.execute_model() -> scheduler.update_from_output() ->
 output_processor.process(). Everything a request does happens inside this loop.
 
 With async scheduling (the default) a step queues its forward pass and then reads back the tokens
@@ -28,6 +28,7 @@ from mini_infer.attention import get_attention_backend
 from mini_infer.block_manager import BlockManager
 from mini_infer.config import EngineConfig
 from mini_infer.detokenizer import Detokenizer
+from mini_infer.distributed.executor import ExecutorError, make_executor
 from mini_infer.input_processor import InputProcessor, PromptType
 from mini_infer.model_loader import checkpoint_dtype, eos_token_ids, load_hf_config, load_model, resolve_model_path
 from mini_infer.output_processor import OutputProcessor, is_device_fault
@@ -37,7 +38,6 @@ from mini_infer.scheduler import Scheduler, SchedulerOutput
 from mini_infer.spec_decode.draft_model import DraftModel, plan_draft_slots
 from mini_infer.spec_decode.eagle3 import Eagle3Proposer, aux_layer_ids, load_eagle3_head
 from mini_infer.spec_decode.ngram import NgramProposer
-from mini_infer.worker.kv_swap import KVSwapper, num_host_blocks
 from mini_infer.worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger(__name__)
@@ -116,11 +116,15 @@ class LLMEngine:
         )
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = frozenset(eos_token_ids(path, self.model_config))
+        # tensor parallelism: starts the other ranks, which build their shards while this one does
+        self.executor = make_executor(config, path, self.max_model_len)
         device = config.resolved_device
         dtype = config.resolve_dtype(checkpoint_dtype(self.model_config))
         backend = get_attention_backend(config.resolved_kernel_backend, device)
         start = time.perf_counter()
-        model = load_model(path, self.model_config, backend.ops, dtype, device, config.load_format, config.seed)
+        model = load_model(
+            path, self.model_config, backend.ops, dtype, device, config.load_format, config.seed, config.quantization
+        )
         logger.info(
             "loaded %s (%s, %s, %s kernels) in %.1fs",
             config.model,
@@ -143,18 +147,16 @@ class LLMEngine:
             num_blocks * config.block_size / self.max_model_len,
             self.max_model_len,
         )
+        self.executor.bind(self.model_runner)
         block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         propose = None
         if spec is not None:
             ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
             propose = plan_draft_slots if proposer is not None else ngram
-        self.kv_swapper = None  # swap preemption's host pool (worker/kv_swap.py)
-        if config.preemption_mode == "swap":
-            num_host = num_host_blocks(config.swap_space, self.model_runner.kv_cache.block_bytes)
-            self.kv_swapper = KVSwapper(self.model_runner.kv_cache, num_host)
-            if num_host == 0:
-                logger.warning("swap_space=%s GiB holds no KV block: every preemption recomputes", config.swap_space)
-        host_blocks = self.kv_swapper.host.shape[0] if self.kv_swapper is not None else 0
+        swapper = self.model_runner.kv_swapper  # swap preemption's host pool (worker/kv_swap.py)
+        host_blocks = swapper.num_blocks if swapper is not None else 0
+        if swapper is not None and host_blocks == 0:
+            logger.warning("swap_space=%s GiB holds no KV block: every preemption recomputes", config.swap_space)
         self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose, host_blocks)
         self.input_processor = InputProcessor(
             config, self.model_config, self.detokenizer, self.max_model_len, self.eos_token_ids, self.scheduler.fits
@@ -247,9 +249,7 @@ class LLMEngine:
             outputs += self._update(self.in_flight, read)
             self.in_flight = None
         out = self.scheduler.schedule()
-        if out.blocks_to_swap_out or out.blocks_to_swap_in:  # queued before the forward pass that needs them
-            self.kv_swapper.swap(out.blocks_to_swap_out, out.blocks_to_swap_in)
-        launched = self._execute(out, outputs) if out else None
+        launched = self._execute(out, outputs) if out or out.has_swaps else None
         if self.in_flight is not None:
             outputs += self._update(self.in_flight, read)
         self.in_flight = launched
@@ -267,9 +267,9 @@ class LLMEngine:
         if self.observer is not None:
             self.observer.launching(out)
         try:
-            pending = self.model_runner.execute(out)
+            pending = self.executor.execute_model(out)
         except Exception as exc:
-            if is_device_fault(exc):
+            if is_device_fault(exc) or isinstance(exc, ExecutorError):  # a lost rank stops all
                 raise
             ids = sorted({s.seq.request_id for s in out.seqs})
             logger.exception("a forward pass failed; failing its %d requests: %s", len(ids), ", ".join(ids))
@@ -285,6 +285,10 @@ class LLMEngine:
         read.append(step.pending)
         taken = self.scheduler.update_from_output(step.out, result.token_ids)
         return self.output_processor.process(step.out, taken, result)
+
+    def shutdown(self) -> None:
+        """Stops the other tensor-parallel ranks (at exit they stop by themselves)."""
+        self.executor.shutdown()
 
     # -- metrics ------------------------------------------------------------------------------
     @property

@@ -131,11 +131,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
     tied = getattr(model.config, "tie_word_embeddings", False)
     packed = getattr(model, "packed_modules_mapping", {})
     remap = getattr(model, "map_checkpoint_name", None)
+    skip = getattr(model, "ignore_checkpoint_name", None)
     loaded: set[str] = set()
     for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+                    continue
+                if skip is not None and skip(name):  # weights generation never uses (V3's MTP layer)
                     continue
                 target, shard = name, None
                 if (mapped := remap(name) if remap else None) is not None:  # e.g. experts into stacked tensors
@@ -177,6 +180,12 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     for i, (name, param) in enumerate(model.named_parameters()):
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
+        elif name.endswith(("weight_scale", "weight_scale_inv")):  # 8-bit checkpoint layouts: |w| <= 0.02
+            param.data.fill_(0.02 / 64)
+        elif param.element_size() == 1:
+            gen = torch.Generator(device=param.device).manual_seed(seed + i)
+            values = torch.empty(param.shape, device=param.device).uniform_(-64, 64, generator=gen)
+            param.data.copy_(values.round())
         else:
             gen = torch.Generator(device=param.device).manual_seed(seed + i)
             param.data.uniform_(-0.02, 0.02, generator=gen)
@@ -190,12 +199,19 @@ def load_model(
     device: torch.device,
     load_format: str,
     seed: int,
+    quantization: str | None = None,
 ) -> nn.Module:
+    """quantization: EngineConfig.quantization; a quantized checkpoint's own scheme is read either way."""
+    from mini_infer.quantization.setup import process_weights_after_loading, quantize_model, resolve_quant_config
+
+    quant = resolve_quant_config(quantization, config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = build_model(config, ops)
+            if quant is not None:
+                quantize_model(model, quant)
     finally:
         torch.set_default_dtype(previous)
     if load_format == "dummy":
@@ -204,4 +220,5 @@ def load_model(
         if path.is_file():
             raise ValueError(f"{path.stem} is an architecture preset with no weights: add --load-format dummy")
         load_weights(model, path)
+    process_weights_after_loading(model)
     return model.eval()

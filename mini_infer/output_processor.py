@@ -104,7 +104,8 @@ class OutputProcessor:
         outputs: list[RequestOutput] = []
         moved: dict[str, RequestState] = {}
         for s in step.prefills:
-            if s.seq.seq_id in result.prompt_logprobs and not s.seq.is_finished:
+            # a sequence its first token finishes (max_tokens=1) keeps them; an aborted request is gone
+            if s.seq.seq_id in result.prompt_logprobs and s.seq.request_id in self.requests:
                 try:
                     self._record_prompt_logprobs(s.seq, *result.prompt_logprobs[s.seq.seq_id])
                 except Exception as exc:

@@ -43,7 +43,7 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
-    """Decodes (one new token each, longest context first), then prefill chunks."""
+    """Decodes (one new token each, or a verify run's 1 + k; longest context first), then prefill chunks."""
 
     decodes: list[ScheduledSeq]
     prefills: list[ScheduledSeq]
@@ -61,11 +61,21 @@ class SchedulerOutput:
         return [s for s in self.seqs if s.samples]
 
     @property
+    def num_decode_rows(self) -> int:
+        """Decode queries: one per decode, 1 + k per verify run."""
+        return sum(s.num_new_tokens for s in self.decodes)
+
+    @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.decodes) + sum(s.num_new_tokens for s in self.prefills)
 
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
+
+    @property
+    def has_swaps(self) -> bool:
+        """KV blocks to copy out or in: the step runs for them even with nothing to compute."""
+        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in)
 
 
 class Scheduler:
@@ -185,8 +195,9 @@ class Scheduler:
             if seq.block_table:
                 self._free_blocks(seq)
 
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        # a verify run (the last token and its drafts) decodes: each of its queries is a decode row
+        decodes = [s for s in scheduled if s.num_new_tokens == 1 or s.draft_token_ids]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1 and not s.draft_token_ids]
         # Longest context first: the decode attention kernel starts its programs in row order, so long
         # rows start early and short ones fill the tail (on the H100, 5-7% faster with mixed lengths).
         decodes.sort(key=lambda s: -s.start)

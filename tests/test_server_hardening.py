@@ -399,6 +399,15 @@ def test_prompt_logprobs_equal_transformers_under_chunking_and_preemption(storie
         assert "".join(pieces) == llm.get_tokenizer().decode(ids, skip_special_tokens=True)
 
 
+def test_prompt_logprobs_of_a_request_its_first_token_finishes(stories_path):
+    """max_tokens=1 ends the sequence in its prefill step: its prompt logprobs are still recorded (an
+    echo of the prompt with max_tokens=1 asks for exactly this)."""
+    llm = LLM(stories_path, max_model_len=MAX_LEN)
+    out = llm.generate("Lily and Tom", SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    assert out.prompt_logprobs[0] is None and all(out.prompt_logprobs[1:])
+
+
 def test_logit_bias_and_allowed_token_ids(stories_path, server):
     llm = LLM(stories_path, max_model_len=MAX_LEN)
     plain = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]

@@ -286,3 +286,33 @@ def test_a_draft_with_another_vocabulary_is_refused(stories_path, tmp_path):
         LLM(stories_path, speculative_config=draft(str(other), 2))
     with pytest.raises(ValueError, match="needs 'model'"):
         LLM(stories_path, speculative_config={"method": "draft_model", "num_speculative_tokens": 2})
+
+
+def test_a_verify_run_is_decode_rows_of_one_sequence():
+    """A verify run (last token + k drafts) is laid out as 1 + k decode rows, row i reading the keys up to
+    its own position through the sequence's block table, so the decode kernel computes each row as a
+    plain decode there; prefill chunks after it keep their layout."""
+    from mini_infer.scheduler import ScheduledSeq
+    from mini_infer.sequence import Sequence
+    from mini_infer.worker.step_inputs import build_step_inputs
+
+    verify = Sequence("v", 0, list(range(20)), SamplingParams())
+    verify.block_table = [7, 3]
+    plain = Sequence("d", 0, list(range(5)), SamplingParams())
+    plain.block_table = [1]
+    chunk = Sequence("p", 0, list(range(40)), SamplingParams())
+    chunk.block_table = [4, 5, 6]
+    seqs = [
+        ScheduledSeq(verify, 19, 4, True, 3, [101, 102, 103]),
+        ScheduledSeq(plain, 4, 1, True, 0),
+        ScheduledSeq(chunk, 16, 24, True, 0),
+    ]
+    inputs = build_step_inputs(seqs, 2, 16, {})
+    assert inputs.num_decodes == 5
+    assert inputs.query_lens.tolist() == [1, 1, 1, 1, 1, 24]
+    assert inputs.seq_lens.tolist() == [20, 21, 22, 23, 5, 40]
+    assert inputs.block_tables[:4, :2].tolist() == [[7, 3]] * 4 and inputs.block_tables[5].tolist() == [4, 5, 6]
+    assert inputs.token_ids[:5].tolist() == [19, 101, 102, 103, 4]
+    assert inputs.positions[:5].tolist() == [19, 20, 21, 22, 4]
+    assert inputs.slot_mapping[:4].tolist() == [3 * 16 + 3, 3 * 16 + 4, 3 * 16 + 5, 3 * 16 + 6]
+    assert inputs.logits_indices.tolist() == [0, 1, 2, 3, 4, 28]

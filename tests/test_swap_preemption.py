@@ -299,3 +299,17 @@ def test_swap_metrics_under_vllm_names(stories_path):
     assert families["mini_infer:num_swap_outs"] == stats.num_swap_outs > 0
     assert families["mini_infer:num_swap_ins"] == stats.num_swap_ins
     assert families["mini_infer:num_requests_swapped"] == 0 and families["mini_infer:cpu_cache_usage_perc"] == 0
+
+
+def test_tensor_parallel_ranks_swap_their_shards():
+    """Two ranks (gloo, CPU): each copies its shard of the same blocks to its own host pool; the tokens
+    and logprobs stay transformers'."""
+    from test_tensor_parallel import ENGINE, STORIES, _check
+
+    llm = LLM(str(STORIES), preemption_mode="swap", swap_space=0.01, **ENGINE)
+    try:
+        _check(llm, str(STORIES))
+        assert llm.llm_engine.stats.num_swap_outs > 0
+        _no_leaks(llm)
+    finally:
+        llm.llm_engine.shutdown()

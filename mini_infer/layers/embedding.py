@@ -1,11 +1,14 @@
 """Vocabulary-parallel embedding and LM head: each rank holds a slice of the vocabulary."""
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mini_infer.distributed import get_tp_rank, get_tp_size
+from mini_infer.distributed.communication_op import (
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
 from mini_infer.kernels import TORCH_OPS, KernelOps
 
 
@@ -29,8 +32,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.shard_size)
         y = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0)
-        dist.all_reduce(y)
-        return y
+        return tensor_model_parallel_all_reduce(y)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -42,8 +44,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.linear(hidden, self.weight)
-        if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            dist.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
+        if self.tp_size > 1:  # padded rows of the last shard are cut off below
+            logits = tensor_model_parallel_all_gather(logits)
         return logits[:, : self.vocab_size]

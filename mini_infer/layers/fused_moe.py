@@ -6,7 +6,10 @@ and the loader takes both: the Hub's per-expert tensors (`experts.N.gate_proj.we
 `experts.N.w1.weight`), which is also what transformers' save_pretrained writes, and transformers' own
 fused tensors (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`), which it writes with
 save_original_format=False. With tensor parallelism each rank holds a slice of I for every expert and
-the partial outputs are summed.
+the partial outputs are summed. With expert parallelism (`enable_expert_parallel`) each rank holds
+E / N whole experts instead. Attention is tensor-parallel, so after its all-reduce every rank holds
+every token: the dispatch is free (no all-to-all), each rank runs its experts on the tokens routed to
+them (the other top-k slots get weight 0) and the same all-reduce combines the ranks' partial sums.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import re
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from mini_infer.distributed import get_tp_rank, get_tp_size
+from mini_infer.distributed import get_ep_size, get_tp_rank, get_tp_size
+from mini_infer.distributed.communication_op import tensor_model_parallel_all_reduce
 from mini_infer.kernels import KernelOps
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
@@ -62,13 +65,22 @@ class FusedMoE(nn.Module):
     ) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        if intermediate_size % self.tp_size:
-            raise ValueError(f"{intermediate_size} is not divisible by the tensor-parallel size {self.tp_size}")
+        ep = get_ep_size()
+        split = 1 if ep > 1 else self.tp_size  # expert parallel: whole experts, E / N of them
+        if intermediate_size % split:
+            raise ValueError(f"{intermediate_size} is not divisible by the tensor-parallel size {split}")
+        if num_experts % ep:
+            raise ValueError(f"{num_experts} experts are not divisible by the expert-parallel size {ep}")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.round_weights, self.ops = round_weights, ops
-        self.inter = intermediate_size // self.tp_size
-        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden_size), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.inter), requires_grad=False)
+        self.inter = intermediate_size // split
+        self.inter_start = 0 if ep > 1 else self.tp_rank * self.inter
+        self.num_local_experts = num_experts // ep
+        self.expert_start = self.tp_rank * self.num_local_experts if ep > 1 else 0
+        self.expert_parallel = ep > 1
+        local = self.num_local_experts
+        self.w13_weight = nn.Parameter(torch.empty(local, 2 * self.inter, hidden_size), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(local, hidden_size, self.inter), requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
         self._loaded: set[tuple[str, int]] = set()
@@ -77,11 +89,15 @@ class FusedMoE(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         shard, expert = shard_id  # type: ignore[misc]
-        inter, start = self.inter, self.tp_rank * self.inter
-        experts = range(self.num_experts) if expert is None else [expert]
-        target = param.data if expert is None else param.data[expert : expert + 1]
-        if expert is not None:
-            loaded = loaded.unsqueeze(0)
+        inter, start = self.inter, self.inter_start
+        first, local = self.expert_start, self.num_local_experts
+        if expert is not None and not first <= expert < first + local:
+            return  # another rank's expert
+        experts = range(first, first + local) if expert is None else [expert]
+        if expert is None:
+            target, loaded = param.data, loaded[first : first + local]
+        else:
+            target, loaded = param.data[expert - first : expert - first + 1], loaded.unsqueeze(0)
         if shard == "w2":
             target.copy_(loaded.narrow(2, start, inter))
         elif shard == "w13":  # transformers' fused layout: gate rows, then up rows
@@ -96,7 +112,8 @@ class FusedMoE(nn.Module):
 
     def unloaded_parts(self) -> list[str]:
         """Expert weights a checkpoint load has not written (empty once every expert is loaded)."""
-        missing = [(p, e) for p in ("w1", "w3", "w2") for e in range(self.num_experts) if (p, e) not in self._loaded]
+        ours = range(self.expert_start, self.expert_start + self.num_local_experts)
+        missing = [(p, e) for p in ("w1", "w3", "w2") for e in ours if (p, e) not in self._loaded]
         return [f"expert {e} {p}" for p, e in missing]
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -105,7 +122,9 @@ class FusedMoE(nn.Module):
             weights = weights.to(x.dtype)
         if self.on_route is not None:
             self.on_route(ids)
+        if self.expert_parallel:  # slots of other ranks' experts: weight 0 on a local expert
+            local = ids - self.expert_start
+            outside = (local < 0) | (local >= self.num_local_experts)
+            ids, weights = local.masked_fill(outside, 0), weights.masked_fill(outside, 0)
         out = self.ops.fused_experts(x, self.w13_weight, self.w2_weight, weights, ids)
-        if self.tp_size > 1:
-            dist.all_reduce(out)
-        return out
+        return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out

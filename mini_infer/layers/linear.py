@@ -3,15 +3,24 @@
 Column-parallel layers split their output features across ranks, row-parallel layers their input
 features (followed by an all-reduce). Each parameter carries a `weight_loader` that copies this
 rank's slice of a checkpoint tensor, so models never index weights themselves. With one rank the
-slices are whole tensors. The matrix product itself is the kernel set's `linear` (cuBLAS, or a
-Triton GEMV for one or two rows where it wins, kernels/gemv.py).
+slices are whole tensors.
+
+How a layer stores and multiplies its weights is its `quant_method` (a linear method, vLLM's seam):
+`UnquantizedLinearMethod` keeps `weight` in the model dtype and calls the kernel set's `linear` (cuBLAS,
+or a Triton GEMV for one or two rows where it wins, kernels/gemv.py); mini_infer/quantization/ holds the
+8-bit ones, swapped in by `set_quant_method` before the weights load. Loaders slice any parameter whose
+rows are output features (a weight, per-channel scales, per-block scales with `output_block` rows each).
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mini_infer.distributed import get_tp_rank, get_tp_size
+from mini_infer.distributed.communication_op import tensor_model_parallel_all_reduce
 from mini_infer.kernels import TORCH_OPS, KernelOps
 
 
@@ -21,20 +30,51 @@ def _divide(a: int, b: int) -> int:
     return a // b
 
 
+def _output_rows(param: nn.Parameter, rows: int) -> int:
+    """Output features -> rows of `param` (a block-scale row covers `output_block` features)."""
+    block = getattr(param, "output_block", 1)
+    if rows % block:
+        raise ValueError(f"{rows} output features are not a whole number of {block}-row quantization blocks")
+    return rows // block
+
+
+class UnquantizedLinearMethod:
+    """Weights in the model dtype; the product is the kernel set's `linear`."""
+
+    def __init__(self, linear: Callable) -> None:
+        self.linear = linear
+
+    def create_weights(self, layer: LinearBase) -> None:
+        layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features), requires_grad=False)
+        layer.weight.weight_loader = layer.weight_loader
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        pass
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.linear(x, layer.weight, bias)
+
+
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, ops: KernelOps) -> None:
         super().__init__()
-        self.linear = ops.linear
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.in_features, self.out_features = in_features, out_features  # this rank's
+        self.quant_method = UnquantizedLinearMethod(ops.linear)
+        self.quant_method.create_weights(self)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
+    def set_quant_method(self, method: object) -> None:
+        """Replaces how the weight is stored (before loading): the method registers its own parameters."""
+        del self.weight
+        self.quant_method = method
+        method.create_weights(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -68,8 +108,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         assert isinstance(shard_id, int)
-        size = self.out_sizes[shard_id] // self.tp_size
-        offset = sum(self.out_sizes[:shard_id]) // self.tp_size
+        size = _output_rows(param, self.out_sizes[shard_id] // self.tp_size)
+        offset = _output_rows(param, sum(self.out_sizes[:shard_id]) // self.tp_size)
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 
@@ -90,6 +130,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard_id]
+        offset, size = _output_rows(param, offset), _output_rows(param, size)
         shard = self.tp_rank if shard_id == "q" else self.tp_rank // self.kv_replicas
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, shard * size, size))
 
@@ -102,14 +143,13 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(in_features, self.tp_size), out_features, bias, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        if param.dim() == 1:  # the bias is added once, on every rank after the reduce
+        cols = param.shape[1] if param.dim() > 1 else 0
+        # the bias is added once, on every rank after the reduce; per-channel scales [out, 1] are whole too
+        if param.dim() == 1 or loaded.shape[1] == cols:
             param.data.copy_(loaded)
             return
-        cols = param.shape[1]
         param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        if self.tp_size > 1:
-            dist.all_reduce(y)
-        return y
+        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+        return tensor_model_parallel_all_reduce(y) if self.tp_size > 1 else y

@@ -4,6 +4,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mini_infer.kernels import KernelOps
+from mini_infer.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from mini_infer.models.llama import LlamaForCausalLM, MistralForCausalLM
 from mini_infer.models.mixtral import MixtralForCausalLM
 from mini_infer.models.qwen2 import Qwen2ForCausalLM
@@ -12,6 +13,8 @@ from mini_infer.models.qwen3 import Qwen3ForCausalLM
 from mini_infer.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,

@@ -96,12 +96,13 @@ class GraphSet:
 
 
 class CUDAGraphs:
-    """Decode graphs by batch size and prefill graphs by token count, sharing one memory pool."""
+    """Decode graphs by rows (batch size, or 1 + k per sequence when speculating) and prefill graphs by
+    token count, sharing one memory pool."""
 
     def __init__(self, runner: ModelRunner) -> None:
         config = runner.config
         self.runner = weakref.proxy(runner)
-        self.max_batch = min(config.max_num_seqs, 512)
+        self.max_batch = config.max_decode_rows
         sizes = [b for b in (1, 2, 4) if b < self.max_batch] + list(range(8, self.max_batch, 8)) + [self.max_batch]
         self.decode = GraphSet(runner, sorted(set(sizes)), lambda b: (b, b), decode=True)
         self.max_prefill_seqs = min(config.max_num_seqs, config.max_num_batched_tokens)

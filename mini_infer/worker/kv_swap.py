@@ -54,6 +54,10 @@ class KVSwapper:
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         logger.info("swap space: %d host blocks (%.2f GiB%s)", num_blocks, self.host.numel() / 2**30, ", pinned" * cuda)
 
+    @property
+    def num_blocks(self) -> int:
+        return self.host.shape[0]
+
     def swap(self, blocks_to_swap_out: list[tuple[int, int]], blocks_to_swap_in: list[tuple[int, int]]) -> None:
         """(device block, host block) pairs out, then (host block, device block) pairs in: in this order,
         since a block a swap-out frees may be the one a swap-in of the same step fills. On CPU the copies

@@ -24,6 +24,7 @@ from transformers import PretrainedConfig
 from mini_infer.attention.backend import AttentionBackend, AttentionMetadata, Put
 from mini_infer.config import EngineConfig
 from mini_infer.cpu_threads import step_threads
+from mini_infer.distributed.communication_op import broadcast_from_driver, min_over_ranks
 from mini_infer.forward_context import forward_context
 from mini_infer.sampler import DeviceSample, SamplerOutput, build_sampling_batch, sample, sample_on_device, to_device
 from mini_infer.sampling_params import SamplingParams
@@ -34,6 +35,7 @@ from mini_infer.spec_decode.eagle3 import Eagle3Proposer
 from mini_infer.spec_decode.rejection_sampler import rejection_sample
 from mini_infer.worker.cuda_graphs import CUDAGraphs
 from mini_infer.worker.kv_cache import KVCache, num_kv_blocks, profile_free_gpu_memory
+from mini_infer.worker.kv_swap import KVSwapper, num_host_blocks
 from mini_infer.worker.step_inputs import StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ class ModelRunner:
         graphs_ok = device.type == "cuda" and not config.enforce_eager and backend.supports_cuda_graphs
         self.use_cuda_graphs = graphs_ok and proposer is None  # a proposer's passes run eagerly
         self.graphs: CUDAGraphs | None = None
+        self.kv_swapper: KVSwapper | None = None  # preemption_mode="swap": the host pool of this rank's KV
         self.seed_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fused sampler)
         # the last step's sampled tokens, still on the device, and the row of each sequence in them
         self.last_tokens: torch.Tensor | None = None
@@ -114,7 +117,7 @@ class ModelRunner:
     # -- setup --------------------------------------------------------------------------------
     def init_kv_cache(self) -> int:
         """Sizes and allocates the KV pool, then captures the CUDA graphs and warms the sampler up."""
-        graph_batch = min(self.config.max_num_seqs, 512) if self.use_cuda_graphs else None
+        graph_batch = self.config.max_decode_rows if self.use_cuda_graphs else None
         num_blocks = num_kv_blocks(
             self.config,
             self.kv_cache,
@@ -123,7 +126,11 @@ class ModelRunner:
                 self.config, self.kv_cache, self.max_model_len, self._profile_run, graph_batch
             ),
         )
+        num_blocks = min_over_ranks(num_blocks, self.device)  # every rank's pool holds the same blocks
         self.kv_cache.allocate(num_blocks)
+        if self.config.preemption_mode == "swap":  # each rank swaps its shard of the blocks
+            num_host = num_host_blocks(self.config.swap_space, self.kv_cache.block_bytes)
+            self.kv_swapper = KVSwapper(self.kv_cache, min_over_ranks(num_host, self.device))
         if self.use_cuda_graphs:
             self.capture_cuda_graphs()
         if self.device.type == "cuda":
@@ -248,7 +255,12 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> PendingStep:
         """Queues one step; the returned PendingStep yields the sampled token (and logprobs) of each
         sequence that samples, in `out.sampling` order, and the prompt logprobs its prefill chunks asked
-        for. Small CPU steps run single-threaded (cpu_threads.py)."""
+        for. Small CPU steps run single-threaded (cpu_threads.py). Swapped KV blocks are copied first
+        (worker/kv_swap.py), ordered before this step's forward pass; a step may be nothing else."""
+        if out.has_swaps:
+            self.kv_swapper.swap(out.blocks_to_swap_out, out.blocks_to_swap_in)
+        if not out:
+            return PendingStep(None)
         with step_threads(self.device, out.num_tokens * self.num_weights):
             return self._execute(out)
 
@@ -260,7 +272,7 @@ class ModelRunner:
         prompt_rows = self._prompt_logprob_rows(out)
         max_table = max(len(s.seq.block_table) for s in out.seqs)
         prompt_logprobs = None
-        if self.graphs and not prompt_rows and self.graphs.can_run(len(out.decodes), out.prefills, max_table):
+        if self.graphs and not prompt_rows and self.graphs.can_run(out.num_decode_rows, out.prefills, max_table):
             hidden = self._run_graphs(out)
         else:  # prompt logprobs need every row: eager
             inputs = build_step_inputs(out.seqs, len(out.decodes), self.block_size, self.last_rows)
@@ -278,6 +290,14 @@ class ModelRunner:
             output = self._verify(logits, sampling)
             output.prompt_logprobs = prompt_logprobs or {}
             return PendingStep.ready(output)
+        result = self._sample(logits, sampling)
+        self.last_tokens = result.tokens
+        self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
+        return PendingStep(result, prompt_logprobs)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> DeviceSample:
+        """Samples one token per row. With tensor parallelism only rank 0 samples and sends the tokens to
+        the other ranks (they feed the next step's pending inputs there too); see distributed/worker.py."""
         params = [s.seq.params for s in sampling]
         penalties = any(p.uses_penalties for p in params)
         seeds = self._row_seeds(sampling)
@@ -295,9 +315,8 @@ class ModelRunner:
             seeds=seeds if self.device.type == "cuda" else None,
         )
         result = sample_on_device(logits, batch)
-        self.last_tokens = result.tokens
-        self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
-        return PendingStep(result, prompt_logprobs)
+        broadcast_from_driver(result.tokens)
+        return result
 
     def _verify(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> SamplerOutput:
         """Rejection sampling of the drafts: each sequence's rows are its token positions, so each row gets

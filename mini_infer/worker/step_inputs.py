@@ -1,6 +1,9 @@
 """StepInputs: everything one forward pass reads, built once per step on the host.
 
-The batch is flat, with no padding: decodes first (one token each), then prefill chunks. Every
+The batch is flat, with no padding: decodes first (one token each), then prefill chunks. A verify run
+of speculative decoding (the last token and k drafts) is 1 + k decode rows of one sequence, row i with
+the keys up to its own position: the decode kernel computes each as it computes a plain decode there,
+and verify steps replay the decode graphs. Every
 token's position and cache slot come from one formula (`slot = table[p // block_size] * block_size
 + p % block_size`). Only rows in `logits_indices` become logits. A token the previous step sampled
 but the host has not read yet is 0 here and listed in `pending`; the runner copies it in on the device.
@@ -22,10 +25,10 @@ class StepInputs:
     token_ids: np.ndarray  # [T] int64
     positions: np.ndarray  # [T] int64
     slot_mapping: np.ndarray  # [T] int64, -1 = store nothing (padding)
-    query_lens: np.ndarray  # [B] int64: this step's tokens per sequence
+    query_lens: np.ndarray  # [B] int64: this step's tokens per sequence (per row, for decode rows)
     seq_lens: np.ndarray  # [B] int64: keys per sequence after this step (cached + new)
     block_tables: np.ndarray  # [B, W] int32
-    num_decodes: int  # the first num_decodes sequences have one query token each
+    num_decodes: int  # the first num_decodes "sequences" are decode rows: one query token each
     logits_indices: np.ndarray  # [S] int64: rows whose hidden states are sampled (1 + drafts per verify)
     pending: np.ndarray  # [P, 2] int64: (row here, row of the previous step's sampled tokens)
 
@@ -64,7 +67,8 @@ def _ranges(counts: np.ndarray) -> np.ndarray:
 def build_step_inputs(
     seqs: list[ScheduledSeq], num_decodes: int, block_size: int, last_rows: dict[int, int]
 ) -> StepInputs:
-    """last_rows: each sequence's row in the previous step's sampled tokens (for its pending input)."""
+    """num_decodes: how many of seqs (the first) decode, a verify run among them; last_rows: each
+    sequence's row in the previous step's sampled tokens (for its pending input)."""
     n = len(seqs)
     query_lens = np.fromiter((s.num_new_tokens for s in seqs), np.int64, n)
     starts = np.fromiter((s.start for s in seqs), np.int64, n)
@@ -87,14 +91,24 @@ def build_step_inputs(
     positions = np.arange(offset) - np.repeat(ends - query_lens - starts, query_lens)
     slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
     sampled_rows = np.fromiter((s.num_sampled_rows for s in seqs), np.int64, n)  # the chunk's last rows
+    seq_lens = starts + query_lens
+    num_rows = num_decodes
+    if query_lens[:num_decodes].max(initial=1) > 1:  # verify runs: one decode row per query
+        rows = np.concatenate((query_lens[:num_decodes], np.ones(n - num_decodes, np.int64)))
+        decode_rows = int(rows[:num_decodes].sum())
+        seq_lens = np.repeat(seq_lens - query_lens, rows) + 1
+        seq_lens[:decode_rows] += _ranges(rows[:num_decodes])
+        seq_lens[decode_rows:] += query_lens[num_decodes:] - 1
+        query_lens, tables, num_rows = np.repeat(query_lens, rows), np.repeat(tables, rows, axis=0), decode_rows
+        query_lens[:decode_rows] = 1
     return StepInputs(
         token_ids=np.fromiter(itertools.chain.from_iterable(ids), np.int64, offset),
         positions=positions,
         slot_mapping=slots,
         query_lens=query_lens,
-        seq_lens=starts + query_lens,
+        seq_lens=seq_lens,
         block_tables=tables,
-        num_decodes=num_decodes,
+        num_decodes=num_rows,
         logits_indices=np.repeat(ends - sampled_rows, sampled_rows) + _ranges(sampled_rows),
         pending=np.array(pending, dtype=np.int64).reshape(-1, 2),
     )
