@@ -313,3 +313,17 @@ def test_tensor_parallel_ranks_swap_their_shards():
         _no_leaks(llm)
     finally:
         llm.llm_engine.shutdown()
+
+
+def test_an_mla_latent_cache_is_swapped(tmp_path):
+    """DeepSeek-V2's MLA layers keep one latent per slot, blocks on dim 0: the layout finds it. The tokens
+    equal those of an engine that never preempts (itself checked against transformers in
+    test_deepseek_mla.py)."""
+    import test_deepseek_mla as mla
+
+    path = mla._save_random(tmp_path, mla.CONFIGS["deepseek-v2"]())
+    expected = [o.outputs[0].token_ids for o in mla._generate(LLM(path, dtype="float32"))]
+    llm = LLM(path, dtype="float32", num_gpu_blocks_override=3, max_model_len=48, preemption_mode="swap")
+    assert [o.outputs[0].token_ids for o in mla._generate(llm)] == expected
+    assert llm.llm_engine.stats.num_swap_outs > 0
+    _no_leaks(llm)
