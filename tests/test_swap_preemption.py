@@ -306,7 +306,7 @@ def test_tensor_parallel_ranks_swap_their_shards():
     and logprobs stay transformers'."""
     from test_tensor_parallel import ENGINE, STORIES, _check
 
-    llm = LLM(str(STORIES), preemption_mode="swap", swap_space=0.01, **ENGINE)
+    llm = LLM(str(STORIES), preemption_mode="swap", swap_space=0.01, device="cpu", **ENGINE)  # also on a GPU host
     try:
         _check(llm, str(STORIES))
         assert llm.llm_engine.stats.num_swap_outs > 0

@@ -39,6 +39,22 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
     return [(int(s), int(a[s]), int(e - s)) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
+def _pin_in_place(host: torch.Tensor) -> bool:
+    """Page-locks a plain host tensor as it is (cudaHostRegister), so asynchronous copies can use it.
+    torch's `pin_memory=True` goes through its caching host allocator, which rounds every allocation up to
+    a power of two (24 GiB of swap space would pin 32). False if registering failed."""
+    if host.numel() == 0:
+        return False
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(host.data_ptr(), host.numel(), 1)) != 0:  # 1: cudaHostRegisterPortable
+        logger.warning("cudaHostRegister failed for the swap space; using torch's pinned allocator")
+        return False
+    if not host.is_pinned():  # copies would run synchronously
+        cudart.cudaHostUnregister(host.data_ptr())
+        return False
+    return True
+
+
 class KVSwapper:
     """Moves blocks between the device KV pool and a host pool of num_blocks blocks."""
 
@@ -50,9 +66,20 @@ class KVSwapper:
             [kv_cache.dtype] * len(kv_cache.layers),
         )
         cuda = self.device.type == "cuda"
-        self.host = torch.empty(num_blocks, self.layout.block_bytes, dtype=torch.uint8, pin_memory=cuda)
+        self.host = torch.empty(num_blocks, self.layout.block_bytes, dtype=torch.uint8)
+        self._registered = cuda and _pin_in_place(self.host)
+        if cuda and not self._registered:  # torch's pinned allocator: rounds up to a power of two
+            self.host = torch.empty(num_blocks, self.layout.block_bytes, dtype=torch.uint8, pin_memory=True)
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         logger.info("swap space: %d host blocks (%.2f GiB%s)", num_blocks, self.host.numel() / 2**30, ", pinned" * cuda)
+
+    def __del__(self) -> None:
+        if getattr(self, "_registered", False):
+            try:
+                self.stream.synchronize()  # no copy may still read or write the pages
+                torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            except Exception:  # the interpreter is shutting down: the process's end unpins them anyway
+                pass
 
     @property
     def num_blocks(self) -> int:
