@@ -15,6 +15,7 @@ _EXPORTS = {
     "EngineConfig": "mini_infer.config",
     "EngineStats": "mini_infer.engine",
     "SamplingParams": "mini_infer.sampling_params",
+    "StructuredOutputsParams": "mini_infer.sampling_params",
     "RequestOutput": "mini_infer.outputs",
     "CompletionOutput": "mini_infer.outputs",
     "Logprob": "mini_infer.outputs",
@@ -25,6 +26,7 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "SamplingParams",
+    "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from mini_infer.engine import EngineStats, LLMEngine
     from mini_infer.llm import LLM
     from mini_infer.outputs import CompletionOutput, Logprob, RequestOutput
-    from mini_infer.sampling_params import SamplingParams
+    from mini_infer.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:

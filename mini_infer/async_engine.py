@@ -164,6 +164,8 @@ class AsyncLLMEngine:
         if not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
             text, ids = await self.tokenize(prompt)
             prompt = {"prompt": text, "prompt_token_ids": ids}
+        if params.structured_outputs is not None:  # a grammar that does not compile is a ValueError here
+            await self.run_blocking(self.engine.check_structured_outputs, params)
         self._ensure_started()
         stream = RequestStream(request_id, asyncio.get_running_loop())
         with self._streams_lock:

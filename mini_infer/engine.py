@@ -16,8 +16,10 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +40,7 @@ from mini_infer.scheduler import Scheduler, SchedulerOutput
 from mini_infer.spec_decode.draft_model import DraftModel, plan_draft_slots
 from mini_infer.spec_decode.eagle3 import Eagle3Proposer, aux_layer_ids, load_eagle3_head
 from mini_infer.spec_decode.ngram import NgramProposer
+from mini_infer.structured_output import StructuredOutputManager
 from mini_infer.worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger(__name__)
@@ -163,6 +166,9 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.detokenizer, self.scheduler)
         self.observer: StepObserver | None = None
+        self._structured: StructuredOutputManager | None = None  # made on the first constrained request
+        self._structured_lock = threading.Lock()
+        self.grammar_waiting: dict[str, tuple[object, Future]] = {}  # request id -> (request, its grammar)
         self.in_flight: _InFlight | None = None
         self.prompt_tokens = 0
         self.num_scheduled_tokens = 0  # over all steps: the metrics' per-iteration token counts are its steps
@@ -211,9 +217,50 @@ class LLMEngine:
         self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
     ) -> None:
         """Validates and queues a request; raises ValueError (and adds nothing) on bad input."""
-        if request_id in self.output_processor.requests:
+        if request_id in self.output_processor.requests or request_id in self.grammar_waiting:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.input_processor.process(request_id, prompt, params or SamplingParams(), priority)
+        spec = request.outputs[0].seq.params.structured_outputs
+        if spec is not None:  # waits here, off the scheduler, until its grammar compiles
+            self.grammar_waiting[request_id] = (request, self.structured.submit(spec))
+            return
+        self._admit(request)
+
+    @property
+    def structured(self) -> StructuredOutputManager:
+        with self._structured_lock:  # the server's threads check grammars too
+            if self._structured is None:
+                self._structured = StructuredOutputManager(
+                    self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids)
+                )
+        return self._structured
+
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """ValueError with the compiler's message if params' grammar does not compile; blocks while it
+        compiles, so callers off the step loop (the server) use it before add_request."""
+        if params.structured_outputs is not None:
+            self.structured.check(params.structured_outputs)
+
+    def _admit_grammar_ready(self, outputs: list[RequestOutput]) -> None:
+        """Hands the requests whose grammar compiled to the scheduler; a grammar that did not compile
+        ends its request with finish_reason "error"."""
+        if not self.grammar_waiting:
+            return
+        if not self.scheduler.running and not self.scheduler.waiting:  # nothing else to do: wait a little
+            wait([f for _, f in self.grammar_waiting.values()], timeout=0.05, return_when="FIRST_COMPLETED")
+        for rid, (request, future) in list(self.grammar_waiting.items()):
+            if not future.done():
+                continue
+            del self.grammar_waiting[rid]
+            self._admit(request)
+            if future.exception() is not None:
+                logger.warning("request %s: %s", rid, future.exception())
+                outputs += self.output_processor.fail([rid])
+                continue
+            for out in request.outputs:
+                self.structured.add(out.seq, future.result())
+
+    def _admit(self, request) -> None:
         self.output_processor.add(request)
         for out in request.outputs:
             self.scheduler.add(out.seq)
@@ -221,13 +268,14 @@ class LLMEngine:
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            self.grammar_waiting.pop(rid, None)
             self.output_processor.abort(rid)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.output_processor.requests)
+        return bool(self.output_processor.requests or self.grammar_waiting)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.output_processor.requests)
+        return len(self.output_processor.requests) + len(self.grammar_waiting)
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -242,13 +290,19 @@ class LLMEngine:
             not self.config.async_scheduling
             or self.output_processor.num_penalty_requests > 0
             or self.config.speculative_config is not None
-        )  # a verified run's length is read back first
+            or bool(self.grammar_waiting)
+            or (self._structured is not None and self._structured.num_active > 0)
+        )  # a verified run's length is read back first; a grammar's next mask needs the last token
         outputs: list[RequestOutput] = []
         read: list[PendingStep] = []
         if sync and self.in_flight is not None:  # turned synchronous with a step in flight: read it first
             outputs += self._update(self.in_flight, read)
             self.in_flight = None
+        self._admit_grammar_ready(outputs)
         out = self.scheduler.schedule()
+        if out and self._structured is not None and self._structured.num_active:
+            self._structured.prune()
+            out.grammar_bitmask = self._structured.bitmask(out.sampling)
         launched = self._execute(out, outputs) if out or out.has_swaps else None
         if self.in_flight is not None:
             outputs += self._update(self.in_flight, read)
@@ -284,6 +338,8 @@ class LLMEngine:
         result = step.pending.result()
         read.append(step.pending)
         taken = self.scheduler.update_from_output(step.out, result.token_ids)
+        if self._structured is not None and self._structured.num_active:
+            self._structured.accept(taken)
         return self.output_processor.process(step.out, taken, result)
 
     def shutdown(self) -> None:

@@ -34,6 +34,7 @@ class SamplingBatch:
     banned: list[tuple[int, list[int]]]  # (row, ids masked out: EOS before min_tokens)
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, biases
     allowed: tuple[torch.Tensor, torch.Tensor] | None  # rows with allowed_token_ids, [R, V] True where not allowed
+    grammar_bitmask: tuple[torch.Tensor, torch.Tensor] | None  # rows, int32 [R, ceil(V/32)] (structured outputs)
     generators: list[torch.Generator | None]  # per row: a seeded generator or None
     seeds: torch.Tensor | None  # [N] int64 Philox seeds for the fused kernel (CUDA), None elsewhere
     all_greedy: bool
@@ -88,9 +89,11 @@ def build_sampling_batch(
     device: torch.device,
     num_outputs: list[int] | None = None,
     seeds: list[int] | None = None,
+    grammar_bitmask: tuple[list[int], torch.Tensor] | None = None,
 ) -> SamplingBatch:
     """num_outputs: tokens generated so far per row, where the host has not read them all (async steps);
-    defaults to len(output_ids). seeds: per-row seeds for the fused CUDA kernel (see `sample_on_device`)."""
+    defaults to len(output_ids). seeds: per-row seeds for the fused CUDA kernel (see `sample_on_device`).
+    grammar_bitmask: (rows, host int32 bitmasks) of the rows a grammar constrains (structured_output/)."""
     n = len(params)
     temperature = to_device([0.0 if p.greedy else p.temperature for p in params], torch.float32, device)
     need_top_k = any(p.top_k > 0 for p in params)
@@ -147,11 +150,24 @@ def build_sampling_batch(
         banned=banned,
         logit_bias=logit_bias,
         allowed=allowed,
+        grammar_bitmask=(
+            (to_device(grammar_bitmask[0], torch.int64, device), to_device(grammar_bitmask[1].numpy(), None, device))
+            if grammar_bitmask is not None
+            else None
+        ),
         generators=generators,
         seeds=to_device(seeds, torch.int64, device) if seeds is not None else None,
         all_greedy=all(p.greedy for p in params),
         max_logprobs=max((p.logprobs or 0) + 1 if p.logprobs is not None else 0 for p in params),
     )
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where a row's grammar forbids the token: bit (t % 32) of word t // 32 is 1 where t is allowed.
+    Unpacked and applied on the device for all constrained rows at once (no per-row host work)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, : logits.shape[-1]].bool()
+    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -202,7 +218,13 @@ def sample_on_device(logits: torch.Tensor, b: SamplingBatch) -> DeviceSample:
         and b.top_p is None
         and b.min_p is None
     )
-    plain = b.penalties is None and not b.banned and b.logit_bias is None and b.allowed is None
+    plain = (
+        b.penalties is None
+        and not b.banned
+        and b.logit_bias is None
+        and b.allowed is None
+        and b.grammar_bitmask is None
+    )
     if fused and plain and not b.max_logprobs:  # straight from bf16 logits
         return DeviceSample(sample_tokens_triton(logits, b.temperature, b.seeds), None)
     logits, raw_logprobs = process_logits(logits, b)
@@ -221,9 +243,12 @@ def sample_on_device(logits: torch.Tensor, b: SamplingBatch) -> DeviceSample:
 
 def process_logits(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 logits after the logits processors, in vLLM's order (allowed tokens, min_tokens' banned
-    stops, logit bias, penalties), and the raw log-softmax when logprobs are asked for."""
+    stops, logit bias, penalties), and the raw log-softmax when logprobs are asked for. A grammar's bitmask
+    goes first, as in vLLM (the logprobs stay the model's)."""
     logits = logits.float()
     raw_logprobs = logits.log_softmax(dim=-1) if b.max_logprobs else None
+    if b.grammar_bitmask is not None:
+        logits = apply_token_bitmask(logits, *b.grammar_bitmask)
     if b.allowed is not None:
         rows, disallowed = b.allowed
         logits = logits.index_put((rows,), logits[rows].masked_fill(disallowed, float("-inf")))

@@ -8,6 +8,7 @@ field before the request reaches the engine; the engine adds the checks that nee
 
 from __future__ import annotations
 
+import json as _json
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +24,62 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrains a request's output (vLLM's names): exactly one of a JSON schema, any JSON object, a
+    regex, one of some strings, or an EBNF grammar (xgrammar's dialect, GBNF-like)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON with no whitespace between tokens
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs takes exactly one of json, json_object, regex, choice, grammar; "
+                f"got {', '.join(given) or 'none'}"
+            )
+        if self.json is not None and not isinstance(self.json, str | dict):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (object or string), got {self.json!r}")
+        if isinstance(self.json, str):
+            try:
+                _json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from e
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if isinstance(self.choice, tuple):
+                self.choice = list(self.choice)
+            if (
+                not isinstance(self.choice, list)
+                or not self.choice
+                or not all(isinstance(c, str) and c for c in self.choice)
+            ):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("structured_outputs.disable_any_whitespace must be a boolean")
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+    def key(self) -> tuple:
+        """The grammar cache's key: equal specs compile once."""
+        spec = _json.dumps(self.json, sort_keys=True) if isinstance(self.json, dict) else self.json
+        choice = tuple(self.choice) if self.choice is not None else None
+        return (self.kind, spec, self.regex, choice, self.grammar, self.disable_any_whitespace)
 
 
 @dataclass
@@ -49,6 +106,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # "cumulative": an output every step the request moves (streaming); "final_only": only when it ends
     output_kind: str = "cumulative"
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: the ids that end generation unless ignore_eos.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
@@ -119,6 +177,8 @@ class SamplingParams:
                 raise bad("logit_bias", "must map token ids to numbers")
             if not all(_is_number(v) and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for v in self.logit_bias.values()):
                 raise bad("logit_bias", f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", "must be a StructuredOutputsParams")
         if self.allowed_token_ids is not None and (
             not isinstance(self.allowed_token_ids, list | tuple)
             or not self.allowed_token_ids

@@ -51,6 +51,8 @@ class SchedulerOutput:
     # copied out, then (host block, device block) pairs copied in
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # structured outputs: (constrained sampled rows, their int32 token bitmasks), filled by the engine
+    grammar_bitmask: tuple[list[int], object] | None = None
 
     @property
     def seqs(self) -> list[ScheduledSeq]:

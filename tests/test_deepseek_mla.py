@@ -162,6 +162,16 @@ def test_preemption(ds_model, expected):
     assert llm.llm_engine.stats.num_kv_blocks_used == 0
 
 
+def test_speculative_verify_rows(ds_model, expected):
+    """The model as its own draft: every verify run (1 + k decode rows over the latent cache) is accepted
+    and the tokens and logprobs stay transformers'."""
+    spec = {"method": "draft_model", "model": ds_model, "num_speculative_tokens": 3}
+    llm = LLM(ds_model, dtype="float32", speculative_config=spec)
+    _check(_generate(llm), expected)
+    stats = llm.llm_engine.stats
+    assert stats.spec_num_draft_tokens > 0 and stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
+
+
 def test_triton_kernels_in_the_engine(ds_model, expected):
     """The Triton MLA kernels (interpreter) in a batched, chunked run through the CUDA-graph input path
     (padded rows): a 7-token prompt prefilled in two chunks beside a 1-token one, then both decode. One

@@ -105,8 +105,10 @@ BAD_VALUES = [
     ({"stream": 1}, 400, "stream", "boolean"),
     ({"n": 2.0}, 400, "n", "integer"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
-    ({"guided_json": {"type": "object"}}, 400, "guided_json", "not supported"),
-    ({"structured_outputs": {"regex": "a+"}}, 400, "structured_outputs", "not supported"),
+    ({"guided_json": "{not json"}, 400, "guided_json", "not valid JSON"),
+    ({"structured_outputs": {"regex": "a+", "choice": ["a"]}}, 400, "structured_outputs", "exactly one"),
+    ({"guided_regex": "(unclosed"}, 400, "structured_outputs", "does not compile"),
+    ({"guided_whitespace_pattern": " "}, 400, "guided_whitespace_pattern", "not supported"),
     ({"use_beam_search": True}, 400, "use_beam_search", "not supported"),
     ({"frobnicate": 3}, 400, None, "frobnicate"),
     ({"stop": ["x" * 2000]}, 400, "stop", "stop"),
@@ -129,9 +131,10 @@ def test_non_finite_numbers(server, field, value):
 def test_chat_refuses_what_it_does_not_implement(server):
     base = {"messages": [{"role": "user", "content": "hi"}]}
     for fields, param in (
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"guided_regex": "a+", "guided_choice": ["a"]}, None),
         ({"logprobs": "yes"}, "logprobs"),
     ):
         assert_openai_error(post(server, {**base, **fields}, "/v1/chat/completions"), 400, param)

@@ -45,7 +45,9 @@ def backend_for(config: EngineConfig) -> str:
 class WorkerModelRunner(ModelRunner):
     """A ModelRunner that takes rank 0's sampled tokens instead of sampling."""
 
-    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> DeviceSample:
+    def _sample(
+        self, logits: torch.Tensor, sampling: list[ScheduledSeq], grammar_bitmask: tuple | None = None
+    ) -> DeviceSample:
         tokens = torch.empty(len(sampling), dtype=torch.int64, device=self.device)
         return DeviceSample(broadcast_from_driver(tokens), None)
 

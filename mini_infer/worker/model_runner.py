@@ -287,15 +287,17 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         if self.config.speculative_config is not None:  # every token by one sampler: seeds stay batch-proof
             self.last_tokens, self.last_rows = None, {}  # speculation runs synchronous steps
-            output = self._verify(logits, sampling)
+            output = self._verify(logits, sampling, out.grammar_bitmask)
             output.prompt_logprobs = prompt_logprobs or {}
             return PendingStep.ready(output)
-        result = self._sample(logits, sampling)
+        result = self._sample(logits, sampling, out.grammar_bitmask)
         self.last_tokens = result.tokens
         self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
         return PendingStep(result, prompt_logprobs)
 
-    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> DeviceSample:
+    def _sample(
+        self, logits: torch.Tensor, sampling: list[ScheduledSeq], grammar_bitmask: tuple | None = None
+    ) -> DeviceSample:
         """Samples one token per row. With tensor parallelism only rank 0 samples and sends the tokens to
         the other ranks (they feed the next step's pending inputs there too); see distributed/worker.py."""
         params = [s.seq.params for s in sampling]
@@ -313,12 +315,15 @@ class ModelRunner:
             self.device,
             num_outputs=[s.num_generated for s in sampling],
             seeds=seeds if self.device.type == "cuda" else None,
+            grammar_bitmask=grammar_bitmask,
         )
         result = sample_on_device(logits, batch)
         broadcast_from_driver(result.tokens)
         return result
 
-    def _verify(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> SamplerOutput:
+    def _verify(
+        self, logits: torch.Tensor, sampling: list[ScheduledSeq], grammar_bitmask: tuple | None = None
+    ) -> SamplerOutput:
         """Rejection sampling of the drafts: each sequence's rows are its token positions, so each row gets
         its position's logits processors (drafts before it count as generated) and seed."""
         rows = [(s, j) for s in sampling for j in range(s.num_sampled_rows)]
@@ -337,6 +342,7 @@ class ModelRunner:
             self.vocab_size,
             self.device,
             num_outputs=[s.num_generated + j for s, j in rows],
+            grammar_bitmask=grammar_bitmask,
         )
         verified = rejection_sample(logits, batch, [s.draft_token_ids for s in sampling], [None] * len(sampling))
         return SamplerOutput(verified.token_ids, verified.logprobs)

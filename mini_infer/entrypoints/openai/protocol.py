@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mini_infer.sampling_params import SamplingParams
+from mini_infer.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class OpenAIError(Exception):
@@ -61,15 +61,7 @@ def now_s() -> int:
 
 # Fields of the OpenAI or vLLM APIs that mini-infer does not implement yet; sent with a value, they are a 400.
 NOT_SUPPORTED = {
-    "structured outputs": (
-        "structured_outputs",
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "guided_grammar",
-        "guided_decoding_backend",
-        "guided_whitespace_pattern",
-    ),
+    "structured outputs": ("guided_whitespace_pattern",),
     "tool calling": ("functions", "function_call"),
     "beam search": ("use_beam_search", "length_penalty"),
     "this parameter": (
@@ -142,6 +134,14 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    # structured outputs (docs/structured_outputs.md): OpenAI's response_format, vLLM's fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # xgrammar is the only one; the name is checked, not used
 
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self) -> _SamplingFields:
@@ -185,11 +185,48 @@ class _SamplingFields(BaseModel):
             "allowed_token_ids": self.allowed_token_ids,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
+            "structured_outputs": self._structured_outputs(),
         }
         try:
             return SamplingParams(**values)
         except (ValueError, TypeError) as exc:
             raise bad_value(exc, values) from exc
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """One StructuredOutputsParams from whichever of the request's fields asks for it (at most one)."""
+        specs: dict[str, dict[str, Any]] = {}
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_object":
+                specs["response_format"] = {"json_object": True}
+            elif kind == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise OpenAIError("response_format: json_schema.schema must be an object", param="response_format")
+                specs["response_format"] = {"json": schema}
+            elif kind not in (None, "text"):
+                raise OpenAIError(
+                    f"response_format: type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                    param="response_format",
+                )
+        if self.structured_outputs is not None:
+            specs["structured_outputs"] = dict(self.structured_outputs)
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                specs[f"guided_{name}"] = {name: value}
+        if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
+            raise OpenAIError("guided_decoding_backend: only xgrammar is available", param="guided_decoding_backend")
+        if not specs:
+            return None
+        if len(specs) > 1:
+            raise OpenAIError(f"at most one way to constrain the output per request; got {', '.join(specs)}")
+        ((param, spec),) = specs.items()
+        try:
+            return StructuredOutputsParams(**spec)
+        except (ValueError, TypeError) as exc:
+            raise OpenAIError(str(exc), param=param) from exc
 
     @property
     def include_usage(self) -> bool:
@@ -243,7 +280,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -253,11 +289,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise OpenAIError("tools are not supported", param="tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise OpenAIError("tool_choice is not supported (there are no tools)", param="tool_choice")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise OpenAIError(
-                "response_format: structured outputs are not supported by mini-infer yet; only type 'text' is",
-                param="response_format",
-            )
         if self.modalities not in (None, ["text"]):
             raise OpenAIError("only the text modality is supported", param="modalities")
         if self.top_logprobs is not None and not self.logprobs:
