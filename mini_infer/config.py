@@ -66,6 +66,10 @@ class EngineConfig:
     distributed_executor_backend: str | None = None  # "mp" (processes on this host; the default) or "ray"
     # vLLM's: None (a quantized checkpoint's own scheme), "fp8" / "int8" (W8A8 online), "compressed-tensors"
     quantization: str | None = None
+    # what preemption does with a request's KV: drop it and recompute later, or copy it to a host pool
+    # of swap_space GiB and back (docs/preemption.md says which to pick when)
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0  # GiB of host memory per rank for swapped-out KV blocks (preemption_mode="swap")
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -101,6 +105,10 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not self.cpu_kv_cache_gib > 0:
             raise ValueError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib!r}")
+        _check_choice("preemption_mode", self.preemption_mode, ("recompute", "swap"))
+        swap = self.swap_space
+        if isinstance(swap, bool) or not isinstance(swap, (int, float)) or not 0 <= swap < float("inf"):
+            raise ValueError(f"swap_space must be a non-negative number of GiB, got {self.swap_space!r}")
         if self.device == "cuda" and not _cuda_available():
             raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU")
 

@@ -66,6 +66,11 @@ class EngineStats:
     spec_num_draft_tokens: int = 0  # speculative decoding: draft tokens verified, accepted, accepted per position
     spec_num_accepted_tokens: int = 0
     spec_num_accepted_per_pos: list[int] = field(default_factory=list)
+    num_swapped: int = 0  # swap preemption: sequences in host blocks now; swaps out and in, in total
+    num_swap_outs: int = 0
+    num_swap_ins: int = 0
+    num_host_blocks_used: int = 0
+    num_host_blocks_total: int = 0
 
 
 class StepObserver(Protocol):
@@ -151,7 +156,11 @@ class LLMEngine:
         if spec is not None:
             ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
             propose = plan_draft_slots if proposer is not None else ngram
-        self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose)
+        swapper = self.model_runner.kv_swapper  # swap preemption's host pool (worker/kv_swap.py)
+        host_blocks = swapper.num_blocks if swapper is not None else 0
+        if swapper is not None and host_blocks == 0:
+            logger.warning("swap_space=%s GiB holds no KV block: every preemption recomputes", config.swap_space)
+        self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose, host_blocks)
         self.input_processor = InputProcessor(
             config, self.model_config, self.detokenizer, self.max_model_len, self.eos_token_ids, self.scheduler.fits
         )
@@ -294,7 +303,7 @@ class LLMEngine:
         if out and self._structured is not None and self._structured.num_active:
             self._structured.prune()
             out.grammar_bitmask = self._structured.bitmask(out.sampling)
-        launched = self._execute(out, outputs) if out else None
+        launched = self._execute(out, outputs) if out or out.has_swaps else None
         if self.in_flight is not None:
             outputs += self._update(self.in_flight, read)
         self.in_flight = launched
@@ -357,4 +366,9 @@ class LLMEngine:
             spec_num_draft_tokens=scheduler.spec_num_draft_tokens,
             spec_num_accepted_tokens=scheduler.spec_num_accepted_tokens,
             spec_num_accepted_per_pos=list(scheduler.spec_num_accepted_per_pos),
+            num_swapped=len(scheduler.swapped),
+            num_swap_outs=scheduler.num_swap_outs,
+            num_swap_ins=scheduler.num_swap_ins,
+            num_host_blocks_used=scheduler.host_blocks.num_used_blocks,
+            num_host_blocks_total=scheduler.host_blocks.num_blocks,
         )

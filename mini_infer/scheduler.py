@@ -5,8 +5,10 @@ next and `update_from_output()` takes the tokens a step sampled. Each step spend
 `max_num_batched_tokens` tokens: running sequences first (a decode costs one token, an unfinished
 prefill continues its chunks), then waiting sequences. When the KV pool runs dry, the lowest-priority,
 most recently arrived running sequence is preempted: its blocks are freed and it is recomputed later
-(its prefix is likely still cached). Waiting requests take turns by request, not by sequence
-(`_admission_order`), so one request's n samples cannot hold back everyone behind it.
+(its prefix is likely still cached), or with preemption_mode="swap" its KV is copied to host blocks and
+back (the swapped queue, served before waiting requests; docs/preemption.md). Waiting requests take
+turns by request, not by sequence (`_admission_order`), so one request's n samples cannot hold back
+everyone behind it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from mini_infer.block_manager import BlockManager
 from mini_infer.config import EngineConfig
+from mini_infer.kv_transfer.host_blocks import HostBlockPool
 from mini_infer.sequence import Sequence, SequenceStatus
 
 
@@ -44,6 +47,10 @@ class SchedulerOutput:
 
     decodes: list[ScheduledSeq]
     prefills: list[ScheduledSeq]
+    # swap preemption, for the worker to run before the forward pass: (device block, host block) pairs
+    # copied out, then (host block, device block) pairs copied in
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     # structured outputs: (constrained sampled rows, their int32 token bitmasks), filled by the engine
     grammar_bitmask: tuple[list[int], object] | None = None
 
@@ -67,6 +74,11 @@ class SchedulerOutput:
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
 
+    @property
+    def has_swaps(self) -> bool:
+        """KV blocks to copy out or in: the step runs for them even with nothing to compute."""
+        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in)
+
 
 class Scheduler:
     def __init__(
@@ -75,15 +87,22 @@ class Scheduler:
         block_manager: BlockManager,
         max_model_len: int,
         propose: Callable[[Sequence, int], list[int]] | None = None,
+        num_host_blocks: int = 0,
     ) -> None:
-        """propose(seq, k): up to k draft tokens for a decoding sequence (speculative decoding), or None."""
+        """propose(seq, k): up to k draft tokens for a decoding sequence (speculative decoding), or None;
+        num_host_blocks: the swap space's size in blocks (preemption_mode="swap")."""
         self.config = config
         self.propose = propose
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []  # preempted with their KV in host blocks
+        self.host_blocks = HostBlockPool(num_host_blocks)
         self.num_preemptions = 0
+        self.num_swap_outs = self.num_swap_ins = 0  # preemptions that swapped, and swaps back in
+        self._swap_out: list[tuple[int, int]] = []  # this step's copies
+        self._swap_in: list[tuple[int, int]] = []
         # speculative decoding: drafts verified, accepted, and accepted at each draft position
         self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
         self.spec_num_accepted_per_pos = [0] * (
@@ -103,6 +122,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
         scheduled: list[ScheduledSeq] = []
+        self._swap_out, self._swap_in = [], []
+        num_swapped = len(self.swapped)  # those swapped out by this step come after, and stay out for it
 
         # 1. running sequences, highest priority first; preempt from the other end when out of blocks
         self.running.sort(key=Sequence.sort_key)
@@ -130,7 +151,12 @@ class Scheduler:
                 budget -= num_new + len(drafts)
                 i += 1
 
-        # 2. waiting sequences, in admission order, while there is budget, room and blocks
+        # 2. swapped sequences, before any new one (not those this step swapped out: that would only thrash)
+        if num_swapped:
+            budget = self._schedule_swapped(budget, scheduled, self.swapped[:num_swapped])
+        first_swapped = min(s.sort_key() for s in self.swapped) if self.swapped else None
+
+        # 3. waiting sequences, in admission order, while there is budget, room and blocks
         # static batching: when the batch is empty, the next max_num_seqs requests form a new one
         # (over as many prefill steps as that takes); nobody else joins until it has emptied
         static = self.config.static_batching
@@ -142,6 +168,8 @@ class Scheduler:
                 break
             if seq.num_pending:  # preempted before its last token landed: recompute needs that token
                 break
+            if first_swapped is not None and seq.sort_key() > first_swapped:  # a swapped one comes first
+                continue
             if not seq.block_table and seq.params.prompt_logprobs is None:  # those need every prompt position
                 self._match_prefix(seq)
             num_new = seq.num_tokens - seq.num_computed_tokens
@@ -175,7 +203,34 @@ class Scheduler:
         # Longest context first: the decode attention kernel starts its programs in row order, so long
         # rows start early and short ones fill the tail (on the H100, 5-7% faster with mixed lengths).
         decodes.sort(key=lambda s: -s.start)
-        return SchedulerOutput(decodes, prefills)
+        return SchedulerOutput(decodes, prefills, self._swap_out, self._swap_in)
+
+    def _schedule_swapped(self, budget: int, scheduled: list[ScheduledSeq], candidates: list[Sequence]) -> int:
+        """Swaps candidates back in, highest priority and earliest arrival first, while their blocks, the
+        budget and max_num_seqs allow; returns the budget left."""
+        for seq in sorted(candidates, key=Sequence.sort_key):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if seq.num_pending:  # its last token lands at the end of this engine step: next step
+                break
+            num_new = seq.num_total_tokens - seq.num_computed_tokens
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            blocks = self.block_manager.allocate(self.block_manager.blocks_needed(seq.num_computed_tokens + num_new))
+            if blocks is None:
+                break
+            self.swapped.remove(seq)
+            self._swap_in += zip(seq.host_blocks, blocks)
+            self.host_blocks.free(seq.host_blocks)  # rewritten only after this copy: one stream orders both
+            seq.block_table, seq.host_blocks = blocks, []
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self.num_swap_ins += 1
+            self._publish(seq, min(seq.num_computed_tokens, seq.num_tokens))  # a block its last token filled
+            scheduled.append(self._commit(seq, num_new))
+            budget -= num_new
+        return budget
 
     def _drafts(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for a decoding sequence: at most what its budget, max_tokens and max_model_len
@@ -220,11 +275,25 @@ class Scheduler:
         return order
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the KV, requeue; the tokens so far are kept."""
+        """Frees a running sequence's blocks; its tokens so far are kept. With preemption_mode="swap" and
+        room in the host pool its KV is copied there first (swapped queue); otherwise it is recomputed
+        later (waiting queue). Blocks it shares with others (prefix cache) are copied, never taken from
+        them: freeing only drops this sequence's reference."""
+        self.num_preemptions += 1
+        if self.config.preemption_mode == "swap" and seq.num_computed_tokens:
+            n = self.block_manager.blocks_needed(seq.num_computed_tokens)
+            host = self.host_blocks.allocate(n)
+            if host is not None:
+                self._swap_out += zip(seq.block_table[:n], host)
+                self.block_manager.free(seq.block_table)  # reused only after the copy: it comes first
+                seq.block_table, seq.host_blocks = [], host
+                seq.status = SequenceStatus.SWAPPED
+                self.swapped.append(seq)
+                self.num_swap_outs += 1
+                return
         self._free_blocks(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.insert(0, seq)
-        self.num_preemptions += 1
 
     # -- the KV cache manager, on behalf of a sequence -------------------------------------------
     def _match_prefix(self, seq: Sequence) -> None:
@@ -243,6 +312,8 @@ class Scheduler:
 
     def _publish(self, seq: Sequence, num_tokens: int) -> None:
         if num_tokens // self.block_manager.block_size <= len(seq.block_hashes):  # no block filled: most steps
+            return
+        if not seq.block_table:  # swapped out: published when it comes back
             return
         seq.block_hashes += self.block_manager.cache_full_blocks(
             seq.token_ids, seq.block_table, seq.block_hashes, num_tokens
@@ -318,6 +389,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status == SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
+            self.host_blocks.free(seq.host_blocks)
+            seq.host_blocks = []
         self._free_blocks(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason

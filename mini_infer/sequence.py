@@ -19,6 +19,7 @@ _seq_ids = itertools.count()
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its KV in host blocks (Sequence.host_blocks)
     FINISHED = "finished"
 
 
@@ -39,6 +40,7 @@ class Sequence:
     first_scheduled_time: float | None = None
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block
+    host_blocks: list[int] = field(default_factory=list)  # while swapped: its KV, block by block, in the host pool
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
 

@@ -51,4 +51,9 @@ def _wire(s: ScheduledSeq) -> ScheduledSeq:
 
 
 def wire_output(out: SchedulerOutput) -> SchedulerOutput:
-    return SchedulerOutput([_wire(s) for s in out.decodes], [_wire(s) for s in out.prefills])
+    return SchedulerOutput(
+        [_wire(s) for s in out.decodes],
+        [_wire(s) for s in out.prefills],
+        out.blocks_to_swap_out,  # every rank copies its shard of the same blocks
+        out.blocks_to_swap_in,
+    )

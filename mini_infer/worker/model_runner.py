@@ -35,6 +35,7 @@ from mini_infer.spec_decode.eagle3 import Eagle3Proposer
 from mini_infer.spec_decode.rejection_sampler import rejection_sample
 from mini_infer.worker.cuda_graphs import CUDAGraphs
 from mini_infer.worker.kv_cache import KVCache, num_kv_blocks, profile_free_gpu_memory
+from mini_infer.worker.kv_swap import KVSwapper, num_host_blocks
 from mini_infer.worker.step_inputs import StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class ModelRunner:
         graphs_ok = device.type == "cuda" and not config.enforce_eager and backend.supports_cuda_graphs
         self.use_cuda_graphs = graphs_ok and proposer is None  # a proposer's passes run eagerly
         self.graphs: CUDAGraphs | None = None
+        self.kv_swapper: KVSwapper | None = None  # preemption_mode="swap": the host pool of this rank's KV
         self.seed_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fused sampler)
         # the last step's sampled tokens, still on the device, and the row of each sequence in them
         self.last_tokens: torch.Tensor | None = None
@@ -126,6 +128,9 @@ class ModelRunner:
         )
         num_blocks = min_over_ranks(num_blocks, self.device)  # every rank's pool holds the same blocks
         self.kv_cache.allocate(num_blocks)
+        if self.config.preemption_mode == "swap":  # each rank swaps its shard of the blocks
+            num_host = num_host_blocks(self.config.swap_space, self.kv_cache.block_bytes)
+            self.kv_swapper = KVSwapper(self.kv_cache, min_over_ranks(num_host, self.device))
         if self.use_cuda_graphs:
             self.capture_cuda_graphs()
         if self.device.type == "cuda":
@@ -250,7 +255,12 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> PendingStep:
         """Queues one step; the returned PendingStep yields the sampled token (and logprobs) of each
         sequence that samples, in `out.sampling` order, and the prompt logprobs its prefill chunks asked
-        for. Small CPU steps run single-threaded (cpu_threads.py)."""
+        for. Small CPU steps run single-threaded (cpu_threads.py). Swapped KV blocks are copied first
+        (worker/kv_swap.py), ordered before this step's forward pass; a step may be nothing else."""
+        if out.has_swaps:
+            self.kv_swapper.swap(out.blocks_to_swap_out, out.blocks_to_swap_in)
+        if not out:
+            return PendingStep(None)
         with step_threads(self.device, out.num_tokens * self.num_weights):
             return self._execute(out)
 

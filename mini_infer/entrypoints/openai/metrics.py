@@ -120,6 +120,13 @@ class _EngineStatsCollector(Collector):
                 used_blocks / total_blocks if total_blocks else 0.0,
             ),
         }
+        host_total = getattr(stats, "num_host_blocks_total", 0) or 0
+        if host_total:  # swap preemption: vLLM v0's names for the swapped queue and the CPU block pool
+            gauges["num_requests_swapped"] = ("Number of requests swapped to CPU.", stats.num_swapped)
+            gauges["cpu_cache_usage_perc"] = (
+                "CPU KV-cache (swap space) usage. 1 means 100 percent usage.",
+                stats.num_host_blocks_used / host_total,
+            )
         for name, (doc, value) in gauges.items():
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self._model_name], float(value))
@@ -128,6 +135,8 @@ class _EngineStatsCollector(Collector):
             "prompt_tokens": ("Number of prefill tokens processed.", "prompt_tokens"),
             "generation_tokens": ("Number of generation tokens processed.", "generation_tokens"),
             "num_preemptions": ("Cumulative number of preemptions from the engine.", "num_preemptions"),
+            "num_swap_outs": ("Cumulative number of preemptions that swapped KV to CPU.", "num_swap_outs"),
+            "num_swap_ins": ("Cumulative number of swapped requests brought back.", "num_swap_ins"),
             "prefix_cache_queries": ("Prefix cache queries, in tokens.", "prefix_cache_queries"),
             "prefix_cache_hits": ("Prefix cache hits, in tokens.", "prefix_cache_hits"),
         }
