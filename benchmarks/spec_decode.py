@@ -43,7 +43,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def args_max_len(model: str) -> int:
+def max_len_for(model: str) -> int:
     """2048 positions, or fewer where the model takes fewer (the CPU smoke run on stories260K)."""
     from mini_infer.model_loader import load_hf_config, resolve_model_path
 
@@ -52,7 +52,7 @@ def args_max_len(model: str) -> int:
 
 def engine(model: str, **kwargs) -> LLMEngine:
     free_device_memory()  # the engines the caller dropped (del): each sizes its KV pool from a free GPU
-    settings = {"load_format": "dummy", "max_model_len": args_max_len(model), "max_num_seqs": 64, **kwargs}
+    settings = {"load_format": "dummy", "max_model_len": max_len_for(model), "max_num_seqs": 64, **kwargs}
     return LLMEngine(EngineConfig(model=model, **settings))
 
 
