@@ -74,6 +74,17 @@ def hf_step_logprobs(model_path: str, prompt_ids: list[int], max_new_tokens: int
 _HF_CACHE: dict[str, torch.nn.Module] = {}
 
 
+def assert_matches_hf(outputs, expected, tol: float = 1e-4) -> None:
+    """Each output's greedy tokens equal transformers' and its logprobs are within tol of its
+    (hf_step_logprobs' (tokens, [steps, vocab] log-softmax) per output)."""
+    for out, (tokens, logprobs) in zip(outputs, expected, strict=True):
+        completion = out.outputs[0]
+        assert completion.token_ids == tokens
+        for step, entry in enumerate(completion.logprobs):
+            for token, lp in entry.items():
+                assert abs(lp.logprob - logprobs[step, token].item()) < tol, (step, token)
+
+
 def _hf_model(path: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 

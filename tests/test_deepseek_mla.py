@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STORIES, hf_step_logprobs
+from conftest import STORIES, assert_matches_hf, hf_step_logprobs
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 
@@ -122,15 +122,6 @@ def expected(ds_model) -> list[tuple[list[int], torch.Tensor]]:
     return [hf_step_logprobs(ds_model, p, STEPS) for p in PROMPTS]
 
 
-def _check(outputs, expected) -> None:
-    for out, (tokens, logprobs) in zip(outputs, expected, strict=True):
-        completion = out.outputs[0]
-        assert completion.token_ids == tokens
-        for step, entry in enumerate(completion.logprobs):
-            for token, lp in entry.items():
-                assert abs(lp.logprob - logprobs[step, token].item()) < 1e-4, (step, token)
-
-
 def _generate(llm: LLM, prompts=PROMPTS):
     return llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
 
@@ -138,26 +129,26 @@ def _generate(llm: LLM, prompts=PROMPTS):
 def test_one_by_one(ds_model, expected):
     llm = LLM(ds_model, dtype="float32")
     for prompt, exp in zip(PROMPTS, expected):
-        _check(_generate(llm, [prompt]), [exp])
+        assert_matches_hf(_generate(llm, [prompt]), [exp])
 
 
 def test_batched_prefix_cached(ds_model, expected):
     llm = LLM(ds_model, dtype="float32", enable_prefix_caching=True)
-    _check(_generate(llm), expected)
-    _check(_generate(llm), expected)  # the shared 16-token block now comes from the cache
+    assert_matches_hf(_generate(llm), expected)
+    assert_matches_hf(_generate(llm), expected)  # the shared 16-token block now comes from the cache
     assert llm.llm_engine.stats.prefix_cache_hits > 0
     assert llm.llm_engine.stats.num_kv_blocks_used == 0
 
 
 def test_chunked_prefill(ds_model, expected):
     llm = LLM(ds_model, dtype="float32", max_num_batched_tokens=8, block_size=16)
-    _check(_generate(llm), expected)
+    assert_matches_hf(_generate(llm), expected)
 
 
 def test_preemption(ds_model, expected):
     # 3 blocks of 16 tokens: the sequences that grow past 16 tokens while others run must preempt
     llm = LLM(ds_model, dtype="float32", num_gpu_blocks_override=3, max_model_len=48)
-    _check(_generate(llm), expected)
+    assert_matches_hf(_generate(llm), expected)
     assert llm.llm_engine.stats.num_preemptions > 0
     assert llm.llm_engine.stats.num_kv_blocks_used == 0
 
@@ -167,7 +158,7 @@ def test_speculative_verify_rows(ds_model, expected):
     and the tokens and logprobs stay transformers'."""
     spec = {"method": "draft_model", "model": ds_model, "num_speculative_tokens": 3}
     llm = LLM(ds_model, dtype="float32", speculative_config=spec)
-    _check(_generate(llm), expected)
+    assert_matches_hf(_generate(llm), expected)
     stats = llm.llm_engine.stats
     assert stats.spec_num_draft_tokens > 0 and stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
 
@@ -259,7 +250,7 @@ def test_tensor_parallel(ds_model, expected, expert_parallel):
         pytest.skip("the V3 config covers tensor parallelism")
     llm = LLM(ds_model, dtype="float32", tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
     try:
-        _check(_generate(llm, PROMPTS[:2]), expected[:2])
+        assert_matches_hf(_generate(llm, PROMPTS[:2]), expected[:2])
     finally:
         llm.llm_engine.shutdown()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STORIES, hf_step_logprobs
+from conftest import STORIES, assert_matches_hf, hf_step_logprobs
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from mini_infer import LLM, SamplingParams
@@ -94,15 +94,6 @@ def expected(moe_model) -> list[tuple[list[int], torch.Tensor]]:
 PARAMS = SamplingParams(temperature=0, max_tokens=STEPS, logprobs=3, ignore_eos=True)
 
 
-def _check(outputs, expected) -> None:
-    for out, (tokens, logprobs) in zip(outputs, expected, strict=True):
-        completion = out.outputs[0]
-        assert completion.token_ids == tokens
-        for step, entry in enumerate(completion.logprobs):
-            for token, lp in entry.items():
-                assert abs(lp.logprob - logprobs[step, token].item()) < 1e-4, (step, token)
-
-
 def _generate(llm: LLM, prompts=PROMPTS):
     return llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
 
@@ -128,7 +119,7 @@ def test_one_by_one(moe_model, expected):
     for layer in layers:
         layer.on_route = routed.append
     for prompt, exp in zip(PROMPTS, expected):
-        _check(_generate(llm, [prompt]), [exp])
+        assert_matches_hf(_generate(llm, [prompt]), [exp])
     # the random router spreads tokens over every expert: the comparison covers real routing
     assert len(torch.unique(torch.cat([ids.flatten() for ids in routed]))) == layers[0].num_experts
 
@@ -136,9 +127,9 @@ def test_one_by_one(moe_model, expected):
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_batched(moe_model, expected, prefix_caching):
     llm = LLM(moe_model[1], dtype="float32", enable_prefix_caching=prefix_caching)
-    _check(_generate(llm), expected)
+    assert_matches_hf(_generate(llm), expected)
     again = _generate(llm)  # with caching on, the shared 16-token block comes from the cache
-    _check(again, expected)
+    assert_matches_hf(again, expected)
     stats = llm.llm_engine.stats
     assert (stats.prefix_cache_hits > 0) == prefix_caching
     assert stats.num_kv_blocks_used == 0
@@ -146,13 +137,13 @@ def test_batched(moe_model, expected, prefix_caching):
 
 def test_chunked_prefill_tiny_budget(moe_model, expected):
     llm = LLM(moe_model[1], dtype="float32", max_num_batched_tokens=8, block_size=16)
-    _check(_generate(llm), expected)
+    assert_matches_hf(_generate(llm), expected)
 
 
 def test_preemption(moe_model, expected):
     # 4 blocks of 16 tokens cannot hold 6 sequences of up to 49 tokens at once
     llm = LLM(moe_model[1], dtype="float32", num_gpu_blocks_override=4, max_model_len=64)
-    _check(_generate(llm), expected)
+    assert_matches_hf(_generate(llm), expected)
     assert llm.llm_engine.stats.num_preemptions > 0
     assert llm.llm_engine.stats.num_kv_blocks_used == 0
 
@@ -165,7 +156,7 @@ def test_fused_checkpoint_layout_loads(tmp_path, moe_model, expected):
 
     with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
         assert any(k.endswith("mlp.experts.gate_up_proj") for k in f.keys())
-    _check(_generate(LLM(path, dtype="float32"), PROMPTS[:2]), expected[:2])
+    assert_matches_hf(_generate(LLM(path, dtype="float32"), PROMPTS[:2]), expected[:2])
 
 
 def test_static_graph_inputs_on_triton_kernels(tmp_path):
@@ -179,7 +170,7 @@ def test_static_graph_inputs_on_triton_kernels(tmp_path):
     llm.llm_engine.model_runner.capture_cuda_graphs()
     graphs = llm.llm_engine.model_runner.graphs
     short = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
-    _check(llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:4]], short, use_tqdm=False), expected)
+    assert_matches_hf(llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:4]], short, use_tqdm=False), expected)
     assert graphs.prefill.num_replays > 0 and graphs.decode.num_replays > 0
 
 

@@ -30,7 +30,7 @@ from mini_infer.kernels import KernelOps
 from mini_infer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mini_infer.layers.linear import QKVParallelLinear, ReplicatedLinear
 from mini_infer.layers.rotary import build_cos_sin_cache
-from mini_infer.models.llama import LlamaAttention, LlamaMLP, RMSNorm
+from mini_infer.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
 from mini_infer.scheduler import SchedulerOutput
 from mini_infer.worker.step_inputs import StepInputs, build_decode_rows
 
@@ -71,13 +71,7 @@ class Eagle3Layer(nn.Module):
 
 
 class Eagle3Head(nn.Module):
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping  # the same fused q/k/v, gate/up
 
     def __init__(self, config: PretrainedConfig, target_config: PretrainedConfig, ops: KernelOps) -> None:
         super().__init__()
