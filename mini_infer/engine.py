@@ -235,6 +235,11 @@ class LLMEngine:
                 )
         return self._structured
 
+    @property
+    def _grammars_active(self) -> bool:
+        """Whether a running sequence follows a grammar (its masks and matchers need every step)."""
+        return self._structured is not None and self._structured.num_active > 0
+
     def check_structured_outputs(self, params: SamplingParams) -> None:
         """ValueError with the compiler's message if params' grammar does not compile; blocks while it
         compiles, so callers off the step loop (the server) use it before add_request."""
@@ -291,7 +296,7 @@ class LLMEngine:
             or self.output_processor.num_penalty_requests > 0
             or self.config.speculative_config is not None
             or bool(self.grammar_waiting)
-            or (self._structured is not None and self._structured.num_active > 0)
+            or self._grammars_active
         )  # a verified run's length is read back first; a grammar's next mask needs the last token
         outputs: list[RequestOutput] = []
         read: list[PendingStep] = []
@@ -300,7 +305,7 @@ class LLMEngine:
             self.in_flight = None
         self._admit_grammar_ready(outputs)
         out = self.scheduler.schedule()
-        if out and self._structured is not None and self._structured.num_active:
+        if out and self._grammars_active:
             self._structured.prune()
             out.grammar_bitmask = self._structured.bitmask(out.sampling)
         launched = self._execute(out, outputs) if out or out.has_swaps else None
@@ -338,7 +343,7 @@ class LLMEngine:
         result = step.pending.result()
         read.append(step.pending)
         taken = self.scheduler.update_from_output(step.out, result.token_ids)
-        if self._structured is not None and self._structured.num_active:
+        if self._grammars_active:
             self._structured.accept(taken)
         return self.output_processor.process(step.out, taken, result)
 
