@@ -8,8 +8,10 @@ the others (o_proj 20.5 vs 23.2 us, gate_up 90.5 vs 97.2, down 53.7 vs 56.4, LM 
 benchmarks/kernels.py --only gemv, benchmarks/results/h100/kernels_gemv_prefill.json).
 On the H200, with 1.4x the bandwidth and the same cores, cuBLAS wins instead: Llama-3-8B decode at batch
 1 takes 4.58 ms with cuBLAS against 4.70 ms with the GEMV, at batch 2 4.65 against 5.75 (the 2-row GEMV
-was slower than batch 4; o_proj alone 17.7 vs 42.1 us): benchmarks/results/h200/. So `linear_triton`
-takes the GEMV up to `GEMV_ROWS_BY_GPU` rows, by GPU, and cuBLAS otherwise.
+was slower than batch 4; o_proj alone 17.7 vs 42.1 us): benchmarks/results/h200/. Where a GPU has
+measured choices (kernels/gemv_table.py: this GEMV, the tensor-core kernel of kernels/skinny_mm.py or
+cuBLAS, per shape and row count) `linear_triton` takes them; elsewhere the GEMV up to
+`GEMV_ROWS_BY_GPU` rows and cuBLAS above.
 The reference is `linear_ref` (F.linear).
 """
 
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from mini_infer.kernels._triton import require_triton, tl, triton
+from mini_infer.kernels.gemv_table import tuned_choice
+from mini_infer.kernels.skinny_mm import SkinnyConfig, skinny_mm
 
 GEMV_MAX_ROWS = 2  # the kernel's limit
 # Rows up to which linear_triton takes the GEMV, as measured end to end on each GPU (above); other GPUs get
@@ -131,8 +135,18 @@ def gemv_triton(
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The GEMV for the few rows it wins at on this GPU (decode at batch 1-2 on an H100), cuBLAS otherwise."""
+    """A few rows: the kernel measured fastest for this GPU and shape (kernels/gemv_table.py), else the GEMV
+    up to `GEMV_ROWS_BY_GPU` rows; cuBLAS otherwise."""
     rows = x.shape[0] if x.dim() == 2 else 0
-    if 0 < rows <= gemv_dispatch_rows(x.device) and x.stride(-1) == 1 and weight.stride(-1) == 1:
+    if rows == 0 or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return F.linear(x, weight, bias)
+    choice = tuned_choice(x.device, weight.dtype, rows, weight.shape[0], weight.shape[1])
+    if choice is not None:
+        if choice.kernel == "skinny":
+            return skinny_mm(x, weight, bias, config=SkinnyConfig(**choice.config()))
+        if choice.kernel == "gemv" and rows <= GEMV_MAX_ROWS:
+            return gemv_triton(x, weight, bias, GemvConfig(**choice.config()))
+        return F.linear(x, weight, bias)
+    if rows <= gemv_dispatch_rows(x.device):
         return gemv_triton(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -20,6 +20,8 @@ import torch
 
 from mini_infer.kernels._triton import require_triton, tl, triton
 from mini_infer.kernels.act_quant import act_quant_ref, act_quant_triton, check_quant_dtype, quantize_values
+from mini_infer.kernels.gemv_table import tuned_choice
+from mini_infer.kernels.skinny_mm import SkinnyConfig, skinny_mm, skinny_mm_fused
 
 GEMV_ROWS = 8  # rows per program of the Triton kernel at most
 # Rows up to which w8a8_linear takes the fused GEMV on CUDA. On an H200 it beat quant + padded _scaled_mm
@@ -272,13 +274,24 @@ def w8a8_linear(
     block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The whole W8A8 linear: quantize x [M, K] per token (or token and group) to wq's dtype, multiply, rescale,
-    in x's dtype. CPU: the references. CUDA: one row (block scales: up to GEMV_ROWS) one fused GEMV launch;
+    in x's dtype. CPU: the references. CUDA, channel scales: the kernel measured fastest for this GPU and
+    shape (kernels/gemv_table.py); otherwise one row (block scales: up to GEMV_ROWS) one fused GEMV launch;
     more, the activation-quant kernel then w8a8_mm."""
     group = block[1] if block is not None else None
     if not x.is_cuda:
         xq, x_scale = act_quant_ref(x, wq.dtype, group)
         return w8a8_mm_ref(xq, x_scale, wq, w_scale, bias, x.dtype, block)
-    if x.shape[0] <= FUSED_GEMV_ROWS or (block is not None and x.shape[0] <= GEMV_ROWS):
+    m = x.shape[0]
+    choice = tuned_choice(x.device, wq.dtype, m, wq.shape[0], wq.shape[1]) if block is None else None
+    if choice is not None and choice.kernel == "gemv":
+        tile = choice.config()
+        config = (min(GEMV_ROWS, triton.next_power_of_2(max(1, m))), tile["block_n"], tile["block_k"])
+        return w8a8_gemv_triton(x, None, wq, w_scale, bias, x.dtype, config=config)
+    if choice is None and (m <= FUSED_GEMV_ROWS or (block is not None and m <= GEMV_ROWS)):
         return w8a8_gemv_triton(x, None, wq, w_scale, bias, x.dtype, block)
+    if choice is not None and choice.kernel == "skinny_fused":
+        return skinny_mm_fused(x, wq, bias, w_scale=w_scale, config=SkinnyConfig(**choice.config()))[0]
     xq, x_scale = act_quant_triton(x, wq.dtype, group)
+    if choice is not None and choice.kernel == "skinny":
+        return skinny_mm(xq, wq, bias, x_scale, w_scale, x.dtype, SkinnyConfig(**choice.config()))
     return w8a8_mm(xq, x_scale, wq, w_scale, bias, x.dtype, block)
