@@ -6,7 +6,7 @@
 For every projection shape of the models (qkv, o, gate_up, down; the LM head in the model dtype only),
 row count and weight dtype, the candidates are cuBLAS (8-bit: activation quant + torch._scaled_mm /
 _int_mm), the plain GEMV (8-bit: the fused quantizing GEMV) and the tensor-core kernel (8-bit: after activation
-quant, or quantizing in its own prologue) over a grid of tiles. Each is timed by benchmarks/graph_timer.py:
+quant) over a grid of tiles. Each is timed by benchmarks/graph_timer.py:
 a CUDA graph of calls over a rotation of weight copies larger than the L2, as consecutive layers of a decode step
 read them. The fastest goes into mini_infer/kernels/gemv_configs.json under this GPU's name (merged with
 what the file holds for other GPUs); every timing goes to RESULTS.json and a summary to RESULTS.md.
@@ -30,7 +30,7 @@ from mini_infer.kernels.act_quant import act_quant_ref, act_quant_triton
 from mini_infer.kernels.gemv import GemvConfig, gemv_triton
 from mini_infer.kernels.gemv_table import TABLE_FILE, dtype_key
 from mini_infer.kernels.scaled_mm import w8a8_gemv_triton, w8a8_mm
-from mini_infer.kernels.skinny_mm import SkinnyConfig, skinny_mm, skinny_mm_fused
+from mini_infer.kernels.skinny_mm import SkinnyConfig, skinny_mm
 from mini_infer.model_loader import load_hf_config, preset_path
 
 ROTATION_BYTES = 512 << 20  # weight copies per shape: at least this much, ten times an H200's L2
@@ -120,7 +120,6 @@ def candidates(dtype: torch.dtype, rows: int, xs, ws, scales, smoke: bool):
             vars(t),
             quantized_then(lambda xq, sx, i, t=t: skinny_mm(xq, ws[i], None, sx, scales[i], x.dtype, t)),
         )
-        yield "skinny_fused", vars(t), lambda i, t=t: skinny_mm_fused(x, ws[i], w_scale=scales[i], config=t)
 
 
 def write(table: dict, table_path: Path, record: dict, lines: list[str], out: Path) -> None:
@@ -157,10 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     table_path = Path(args.table)
     table = json.loads(table_path.read_text()) if table_path.exists() else {"configs": {}}
     chosen = table["configs"].setdefault(gpu, {})
-    lines = [
-        "| shape | dtype | rows | cuBLAS us | best gemv us | best skinny us | best skinny_fused us | chosen | GB/s |"
-    ]
-    lines.append("|---" * 9 + "|")
+    lines = ["| shape | dtype | rows | cuBLAS us | best gemv us | best skinny us | chosen | GB/s |", "|---" * 8 + "|"]
     start = time.monotonic()
     torch.manual_seed(0)
     for (n, k), names in shapes.items():
@@ -202,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
 
                 gbps = weight_bytes / (best["us"] * 1e-6) / 1e9
                 label = "/".join(names)
-                kernels = " | ".join(best_of(kernel) for kernel in ("cublas", "gemv", "skinny", "skinny_fused"))
+                kernels = " | ".join(best_of(kernel) for kernel in ("cublas", "gemv", "skinny"))
                 lines.append(
                     f"| {label} {n}x{k} | {dtype_key(dtype)} | {rows} | {kernels} | "
                     f"{best['kernel']} {best['us']:.1f} | {gbps:.0f} |"

@@ -14,11 +14,9 @@ pytest.importorskip("triton")
 
 from mini_infer.kernels import gemv_table  # noqa: E402
 from mini_infer.kernels.act_quant import act_quant_ref  # noqa: E402
-from mini_infer.kernels.activation import silu_and_mul_ref  # noqa: E402
 from mini_infer.kernels.gemv_table import GemvChoice, lookup, parse_choice  # noqa: E402
-from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref  # noqa: E402
 from mini_infer.kernels.scaled_mm import w8a8_mm_ref  # noqa: E402
-from mini_infer.kernels.skinny_mm import SkinnyConfig, skinny_mm, skinny_mm_fused  # noqa: E402
+from mini_infer.kernels.skinny_mm import SkinnyConfig, skinny_mm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -60,51 +58,6 @@ def test_skinny_mm_rejects_what_it_cannot_do():
         skinny_mm(_randn(17, 32), _randn(8, 32))
     with pytest.raises(ValueError, match="both scales"):
         skinny_mm(_randn(1, 32), _randn(8, 32), x_scale=torch.ones(1, 1, device=DEVICE))
-    with pytest.raises(ValueError, match="8-bit weights need w_scale"):
-        skinny_mm_fused(_randn(1, 32), act_quant_ref(_randn(8, 32), torch.int8)[0])
-
-
-@pytest.mark.parametrize("m,k", [(1, 96), (3, 50)])
-@pytest.mark.parametrize("residual", [False, True])
-def test_skinny_mm_fused_norm_is_the_norm_then_the_product(m, k, residual):
-    """add + RMSNorm in the prologue: the same rounding steps as kernels/rmsnorm.py (its sum of squares
-    in another order), and the residual sum returned as a new tensor, the old one left alone."""
-    x, r, g = _randn(m, k), _randn(m, k, seed=3), _randn(k, seed=4)
-    w = _randn(40, k, seed=1) / k**0.5
-    r_before = r.clone()
-    if residual:
-        normed = fused_add_rms_norm_ref(x, r.clone(), g, 1e-5)
-    else:
-        normed = rms_norm_ref(x, g, 1e-5)
-    y, r_out = skinny_mm_fused(x, w, residual=r if residual else None, norm=(g, 1e-5))
-    torch.testing.assert_close(y, torch.nn.functional.linear(normed, w), atol=2e-5, rtol=2e-5)
-    assert torch.equal(r, r_before)
-    if residual:
-        assert torch.equal(r_out, r_before + x)
-    else:
-        assert r_out is None
-
-
-def test_skinny_mm_fused_silu_is_silu_and_mul_then_the_product():
-    gate_up, w = _randn(2, 2 * 80), _randn(24, 80, seed=1) / 80**0.5
-    y, _ = skinny_mm_fused(gate_up, w, silu=True)
-    torch.testing.assert_close(y, torch.nn.functional.linear(silu_and_mul_ref(gate_up), w), atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
-@pytest.mark.parametrize("prologue", ["none", "norm", "silu"])
-def test_skinny_mm_fused_quantizes_its_input_per_token(dtype, prologue):
-    """8-bit weights: the prologue's output quantized as act_quant_ref does (the same amax, so the same
-    scale and 8-bit values), times the weights as w8a8_mm_ref does."""
-    m, k = 3, 64
-    x, g = _randn(m, 2 * k if prologue == "silu" else k) * 3, _randn(k, seed=4)
-    wq, sw = act_quant_ref(_randn(40, k, seed=1), dtype)
-    inputs = {"none": lambda: x, "norm": lambda: rms_norm_ref(x, g, 1e-5), "silu": lambda: silu_and_mul_ref(x)}
-    xq, sx = act_quant_ref(inputs[prologue](), dtype)
-    ref = w8a8_mm_ref(xq, sx, wq, sw, None, torch.float32)
-    norm = (g, 1e-5) if prologue == "norm" else None
-    y, _ = skinny_mm_fused(x, wq, w_scale=sw, norm=norm, silu=prologue == "silu")
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
 
 
 TABLE = {

@@ -8,9 +8,8 @@ graphs over weights that do not fit in L2, as a decode step sees them:
     {"configs": {GPU name: {weight dtype: {rows: {"NxK": {"kernel": ..., tile fields}}}}}}
 
 kernel is "cublas" (F.linear; 8-bit: activation quant + torch._scaled_mm / _int_mm), "gemv" (the plain
-GEMV, kernels/gemv.py; 8-bit: the fused quantizing GEMV, kernels/scaled_mm.py), "skinny" (the
-tensor-core kernel, kernels/skinny_mm.py; 8-bit: after the activation-quant kernel) or "skinny_fused"
-(8-bit: the tensor-core kernel quantizing its input itself, one launch). A batch of m rows takes the
+GEMV, kernels/gemv.py; 8-bit: the fused quantizing GEMV, kernels/scaled_mm.py), or "skinny" (the
+tensor-core kernel, kernels/skinny_mm.py; 8-bit: after the activation-quant kernel). A batch of m rows takes the
 entry of the smallest listed row count >= m; a shape or GPU the file does not list gets None, and the
 caller its own default. The choice depends on shapes only, so a CUDA graph always replays the kernel it
 was captured with.
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 TABLE_FILE = Path(__file__).with_name("gemv_configs.json")
-KERNELS = ("cublas", "gemv", "skinny", "skinny_fused")
+KERNELS = ("cublas", "gemv", "skinny")
 
 
 @dataclass(frozen=True)

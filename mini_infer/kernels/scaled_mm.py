@@ -21,7 +21,7 @@ import torch
 from mini_infer.kernels._triton import require_triton, tl, triton
 from mini_infer.kernels.act_quant import act_quant_ref, act_quant_triton, check_quant_dtype, quantize_values
 from mini_infer.kernels.gemv_table import tuned_choice
-from mini_infer.kernels.skinny_mm import SkinnyConfig, skinny_mm, skinny_mm_fused
+from mini_infer.kernels.skinny_mm import SkinnyConfig, skinny_mm
 
 GEMV_ROWS = 8  # rows per program of the Triton kernel at most
 # Rows up to which w8a8_linear takes the fused GEMV on CUDA. On an H200 it beat quant + padded _scaled_mm
@@ -289,8 +289,6 @@ def w8a8_linear(
         return w8a8_gemv_triton(x, None, wq, w_scale, bias, x.dtype, config=config)
     if choice is None and (m <= FUSED_GEMV_ROWS or (block is not None and m <= GEMV_ROWS)):
         return w8a8_gemv_triton(x, None, wq, w_scale, bias, x.dtype, block)
-    if choice is not None and choice.kernel == "skinny_fused":
-        return skinny_mm_fused(x, wq, bias, w_scale=w_scale, config=SkinnyConfig(**choice.config()))[0]
     xq, x_scale = act_quant_triton(x, wq.dtype, group)
     if choice is not None and choice.kernel == "skinny":
         return skinny_mm(xq, wq, bias, x_scale, w_scale, x.dtype, SkinnyConfig(**choice.config()))
