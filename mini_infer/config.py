@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # imported where used: the CLI builds its parsers from this m
     from mini_infer.spec_decode.config import SpeculativeConfig
 
 _DTYPES = ("float32", "float16", "bfloat16")
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (vLLM's names); docs/kv_cache_fp8.md
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (vLLM's names); docs/quantization.md, "FP8 KV cache"
 
 
 def _check_choice(name: str, value: object, allowed: tuple) -> None:

@@ -4,7 +4,7 @@ through block tables.
 The decode part of the batch (one query per sequence) and the prefill part (chunks over a cached
 prefix) go to different kernels of the chosen KernelOps backend. The pool's dtype decides how K/V are
 stored: as they are, or (kv_cache_dtype="fp8") in e4m3 divided by this layer's k_scale / v_scale, which
-the kernels take every call and ignore for a model-dtype pool (docs/kv_cache_fp8.md).
+the kernels take every call and ignore for a model-dtype pool (docs/quantization.md, "FP8 KV cache").
 """
 
 import torch

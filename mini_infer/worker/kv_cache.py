@@ -3,7 +3,7 @@
 Layers say what a block of theirs holds (`kv_cache_shape`): paged keys and values today, a latent
 vector for MLA tomorrow; the pool only multiplies out their bytes and binds each layer its tensor. Its
 dtype is the model's, or float8_e4m3fn with kv_cache_dtype="fp8": one byte an element, so the same memory
-holds twice the blocks of a 16-bit pool (docs/kv_cache_fp8.md).
+holds twice the blocks of a 16-bit pool (docs/quantization.md, "FP8 KV cache").
 """
 
 from __future__ import annotations
