@@ -149,6 +149,24 @@ def test_swap_preemption_moves_fp8_blocks(stories_path):
     assert stats.num_swap_outs > 0 and stats.num_swap_ins == stats.num_swap_outs
 
 
+def test_tensor_parallel_and_speculative_decoding_over_fp8(stories_path):
+    """Two ranks (each its KV heads, the same per-tensor scales) and speculative decoding (n-gram; a draft
+    model whose layers share the fp8 pool): one rank's plain greedy tokens over the same fp8 pool."""
+    prompts, params = PROMPTS[:4], SamplingParams(temperature=0.0, max_tokens=16)
+    base = LLM(stories_path, kv_cache_dtype="fp8", **ENGINE)
+    want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+    for extra in (
+        dict(tensor_parallel_size=2),
+        dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3}),
+        dict(speculative_config={"method": "draft_model", "model": stories_path, "num_speculative_tokens": 2}),
+    ):
+        llm = LLM(stories_path, kv_cache_dtype="fp8", **extra, **ENGINE)
+        try:
+            assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want, extra
+        finally:  # a live tensor-parallel group would make the next engine's collectives wait for rank 1
+            llm.llm_engine.shutdown()
+
+
 def test_mla_refuses_an_fp8_pool():
     layer = MLAAttention(num_heads=4, kv_lora_rank=16, rope_dim=8, scale=0.1, ops=get_ops("torch"))
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported by MLAAttention"):
