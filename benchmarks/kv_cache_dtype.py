@@ -3,7 +3,8 @@
 For each KV cache dtype one engine of the model (dummy weights of the real shapes by default) is built
 the usual way: the KV pool is sized by profiling under --gpu-memory-utilization, so "KV capacity" is the
 number of token slots the pool really got (blocks x block size), and the fp8 pool should hold twice the
-bf16 one's. Then mini-infer's latency measurement (bench/latency.py: B requests of --input-len tokens,
+bf16 one's. Each dtype runs in a fresh process, so both pools are sized on the same free memory. Then
+mini-infer's latency measurement (bench/latency.py: B requests of --input-len tokens,
 only pure decode steps timed, after an untimed run of the same shape) gives ms per decode step. The
 roofline of a step is the weights' bytes plus every request's KV context at the pool's own bytes per
 token, at the copy bandwidth measured on the spot: fp8 halves the second term.
@@ -21,6 +22,7 @@ import argparse
 import gc
 import json
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -133,6 +135,24 @@ def write_markdown(path: Path, record: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def run_one(args: argparse.Namespace, kv_cache_dtype: str) -> dict:
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    hw = measure_hardware()
+    return {
+        "benchmark": "kv_cache_dtype",
+        "command": shlex.join(["python", *sys.argv]),
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "hbm_gb_per_s": hw.hbm_bytes_per_s / 1e9 if hw else None,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "smoke": args.smoke,
+        "dtypes": [run_dtype(args, kv_cache_dtype, hw)],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-3-8b", help="preset name (with dummy weights), folder or hub id")
@@ -157,26 +177,35 @@ def main(argv: list[str] | None = None) -> None:
         args.max_model_len, args.max_num_seqs, args.cpu_kv_cache_gib, args.enforce_eager = 512, 8, 2**-12, True
     elif not torch.cuda.is_available():
         raise SystemExit("kv_cache_dtype.py measures a GPU's KV pool and decode steps (--smoke runs it on a CPU)")
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    hw = measure_hardware()
-    record = {
-        "benchmark": "kv_cache_dtype",
-        "command": shlex.join(["python", *sys.argv]),
-        "model": args.model,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "hbm_gb_per_s": hw.hbm_bytes_per_s / 1e9 if hw else None,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "smoke": args.smoke,
-        "dtypes": [],
-    }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.kv_cache_dtypes.split(","):
-        record["dtypes"].append(run_dtype(args, name, hw))
-        out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    names = args.kv_cache_dtypes.split(",")
+    if len(names) > 1:  # one child process per dtype: no memory of the first engine left when the second profiles
+        raw = list(sys.argv[1:] if argv is None else argv)
+        records = []
+        for name in names:
+            child = out.with_name(f"{out.name}-{name}")
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                *raw,
+                "--kv-cache-dtypes",
+                name,
+                "--output",
+                str(child),
+            ]
+            subprocess.run(cmd, check=True)
+            records.append(json.loads(child.with_suffix(".json").read_text()))
+            for suffix in (".json", ".md"):
+                child.with_suffix(suffix).unlink()
+        record = {
+            **records[0],
+            "command": shlex.join(["python", *sys.argv]),
+            "dtypes": [r["dtypes"][0] for r in records],
+        }
+    else:
+        record = run_one(args, names[0])
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     write_markdown(out.with_suffix(".md"), record)
     print(out.with_suffix(".md").read_text())
 
