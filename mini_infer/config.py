@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # imported where used: the CLI builds its parsers from this m
     from mini_infer.spec_decode.config import SpeculativeConfig
 
 _DTYPES = ("float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (vLLM's names); docs/quantization.md, "FP8 KV cache"
 
 
 def _check_choice(name: str, value: object, allowed: tuple) -> None:
@@ -70,6 +71,8 @@ class EngineConfig:
     # of swap_space GiB and back (docs/preemption.md says which to pick when)
     preemption_mode: str = "recompute"
     swap_space: float = 4.0  # GiB of host memory per rank for swapped-out KV blocks (preemption_mode="swap")
+    # "auto": K/V in the model dtype; "fp8" / "fp8_e4m3": e4m3 with per-tensor scales, twice the tokens
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -78,6 +81,7 @@ class EngineConfig:
         _check_choice("device", self.device, ("auto", "cuda", "cpu"))
         _check_choice("load_format", self.load_format, ("auto", "dummy"))
         _check_choice("kernel_backend", self.kernel_backend, ("auto", "torch", "triton"))
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         from mini_infer.quantization import QUANTIZATION_METHODS
 
         _check_choice("quantization", self.quantization, (None, *QUANTIZATION_METHODS))
@@ -135,6 +139,12 @@ class EngineConfig:
         if self.resolved_device.type == "cpu":
             return torch.float32
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV pool's element type: the model dtype, or float8_e4m3fn for "fp8" / "fp8_e4m3"."""
+        import torch
+
+        return model_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
     @property
     def max_decode_rows(self) -> int:

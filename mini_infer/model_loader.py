@@ -126,7 +126,10 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Copies checkpoint tensors into the model through each parameter's weight_loader."""
+    """Copies checkpoint tensors into the model through each parameter's weight_loader (and FP8 KV cache
+    scales into their attention layers' buffers: quantization/kv_cache.py)."""
+    from mini_infer.quantization.kv_cache import is_unused_attention_scale, kv_scale_target, load_kv_scale
+
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.config, "tie_word_embeddings", False)
     packed = getattr(model, "packed_modules_mapping", {})
@@ -139,6 +142,11 @@ def load_weights(model: nn.Module, path: Path) -> None:
                 if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
                     continue
                 if skip is not None and skip(name):  # weights generation never uses (V3's MTP layer)
+                    continue
+                if kv_scale_target(name) is not None:
+                    load_kv_scale(model, name, f.get_tensor(name))
+                    continue
+                if is_unused_attention_scale(name):
                     continue
                 target, shard = name, None
                 if (mapped := remap(name) if remap else None) is not None:  # e.g. experts into stacked tensors

@@ -6,6 +6,7 @@ Triton, set up for its interpreter by test_kernels.py, is left alone.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,3 +43,32 @@ def test_every_benchmark_script_parses_help():
         [sys.executable, "-c", DRIVER, *scripts], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+def test_kv_cache_dtype_smoke(tmp_path):
+    """benchmarks/kv_cache_dtype.py --smoke (CPU, tiny-llama in bfloat16): the fp8 pool it reports holds
+    float8 and twice the tokens of the bfloat16 one in the same memory, and both decode."""
+    out = tmp_path / "kv"
+    script = BENCHMARKS / "kv_cache_dtype.py"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    record = json.loads(out.with_suffix(".json").read_text())
+    auto, fp8 = record["dtypes"]
+    assert (auto["pool_dtype"], fp8["pool_dtype"]) == ("bfloat16", "float8_e4m3fn")
+    assert (
+        fp8["kv_capacity_tokens"] == 2 * auto["kv_capacity_tokens"]
+        and fp8["kv_bytes_per_token"] * 2 == auto["kv_bytes_per_token"]
+    )
+    assert not auto["capacity_capped_by_max_num_seqs"] and not fp8["capacity_capped_by_max_num_seqs"]
+    assert [r["batch_size"] for r in fp8["results"]] == [1, 2] and all(r["mean_step_ms"] > 0 for r in fp8["results"])
+    assert "| fp8 | float8_e4m3fn |" in out.with_suffix(".md").read_text()

@@ -4,7 +4,8 @@ One query per sequence. A program owns one (sequence, KV head, split of the cont
 K/V tile of its split once and scores it against all query heads of the group with one `tl.dot`
 (the group padded to 16 rows), so GQA costs no extra K/V traffic. Splitting the context keeps the
 GPU full when there are few, long sequences; a small reduce kernel merges the splits through their
-log-sum-exp. The reference is `decode_attention_ref` in paged_attention.py.
+log-sum-exp. The reference is `decode_attention_ref` in paged_attention.py. An fp8 pool's tiles are
+dequantized in registers right after their load (kv_quant.py): half the bytes read per key.
 
 The number of splits depends only on tensor shapes (batch, KV heads, block-table width), never on
 the values in `seq_lens`, so the op does no host sync and can be captured in a CUDA graph. The
@@ -31,6 +32,7 @@ from mini_infer.kernels._triton import (
     triton,
     upcast_dot,
 )
+from mini_infer.kernels.kv_quant import dequantize_kv, is_fp8_kv, kv_scale_args
 
 LOG2E = 1.4426950408889634
 
@@ -61,6 +63,8 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     scale_log2e,
     q_batch_stride,
     q_head_stride,
@@ -82,6 +86,7 @@ def _decode_split_kernel(
     WRITE_OUT: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     kv_head = tl.program_id(0)  # fastest: the heads of a sequence start together, in row order
     batch = tl.program_id(1).to(tl.int64)
@@ -106,6 +111,9 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + batch * block_table_stride
     kv_head_offset = kv_head * cache_head_stride
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
     for tile_start in range(start, end, BLOCK_N):
         offs_n = tile_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
@@ -119,6 +127,9 @@ def _decode_split_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = dequantize_kv(k, k_scale, q.dtype)
+            v = dequantize_kv(v, v_scale, q.dtype)
         scores = dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2e
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -202,16 +213,20 @@ def decode_attention_triton(
     block_tables: torch.Tensor,
     scale: float,
     config: DecodeConfig = DEFAULT_DECODE_CONFIG,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton decode_attention_ref. q: [B, Hq, D] (any strides, unit last stride); caches:
     [num_blocks, block_size, Hk, D] with a unit last stride; seq_lens: [B] int32 (0 = padding row,
-    gives zeros); block_tables: [B, max_blocks] int32. Returns [B, Hq, D] contiguous."""
+    gives zeros); block_tables: [B, max_blocks] int32; k_scale, v_scale: an fp8 pool's. Returns
+    [B, Hq, D] contiguous."""
     require_triton()
     batch, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("decode_attention_triton needs unit last strides and equal k/v cache layouts")
     group = num_q_heads // num_kv_heads
+    k_scale, v_scale = kv_scale_args(k_cache, k_scale, v_scale)
     out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -233,6 +248,8 @@ def decode_attention_triton(
         out,
         part_out,
         part_lse,
+        k_scale,
+        v_scale,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -254,6 +271,7 @@ def decode_attention_triton(
         WRITE_OUT=num_splits == 1,
         UPCAST_DOT=upcast_dot(q),
         DOT_PRECISION=dot_precision(q.dtype),
+        KV_FP8=is_fp8_kv(k_cache),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

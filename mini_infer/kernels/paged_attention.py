@@ -3,11 +3,14 @@
 Both read every key and value through the block tables; this step's keys and values are stored
 in the cache before attention runs. Query i of a chunk of length L in a sequence of total length
 S sits at position S - L + i and attends to keys 0 .. S - L + i (causal). Heads are grouped (GQA):
-query head h reads KV head h // (Hq // Hk).
+query head h reads KV head h // (Hq // Hk). An fp8 pool's keys and values are read as e4m3 times
+k_scale / v_scale, rounded to q's dtype (kv_quant.py), right after the gather.
 """
 
 import torch
 import torch.nn.functional as F
+
+from mini_infer.kernels.kv_quant import dequantize_kv_ref
 
 
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -41,18 +44,20 @@ def prefill_attention_ref(
     block_tables: torch.Tensor,
     scale: float,
     tiles: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [Tq, Hq, D] packed chunks; cu_seqlens_q: [B + 1]; seq_lens: [B] keys per sequence
     (cached prefix + this chunk); block_tables: [B, max_blocks]; tiles is the Triton kernel's work
-    list, which the reference does not need. Returns [Tq, Hq, D]."""
+    list, which the reference does not need; k_scale, v_scale: an fp8 pool's. Returns [Tq, Hq, D]."""
     out = torch.empty_like(q)
     starts, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     for i, seq_len in enumerate(lens):
         s, e = starts[i], starts[i + 1]
         if e == s:
             continue
-        k = _gather_kv(k_cache, block_tables[i], seq_len)
-        v = _gather_kv(v_cache, block_tables[i], seq_len)
+        k = dequantize_kv_ref(_gather_kv(k_cache, block_tables[i], seq_len), k_scale, q.dtype)
+        v = dequantize_kv_ref(_gather_kv(v_cache, block_tables[i], seq_len), v_scale, q.dtype)
         out[s:e] = _attend(q[s:e], k, v, scale)
     return out
 
@@ -64,6 +69,8 @@ def decode_attention_ref(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [B, Hq, D], one query per sequence at its last position. A row with seq_len 0
     (padding in a CUDA-graph batch) gives zeros. Returns [B, Hq, D]."""
@@ -71,8 +78,8 @@ def decode_attention_ref(
     for i, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             continue
-        k = _gather_kv(k_cache, block_tables[i], seq_len)
-        v = _gather_kv(v_cache, block_tables[i], seq_len)
+        k = dequantize_kv_ref(_gather_kv(k_cache, block_tables[i], seq_len), k_scale, q.dtype)
+        v = dequantize_kv_ref(_gather_kv(v_cache, block_tables[i], seq_len), v_scale, q.dtype)
         out[i : i + 1] = _attend(q[i : i + 1], k, v, scale)
     return out
 
@@ -96,11 +103,14 @@ def _length_groups(lens: list[int], block_size: int) -> list[list[int]]:
     return list(groups.values())
 
 
-def _gather_kv_rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The keys (or values) at slots [R, S] of the pool: [R, S, Hk, D]. One index_select of the flat pool,
-    a fraction of the cost of advanced indexing by block."""
+def _gather_kv_rows(
+    cache: torch.Tensor, slots: torch.Tensor, kv_scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The keys (or values) at slots [R, S] of the pool, in dtype: [R, S, Hk, D]. One index_select of the
+    flat pool, a fraction of the cost of advanced indexing by block."""
     flat = cache.view(-1, *cache.shape[2:])
-    return flat.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[2:])
+    rows = flat.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[2:])
+    return dequantize_kv_ref(rows, kv_scale, dtype)
 
 
 def _key_slots(block_tables: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
@@ -132,6 +142,8 @@ def decode_attention_batched(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """decode_attention_ref's arguments and result, computed a group of rows at a time (the whole batch
     at once when its lengths are within 2x, without gathering its rows)."""
@@ -139,14 +151,14 @@ def decode_attention_batched(
     groups = _length_groups(lens, k_cache.shape[1])
     if len(groups) == 1 and len(groups[0]) == len(lens):  # the usual step: one group, every row
         slots = _key_slots(block_tables, max(lens), k_cache.shape[1])
-        k, v = _gather_kv_rows(k_cache, slots), _gather_kv_rows(v_cache, slots)
+        k, v = _gather_kv_rows(k_cache, slots, k_scale, q.dtype), _gather_kv_rows(v_cache, slots, v_scale, q.dtype)
         q_pos = (seq_lens.long() - 1).unsqueeze(1)  # [R, 1]
         return _attend_rows(q.unsqueeze(1), k, v, q_pos, scale).squeeze(1)
     out = torch.zeros_like(q)
     for rows in groups:
         index = torch.tensor(rows, device=q.device)
         slots = _key_slots(block_tables.index_select(0, index), max(lens[i] for i in rows), k_cache.shape[1])
-        k, v = _gather_kv_rows(k_cache, slots), _gather_kv_rows(v_cache, slots)
+        k, v = _gather_kv_rows(k_cache, slots, k_scale, q.dtype), _gather_kv_rows(v_cache, slots, v_scale, q.dtype)
         q_pos = (seq_lens.index_select(0, index).long() - 1).unsqueeze(1)
         out[index] = _attend_rows(q.index_select(0, index).unsqueeze(1), k, v, q_pos, scale).squeeze(1)
     return out
@@ -161,6 +173,8 @@ def prefill_attention_batched(
     block_tables: torch.Tensor,
     scale: float,
     tiles: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """prefill_attention_ref's arguments and result. Chunks are grouped by key count as in decode, and a
     group's queries are padded to its longest chunk (padded queries read nothing and are dropped)."""
@@ -176,7 +190,7 @@ def prefill_attention_batched(
         first_pos = torch.tensor([lens[i] - q_lens[i] for i in rows], device=q.device).unsqueeze(1)
         q_pos = (first_pos + offsets).masked_fill(~valid, -1)
         slots = _key_slots(block_tables.index_select(0, index), num_keys, k_cache.shape[1])
-        k, v = _gather_kv_rows(k_cache, slots), _gather_kv_rows(v_cache, slots)
+        k, v = _gather_kv_rows(k_cache, slots, k_scale, q.dtype), _gather_kv_rows(v_cache, slots, v_scale, q.dtype)
         res = _attend_rows(q[token], k, v, q_pos, scale)
         out[token[valid]] = res[valid]
     return out

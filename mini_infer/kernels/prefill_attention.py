@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mini_infer.kernels._triton import dot, dot_precision, next_pow2, require_triton, tl, triton, upcast_dot
+from mini_infer.kernels.kv_quant import dequantize_kv, is_fp8_kv, kv_scale_args
 
 LOG2E = 1.4426950408889634
 
@@ -83,6 +84,8 @@ def _attend_tiles(
     lo,
     hi,
     scale_log2e,
+    k_scale,
+    v_scale,
     MASKED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -90,8 +93,10 @@ def _attend_tiles(
     BLOCK_D: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
-    """Online-softmax update over key tiles [lo, hi); MASKED adds the causal and length masks."""
+    """Online-softmax update over key tiles [lo, hi); MASKED adds the causal and length masks; KV_FP8
+    dequantizes each tile with k_scale / v_scale."""
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     for tile_start in range(lo, hi, BLOCK_N):
@@ -114,6 +119,9 @@ def _attend_tiles(
         else:
             k = tl.load(k_cache_ptr + kv_ptrs, mask=d_mask[None, :], other=0.0)
             v = tl.load(v_cache_ptr + kv_ptrs, mask=d_mask[None, :], other=0.0)
+        if KV_FP8:
+            k = dequantize_kv(k, k_scale, q.dtype)
+            v = dequantize_kv(v, v_scale, q.dtype)
         scores = dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2e
         if MASKED:
             visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n < seq_len)[None, :]
@@ -137,6 +145,8 @@ def _prefill_attention_kernel(
     seq_lens_ptr,
     block_tables_ptr,
     tiles_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     scale_log2e,
     q_token_stride,
     q_head_stride,
@@ -154,6 +164,7 @@ def _prefill_attention_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -186,18 +197,22 @@ def _prefill_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + batch * block_table_stride
     kv_head_offset = kv_head * cache_head_stride
+    k_scale, v_scale = 1.0, 1.0
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
     # Keys below the tile's first query position are visible to all its rows.
     unmasked_end = (prefix + m_tile * BLOCK_M) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(prefix + (m_tile + 1) * BLOCK_M, seq_len)
     acc, m_i, l_i = _attend_tiles(
         q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table, kv_head_offset, cache_block_stride,
-        cache_slot_stride, q_pos, seq_len, 0, unmasked_end, scale_log2e,
-        False, PAGE_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST_DOT, DOT_PRECISION,
+        cache_slot_stride, q_pos, seq_len, 0, unmasked_end, scale_log2e, k_scale, v_scale,
+        False, PAGE_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST_DOT, DOT_PRECISION, KV_FP8,
     )  # fmt: skip
     acc, m_i, l_i = _attend_tiles(
         q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table, kv_head_offset, cache_block_stride,
-        cache_slot_stride, q_pos, seq_len, unmasked_end, kv_end, scale_log2e,
-        True, PAGE_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST_DOT, DOT_PRECISION,
+        cache_slot_stride, q_pos, seq_len, unmasked_end, kv_end, scale_log2e, k_scale, v_scale,
+        True, PAGE_SIZE, HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST_DOT, DOT_PRECISION, KV_FP8,
     )  # fmt: skip
 
     out = acc / l_i[:, None]
@@ -215,18 +230,21 @@ def prefill_attention_triton(
     scale: float,
     tiles: torch.Tensor | None = None,
     config: PrefillConfig | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton prefill_attention_ref. q: [Tq, Hq, D] (any strides, unit last stride); caches
     [num_blocks, block_size, Hk, D] with a unit last stride, already holding this chunk's keys;
     cu_seqlens_q: [B + 1] int32; seq_lens: [B] int32 (cached prefix + chunk); block_tables:
     [B, max_blocks] int32. tiles: the int32 [n, 2] list from build_prefill_tiles with the config's
     block_m; without it the list is built here, which reads the lengths back from the device.
-    Returns [Tq, Hq, D] contiguous."""
+    k_scale, v_scale: an fp8 pool's. Returns [Tq, Hq, D] contiguous."""
     require_triton()
     num_tokens, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("prefill_attention_triton needs unit last strides and equal k/v cache layouts")
+    k_scale, v_scale = kv_scale_args(k_cache, k_scale, v_scale)
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     batch = seq_lens.shape[0]
     if num_tokens == 0 or batch == 0:
@@ -250,6 +268,8 @@ def prefill_attention_triton(
         seq_lens,
         block_tables,
         tiles,
+        k_scale,
+        v_scale,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -267,6 +287,7 @@ def prefill_attention_triton(
         BLOCK_D=max(16, next_pow2(head_dim)),
         UPCAST_DOT=upcast_dot(q),
         DOT_PRECISION=dot_precision(q.dtype),
+        KV_FP8=is_fp8_kv(k_cache),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -4,6 +4,9 @@ One kernel because the unfused sequence costs six small kernels per layer: two c
 of the fused qkv buffer are not contiguous), two norms, RoPE and the store. q and k are rotated in
 place in the qkv buffer; k and v are written to the cache at their slots.
 
+An fp8 pool (float8_e4m3fn) stores k / k_scale and v / v_scale in e4m3 (kv_quant.py); other pools store
+the values in their own dtype and take no scales.
+
 RoPE uses the rotate-half layout: `cos_sin_cache[pos]` holds cos(pos * inv_freq) in its first half and
 sin in its second (float32, length head_dim); scaled frequencies (llama3) come in through the cache.
 """
@@ -11,6 +14,7 @@ sin in its second (float32, length head_dim); scaled frequencies (llama3) come i
 import torch
 
 from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
+from mini_infer.kernels.kv_quant import is_fp8_kv, kv_scale_args, quantize_kv, quantize_kv_ref
 from mini_infer.kernels.rmsnorm import rms_norm_ref
 
 
@@ -28,11 +32,22 @@ def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_si
 
 
 def store_kv_cache_ref(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]; slot_mapping: [T] (slot -1 = skip).
     A batch with no skipped slot (every eager step) takes index_copy_, which costs a CPU step less than
-    masking; either way the stored values are the inputs' own."""
+    masking; either way the stored values are the inputs' own, or with an fp8 pool their e4m3 quantization
+    by k_scale / v_scale (written through uint8 views: torch has no index_copy_ for fp8 on the CPU)."""
+    if is_fp8_kv(k_cache):
+        kv_scale_args(k_cache, k_scale, v_scale)
+        k, v = quantize_kv_ref(k, k_scale).view(torch.uint8), quantize_kv_ref(v, v_scale).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
     keep = slot_mapping >= 0
     if bool(keep.all()):
@@ -40,8 +55,8 @@ def store_kv_cache_ref(
         v_flat.index_copy_(0, slot_mapping, v.to(v_flat.dtype))
         return
     slots = slot_mapping[keep]
-    k_flat[slots] = k[keep]
-    v_flat[slots] = v[keep]
+    k_flat[slots] = k[keep].to(k_flat.dtype)
+    v_flat[slots] = v[keep].to(v_flat.dtype)
 
 
 def rotary_store_kv_ref(
@@ -56,16 +71,18 @@ def rotary_store_kv_ref(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """q: [T, Hq, D], k, v: [T, Hk, D] (views with a unit last stride are fine); caches:
     [num_blocks, block_size, Hk, D]; slot_mapping: [T] (-1 = skip). A norm weight of None skips that
-    norm. Built from rms_norm_ref, rotary_ref and store_kv_cache_ref, so its results are theirs by
-    construction."""
+    norm; the scales are an fp8 pool's (ignored otherwise). Built from rms_norm_ref, rotary_ref and
+    store_kv_cache_ref, so its results are theirs by construction."""
     head_dim = q.shape[-1]
     qn = q if q_norm_weight is None else rms_norm_ref(q.reshape(-1, head_dim), q_norm_weight, eps).view(q.shape)
     kn = k if k_norm_weight is None else rms_norm_ref(k.reshape(-1, head_dim), k_norm_weight, eps).view(k.shape)
     rotary_ref(positions, qn, kn, cos_sin_cache)
-    store_kv_cache_ref(kn, v, k_cache, v_cache, slot_mapping)
+    store_kv_cache_ref(kn, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     if qn is not q:
         q.copy_(qn)
     if kn is not k:
@@ -131,6 +148,8 @@ def _rotary_store_kv_kernel(
     slot_mapping_ptr,
     q_norm_ptr,
     k_norm_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     eps,
     q_token_stride,
     q_head_stride,
@@ -152,6 +171,7 @@ def _rotary_store_kv_kernel(
     BLOCK_HALF: tl.constexpr,
     HAS_Q_NORM: tl.constexpr,
     HAS_K_NORM: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0).to(tl.int64)
@@ -198,13 +218,17 @@ def _rotary_store_kv_kernel(
             dst = (slot // PAGE_SIZE) * cache_block_stride + (slot % PAGE_SIZE) * cache_slot_stride
             dst = dst + heads[:, None] * cache_head_stride
             half_mask = head_mask[:, None] & (offs < HALF)[None, :]
-            k_dtype = k_cache_ptr.dtype.element_ty
-            tl.store(k_cache_ptr + dst + offs[None, :], k1.to(k_dtype), mask=half_mask)
-            tl.store(k_cache_ptr + dst + HALF + offs[None, :], k2.to(k_dtype), mask=half_mask)
             offs_d = tl.arange(0, BLOCK_D)
             row_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
             v_rows = v_ptr + token * v_token_stride + heads[:, None] * v_head_stride
             v = tl.load(v_rows + offs_d[None, :], mask=row_mask)
+            if KV_FP8:  # the rotated key as rounded to the model dtype, then quantized (as the reference)
+                k_scale = tl.load(k_scale_ptr)
+                k1, k2 = quantize_kv(k1, k_scale), quantize_kv(k2, k_scale)
+                v = quantize_kv(v, tl.load(v_scale_ptr))
+            k_dtype = k_cache_ptr.dtype.element_ty
+            tl.store(k_cache_ptr + dst + offs[None, :], k1.to(k_dtype), mask=half_mask)
+            tl.store(k_cache_ptr + dst + HALF + offs[None, :], k2.to(k_dtype), mask=half_mask)
             tl.store(v_cache_ptr + dst + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -220,6 +244,8 @@ def rotary_store_kv_triton(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Triton rotary_store_kv_ref. q, k, v may be strided views of the fused qkv buffer with a unit last
     stride; norm weights must have q's dtype (the model holds them so: rounding to it is what
@@ -235,6 +261,9 @@ def rotary_store_kv_triton(
     for w in (q_norm_weight, k_norm_weight):
         if w is not None and (w.dtype != q.dtype or w.shape != (head_dim,) or w.stride(-1) != 1):
             raise ValueError(f"norm weights must be [{head_dim}] contiguous in {q.dtype}, got {w.dtype} {w.shape}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k and v caches must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    k_scale, v_scale = kv_scale_args(k_cache, k_scale, v_scale)
     if num_tokens == 0:
         return
     # One warp per head row (see above); 8 rows a program keeps programs large enough for long prefills.
@@ -252,6 +281,8 @@ def rotary_store_kv_triton(
         slot_mapping.contiguous(),
         q_norm_weight if q_norm_weight is not None else q,
         k_norm_weight if k_norm_weight is not None else k,
+        k_scale,
+        v_scale,
         eps,
         q.stride(0),
         q.stride(1),
@@ -273,5 +304,6 @@ def rotary_store_kv_triton(
         BLOCK_HALF=next_pow2(head_dim // 2),
         HAS_Q_NORM=q_norm_weight is not None,
         HAS_K_NORM=k_norm_weight is not None,
+        KV_FP8=is_fp8_kv(k_cache),
         num_warps=heads,
     )

@@ -2,7 +2,9 @@
 through block tables.
 
 The decode part of the batch (one query per sequence) and the prefill part (chunks over a cached
-prefix) go to different kernels of the chosen KernelOps backend.
+prefix) go to different kernels of the chosen KernelOps backend. The pool's dtype decides how K/V are
+stored: as they are, or (kv_cache_dtype="fp8") in e4m3 divided by this layer's k_scale / v_scale, which
+the kernels take every call and ignore for a model-dtype pool (docs/quantization.md, "FP8 KV cache").
 """
 
 import torch
@@ -13,6 +15,8 @@ from mini_infer.kernels import KernelOps
 
 
 class PagedAttention(nn.Module):
+    supports_fp8_kv_cache = True  # its kernels store and read e4m3 K/V (KVCache refuses fp8 for others)
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ops: KernelOps) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -21,6 +25,10 @@ class PagedAttention(nn.Module):
         # Views into the engine's KV pool, bound by the model runner.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # Per-tensor fp8 scales (value = e4m3 * scale): the checkpoint's kv_cache_scheme k_scale / v_scale
+        # when it has them (model_loader.py), else 1.0. Buffers, so a checkpoint without them still loads.
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """This layer's share of the KV pool: keys and values of every slot."""
@@ -58,11 +66,14 @@ class PagedAttention(nn.Module):
             q_norm_weight,
             k_norm_weight,
             eps,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         nd = meta.num_decode_tokens
         if nd == q.shape[0]:
             out = self.ops.decode_attention(
-                q, self.k_cache, self.v_cache, meta.decode_seq_lens, meta.decode_block_tables, self.scale
+                q, self.k_cache, self.v_cache, meta.decode_seq_lens, meta.decode_block_tables, self.scale, **scales
             )
         elif nd == 0:
             out = self.ops.prefill_attention(
@@ -74,6 +85,7 @@ class PagedAttention(nn.Module):
                 meta.prefill_block_tables,
                 self.scale,
                 meta.prefill_tiles,
+                **scales,
             )
         else:
             out = torch.cat(
@@ -85,6 +97,7 @@ class PagedAttention(nn.Module):
                         meta.decode_seq_lens,
                         meta.decode_block_tables,
                         self.scale,
+                        **scales,
                     ),
                     self.ops.prefill_attention(
                         q[nd:],
@@ -95,6 +108,7 @@ class PagedAttention(nn.Module):
                         meta.prefill_block_tables,
                         self.scale,
                         meta.prefill_tiles,
+                        **scales,
                     ),
                 )
             )

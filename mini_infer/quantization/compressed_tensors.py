@@ -3,8 +3,10 @@
 Supported: one config group targeting `Linear`, `format` "float-quantized" (e4m3) or "int-quantized"
 (int8), weights 8-bit symmetric per `channel` (`weight` + `weight_scale` [out, 1]), input activations
 8-bit symmetric `dynamic` per `token`, an `ignore` list (names or `re:` patterns; lm_head is never
-quantized here). Anything else (static or weight-only schemes, groups, a kv_cache_scheme) is a ValueError
-naming the field, never a silent misread.
+quantized here), and a static per-tensor fp8 `kv_cache_scheme` (its k_scale / v_scale load into the
+attention layers, quantization/kv_cache.py, and take effect with kv_cache_dtype="fp8"). Anything else
+(static or weight-only schemes, groups, other KV schemes) is a ValueError naming the field, never a silent
+misread.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from mini_infer.quantization.base import QuantizationConfig
+from mini_infer.quantization.kv_cache import check_kv_cache_scheme
 from mini_infer.quantization.w8a8 import W8A8LinearMethod
 
 _FORMATS = {"float-quantized": ("float", torch.float8_e4m3fn), "int-quantized": ("int", torch.int8)}
@@ -39,7 +42,7 @@ class CompressedTensorsConfig(QuantizationConfig):
             raise ValueError(f"compressed-tensors format {fmt!r} is not supported: only {sorted(_FORMATS)}")
         kind, dtype = _FORMATS[fmt]
         if qc.get("kv_cache_scheme"):
-            raise ValueError("compressed-tensors kv_cache_scheme is not supported yet (FP8 KV cache)")
+            check_kv_cache_scheme(qc["kv_cache_scheme"])
         groups = list((qc.get("config_groups") or {}).values())
         if len(groups) != 1:
             raise ValueError(f"compressed-tensors: exactly one config group is supported, got {len(groups)}")

@@ -1,7 +1,9 @@
 """The paged KV pool: one tensor per attention layer, shaped as the layer asks, and how many blocks fit.
 
 Layers say what a block of theirs holds (`kv_cache_shape`): paged keys and values today, a latent
-vector for MLA tomorrow; the pool only multiplies out their bytes and binds each layer its tensor.
+vector for MLA tomorrow; the pool only multiplies out their bytes and binds each layer its tensor. Its
+dtype is the model's, or float8_e4m3fn with kv_cache_dtype="fp8": one byte an element, so the same memory
+holds twice the blocks of a 16-bit pool (docs/quantization.md, "FP8 KV cache").
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ logger = logging.getLogger(__name__)
 
 class KVCache:
     def __init__(self, layers: list[nn.Module], block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        if dtype == torch.float8_e4m3fn:
+            unsupported = sorted(
+                {type(layer).__name__ for layer in layers if not getattr(layer, "supports_fp8_kv_cache", False)}
+            )
+            if unsupported:
+                raise ValueError(
+                    f"kv_cache_dtype='fp8' is not supported by {', '.join(unsupported)} layers yet (their kernels "
+                    "read the cache in the model dtype); use kv_cache_dtype='auto'"
+                )
         self.layers, self.block_size, self.dtype, self.device = layers, block_size, dtype, device
         self.tensors: list[torch.Tensor] = []
 

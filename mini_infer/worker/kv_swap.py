@@ -9,6 +9,8 @@ consecutive host blocks, so the transfer overlaps the next forward pass. A swap-
 device buffer on the side stream (overlapping the step still queued before it), and the compute stream
 waits for that copy alone before scattering the buffer into the new blocks. Every host-pool access is on
 the one side stream, so a freed host block is never rewritten before an earlier copy out of it has run.
+An fp8 pool (kv_cache_dtype="fp8") is copied through uint8 views of its tensors: the same bytes, and torch
+has no index_copy_ for float8 on the CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
     return [(int(s), int(a[s]), int(e - s)) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
+def _copy_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype blocks are copied as: float8 pools as their bytes."""
+    return torch.uint8 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype
+
+
 def _pin_in_place(host: torch.Tensor) -> bool:
     """Page-locks a plain host tensor as it is (cudaHostRegister), so asynchronous copies can use it.
     torch's `pin_memory=True` goes through its caching host allocator, which rounds every allocation up to
@@ -63,7 +70,7 @@ class KVSwapper:
         self.device = kv_cache.device
         self.layout = BlockLayout.from_shapes(
             [lambda n, layer=layer: layer.kv_cache_shape(n, kv_cache.block_size) for layer in kv_cache.layers],
-            [kv_cache.dtype] * len(kv_cache.layers),
+            [_copy_dtype(kv_cache.dtype)] * len(kv_cache.layers),
         )
         cuda = self.device.type == "cuda"
         self.host = torch.empty(num_blocks, self.layout.block_bytes, dtype=torch.uint8)
@@ -85,6 +92,11 @@ class KVSwapper:
     def num_blocks(self) -> int:
         return self.host.shape[0]
 
+    @property
+    def _pool(self) -> list[torch.Tensor]:
+        """The device pool's tensors as the layout copies them."""
+        return [t.view(_copy_dtype(t.dtype)) for t in self.kv_cache.tensors]
+
     def swap(self, blocks_to_swap_out: list[tuple[int, int]], blocks_to_swap_in: list[tuple[int, int]]) -> None:
         """(device block, host block) pairs out, then (host block, device block) pairs in: in this order,
         since a block a swap-out frees may be the one a swap-in of the same step fills. On CPU the copies
@@ -103,7 +115,7 @@ class KVSwapper:
         return t.pin_memory().to(self.device, non_blocking=True) if self.stream is not None else t
 
     def swap_out(self, device_blocks: list[int], host_blocks: list[int]) -> None:
-        buffer = gather_blocks(self.kv_cache.tensors, self.layout, self._ids(device_blocks))
+        buffer = gather_blocks(self._pool, self.layout, self._ids(device_blocks))
         if self.stream is None:
             for pos, first, n in runs(host_blocks):
                 self.host[first : first + n].copy_(buffer[pos : pos + n])
@@ -126,4 +138,4 @@ class KVSwapper:
                     buffer[pos : pos + n].copy_(self.host[first : first + n], non_blocking=True)
             compute.wait_stream(self.stream)  # the compute stream waits for this copy, the host does not
             buffer.record_stream(compute)
-        scatter_blocks(self.kv_cache.tensors, self.layout, ids, buffer)
+        scatter_blocks(self._pool, self.layout, ids, buffer)

@@ -103,7 +103,7 @@ class ModelRunner:
         self.vocab_size, self.hidden_size = hf_config.vocab_size, hf_config.hidden_size
         self.proposer = proposer
         layers = model.attention_layers() + (proposer.attention_layers() if proposer is not None else [])
-        self.kv_cache = KVCache(layers, config.block_size, dtype, device)
+        self.kv_cache = KVCache(layers, config.block_size, config.resolve_kv_cache_dtype(dtype), device)
         graphs_ok = device.type == "cuda" and not config.enforce_eager and backend.supports_cuda_graphs
         self.use_cuda_graphs = graphs_ok and proposer is None  # a proposer's passes run eagerly
         self.graphs: CUDAGraphs | None = None
