@@ -123,7 +123,7 @@ class LLMEngine:
         self.executor = make_executor(config, path, self.max_model_len)
         device = config.resolved_device
         dtype = config.resolve_dtype(checkpoint_dtype(self.model_config))
-        backend = get_attention_backend(config.resolved_kernel_backend, device)
+        backend = get_attention_backend(config.resolved_kernel_backend, config.block_size, device)
         start = time.perf_counter()
         model = load_model(
             path, self.model_config, backend.ops, dtype, device, config.load_format, config.seed, config.quantization

@@ -63,3 +63,17 @@ def test_skip_special_tokens(stories_path):
     skipped = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=400), use_tqdm=False)[0]
     assert kept.outputs[0].text.endswith("<s>")
     assert not skipped.outputs[0].text.endswith("<s>")
+
+
+def test_final_only_text_decoded_at_the_end_equals_the_streamed_text(stories_path, qwen3_path):
+    """Final-only requests without stop strings or logprobs decode their text once, at the end: the same
+    text as streaming it token by token (byte-fallback runs, leading spaces, special tokens skipped)."""
+    for path in (stories_path, qwen3_path):
+        engine = LLMEngine(EngineConfig(model=path))
+        llm = LLM(path)
+        for seed in range(4):
+            params = SamplingParams(temperature=1.0, seed=seed, max_tokens=40, ignore_eos=True)
+            streamed, ids = stream(engine, f"s{seed}", "Once upon a", params)
+            final = llm.generate(["Once upon a"], params, use_tqdm=False)[0].outputs[0]
+            assert final.token_ids == ids
+            assert final.text == streamed[-1]

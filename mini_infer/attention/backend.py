@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mini_infer.kernels import KernelOps, get_ops
+from mini_infer.kernels.paged_attention import decode_key_slots
 from mini_infer.kernels.prefill_attention import build_prefill_tiles, default_prefill_config, max_prefill_tiles
 from mini_infer.worker.step_inputs import StepInputs
 
@@ -35,17 +36,32 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor  # [P, max_blocks]
     num_prefill_tokens: int
     prefill_tiles: torch.Tensor | None = None  # [n, 2] work list of the Triton prefill kernel
+    decode_key_slots: torch.Tensor | None = None  # [D, max keys] pool slots the torch decode attention reads
 
 
 class AttentionBackend:
-    """Paged attention with the torch reference kernels."""
+    """Paged attention with the torch reference kernels. Every layer's decode attention reads the same
+    pool slots, so they are built here once per step (on the host, where they cost least)."""
 
     supports_cuda_graphs = False
 
-    def __init__(self, ops: KernelOps) -> None:
-        self.ops = ops
+    def __init__(self, ops: KernelOps, block_size: int) -> None:
+        self.ops, self.block_size = ops, block_size
 
     def build_metadata(self, inputs: StepInputs, put: Put) -> AttentionMetadata:
+        meta = self.common_metadata(inputs, put)
+        nd = inputs.num_decodes
+        if nd:
+            slots = decode_key_slots(inputs.block_tables[:nd], inputs.seq_lens[:nd], self.block_size)
+            # not through `put`: its shape follows the step's longest row, so it is no static graph buffer
+            # (this backend runs no CUDA graphs; a graph-input test's replays keep their captured metadata)
+            if slots is not None:
+                meta.decode_key_slots = torch.from_numpy(slots).to(meta.decode_block_tables.device)
+        return meta
+
+    @staticmethod
+    def common_metadata(inputs: StepInputs, put: Put) -> AttentionMetadata:
+        """The fields every backend fills."""
         nd = inputs.num_decodes
         cu_seqlens = np.zeros(inputs.num_seqs - nd + 1, dtype=np.int32)
         np.cumsum(inputs.query_lens[nd:], out=cu_seqlens[1:])
@@ -69,12 +85,12 @@ class TritonAttentionBackend(AttentionBackend):
 
     supports_cuda_graphs = True
 
-    def __init__(self, ops: KernelOps, device: torch.device) -> None:
-        super().__init__(ops)
+    def __init__(self, ops: KernelOps, block_size: int, device: torch.device) -> None:
+        super().__init__(ops, block_size)
         self.block_m = default_prefill_config(device).block_m
 
     def build_metadata(self, inputs: StepInputs, put: Put) -> AttentionMetadata:
-        meta = super().build_metadata(inputs, put)
+        meta = self.common_metadata(inputs, put)
         nd = inputs.num_decodes
         capacity = max_prefill_tiles(inputs.num_tokens - nd, inputs.num_seqs - nd, self.block_m)
         tiles = build_prefill_tiles(inputs.query_lens[nd:], inputs.seq_lens[nd:], self.block_m, capacity)
@@ -82,6 +98,8 @@ class TritonAttentionBackend(AttentionBackend):
         return meta
 
 
-def get_attention_backend(kernel_backend: str, device: torch.device) -> AttentionBackend:
+def get_attention_backend(kernel_backend: str, block_size: int, device: torch.device) -> AttentionBackend:
     ops = get_ops(kernel_backend)
-    return TritonAttentionBackend(ops, device) if kernel_backend == "triton" else AttentionBackend(ops)
+    if kernel_backend == "triton":
+        return TritonAttentionBackend(ops, block_size, device)
+    return AttentionBackend(ops, block_size)

@@ -67,7 +67,7 @@ class Worker:
         torch.manual_seed(config.seed)
         hf_config = load_hf_config(Path(path))
         dtype = config.resolve_dtype(checkpoint_dtype(hf_config))
-        backend = get_attention_backend(config.resolved_kernel_backend, device)
+        backend = get_attention_backend(config.resolved_kernel_backend, config.block_size, device)
         model = load_model(Path(path), hf_config, backend.ops, dtype, device, config.load_format, config.seed)
         self.runner = WorkerModelRunner(model, config, hf_config, dtype, device, max_model_len, backend)
         self.num_blocks = self.runner.init_kv_cache()

@@ -7,6 +7,7 @@ query head h reads KV head h // (Hq // Hk). An fp8 pool's keys and values are re
 k_scale / v_scale, rounded to q's dtype (kv_quant.py), right after the gather.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,9 +89,12 @@ def decode_attention_ref(
 # The torch backend's attention (the CPU path): the references' arithmetic, batched. The references
 # above loop over sequences, ~10 small ops each per layer; on a CPU those per-op costs, not the FLOPs,
 # set a small model's step time (a decode step of stories260K at batch 16 spent 15 of its 18 ms in
-# them). Here sequences whose key counts are within 2x of each other share one padded gather and two
-# matmuls; the padded keys get -inf scores, so they weigh exactly 0, and GQA is a broadcast in the
-# matmul instead of repeat_interleave copies.
+# them). Here sequences whose key counts are within 2x of each other share one padded gather and one
+# attention call; the padded keys are masked out, so they weigh exactly 0. The attention itself is
+# torch's scaled_dot_product_attention in float32: the references' softmax(q k^T * scale) v, summed in
+# its own (blocked) order, within ~3e-7 of them, and what transformers itself runs on a CPU. GQA is its
+# enable_gqa broadcast, not repeat_interleave copies. Every layer of a decode step reads the same pool
+# slots, so the step builds them once on the host (decode_key_slots, into the attention metadata).
 
 
 def _length_groups(lens: list[int], block_size: int) -> list[list[int]]:
@@ -113,6 +117,17 @@ def _gather_kv_rows(
     return dequantize_kv_ref(rows, kv_scale, dtype)
 
 
+def decode_key_slots(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> np.ndarray | None:
+    """[R, max(seq_lens)] pool slots of every decode row's keys, built once per step on the host, when the
+    rows form one length group (the usual step; None otherwise, and attention builds its groups itself)."""
+    lens = seq_lens.tolist()
+    groups = _length_groups(lens, block_size)
+    if len(groups) != 1 or len(groups[0]) != len(lens):
+        return None
+    pos = np.arange(max(lens))
+    return block_tables[:, pos // block_size].astype(np.int64) * block_size + pos % block_size
+
+
 def _key_slots(block_tables: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
     """[R, num_keys] pool slot of each row's keys 0 .. num_keys - 1 (rows with fewer keys read slots that
     their mask then hides)."""
@@ -122,17 +137,18 @@ def _key_slots(block_tables: torch.Tensor, num_keys: int, block_size: int) -> to
 
 def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [R, L, Hq, D] at positions q_pos [R, L]: keys after a query's position are masked (a padded
-    query at -1 sees none and comes out NaN, for the caller to drop); k, v: [R, S, Hk, D]. float32 softmax."""
-    R, L, Hq, D = q.shape
-    S, Hk = k.shape[1], k.shape[2]
-    qf = q.float().view(R, L, Hk, Hq // Hk, D).permute(0, 2, 3, 1, 4).reshape(R, Hk, -1, D)  # [R, Hk, G*L, D]
-    kf = k.float().permute(0, 2, 3, 1)  # [R, Hk, D, S]
-    vf = v.float().transpose(1, 2)  # [R, Hk, S, D]
-    scores = torch.matmul(qf, kf).mul_(scale).view(R, Hk, Hq // Hk, L, S)
-    masked = torch.arange(S, device=q.device).view(1, 1, S) > q_pos.unsqueeze(-1)  # [R, L, S]
-    scores.masked_fill_(masked.view(R, 1, 1, L, S), float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1).view(R, Hk, -1, S), vf)  # [R, Hk, G*L, D]
-    return out.view(R, Hk, Hq // Hk, L, D).permute(0, 3, 1, 2, 4).reshape(R, L, Hq, D).to(q.dtype)
+    query at -1 sees none, for the caller to drop); k, v: [R, S, Hk, D]. float32 softmax."""
+    S = k.shape[1]
+    allowed = torch.arange(S, device=q.device).view(1, 1, S) <= q_pos.unsqueeze(-1)  # [R, L, S]
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2),
+        k.float().transpose(1, 2),
+        v.float().transpose(1, 2),
+        attn_mask=allowed.unsqueeze(1),
+        scale=scale,
+        enable_gqa=True,
+    )  # [R, Hq, L, D]
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def decode_attention_batched(
@@ -144,9 +160,16 @@ def decode_attention_batched(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    key_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """decode_attention_ref's arguments and result, computed a group of rows at a time (the whole batch
-    at once when its lengths are within 2x, without gathering its rows)."""
+    at once when its lengths are within 2x, without gathering its rows). key_slots: the step's
+    decode_key_slots, when its rows form one group."""
+    if key_slots is not None:
+        k = _gather_kv_rows(k_cache, key_slots, k_scale, q.dtype)
+        v = _gather_kv_rows(v_cache, key_slots, v_scale, q.dtype)
+        q_pos = (seq_lens.long() - 1).unsqueeze(1)  # [R, 1]
+        return _attend_rows(q.unsqueeze(1), k, v, q_pos, scale).squeeze(1)
     lens = seq_lens.tolist()
     groups = _length_groups(lens, k_cache.shape[1])
     if len(groups) == 1 and len(groups[0]) == len(lens):  # the usual step: one group, every row

@@ -24,9 +24,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def _heads_of_both(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q and k as one [T, Hq + Hk, D] view when k's heads follow q's in memory (the views of a fused qkv
+    row), so RoPE is one pass of small ops instead of two; else None."""
+    heads = q.shape[1] + k.shape[1]
+    if q.stride() != k.stride() or q.stride(1) != q.shape[2] or q.dtype != k.dtype:
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], heads, q.shape[2]), q.stride())
+
+
 def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     """RoPE of q: [T, Hq, D] and k: [T, Hk, D] in place (views with a unit last stride are fine)."""
     cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    both = _heads_of_both(q, k)
+    if both is not None:
+        both.copy_(_rotate(both, cos, sin))
+        return
     q.copy_(_rotate(q, cos, sin))
     k.copy_(_rotate(k, cos, sin))
 

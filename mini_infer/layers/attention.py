@@ -71,9 +71,18 @@ class PagedAttention(nn.Module):
         )
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         nd = meta.num_decode_tokens
+        # the torch backend's step-wide key slots (attention/backend.py); other backends leave them None
+        slots = {} if meta.decode_key_slots is None else {"key_slots": meta.decode_key_slots}
         if nd == q.shape[0]:
             out = self.ops.decode_attention(
-                q, self.k_cache, self.v_cache, meta.decode_seq_lens, meta.decode_block_tables, self.scale, **scales
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.decode_seq_lens,
+                meta.decode_block_tables,
+                self.scale,
+                **scales,
+                **slots,
             )
         elif nd == 0:
             out = self.ops.prefill_attention(
@@ -98,6 +107,7 @@ class PagedAttention(nn.Module):
                         meta.decode_block_tables,
                         self.scale,
                         **scales,
+                        **slots,
                     ),
                     self.ops.prefill_attention(
                         q[nd:],
