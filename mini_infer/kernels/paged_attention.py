@@ -90,10 +90,11 @@ def decode_attention_ref(
 # above loop over sequences, ~10 small ops each per layer; on a CPU those per-op costs, not the FLOPs,
 # set a small model's step time (a decode step of stories260K at batch 16 spent 15 of its 18 ms in
 # them). Here sequences whose key counts are within 2x of each other share one padded gather and one
-# attention call; the padded keys are masked out, so they weigh exactly 0. The attention itself is
-# torch's scaled_dot_product_attention in float32: the references' softmax(q k^T * scale) v, summed in
-# its own (blocked) order, within ~3e-7 of them, and what transformers itself runs on a CPU. GQA is its
-# enable_gqa broadcast, not repeat_interleave copies. Every layer of a decode step reads the same pool
+# attention call; the padded keys are masked out, so they weigh exactly 0. Chunks of several queries go
+# through torch's scaled_dot_product_attention in float32: the references' softmax(q k^T * scale) v,
+# summed in its own (blocked) order, within ~3e-7 of them, and what transformers itself runs on a CPU;
+# GQA is its enable_gqa broadcast. One query per row (decode) keeps the references' two matmuls, with
+# each KV head's query heads as one [G, D] block. Every layer of a decode step reads the same pool
 # slots, so the step builds them once on the host (decode_key_slots, into the attention metadata).
 
 
@@ -151,6 +152,19 @@ def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
     return out.transpose(1, 2).to(q.dtype)
 
 
+def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, scale: float):
+    """q: [R, Hq, D], one query per row at its last position; k, v: [R, S, Hk, D]. The references' own
+    arithmetic (two matmuls, a float32 softmax), cheaper than the general path for one query: a row's query
+    heads of one KV head are its GQA group, so q is a [R, Hk, G, D] view and nothing is copied for GQA."""
+    R, Hq, D = q.shape
+    S, Hk = k.shape[1], k.shape[2]
+    scores = torch.matmul(q.float().view(R, Hk, Hq // Hk, D), k.float().permute(0, 2, 3, 1)).mul_(scale)
+    beyond = torch.arange(S, device=q.device) >= seq_lens.unsqueeze(1)  # [R, S]
+    scores.masked_fill_(beyond.view(R, 1, 1, S), float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float().transpose(1, 2))  # [R, Hk, G, D]
+    return out.view(R, Hq, D).to(q.dtype)
+
+
 def decode_attention_batched(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -168,8 +182,7 @@ def decode_attention_batched(
     if key_slots is not None:
         k = _gather_kv_rows(k_cache, key_slots, k_scale, q.dtype)
         v = _gather_kv_rows(v_cache, key_slots, v_scale, q.dtype)
-        q_pos = (seq_lens.long() - 1).unsqueeze(1)  # [R, 1]
-        return _attend_rows(q.unsqueeze(1), k, v, q_pos, scale).squeeze(1)
+        return _attend_one_query(q, k, v, seq_lens, scale)
     lens = seq_lens.tolist()
     groups = _length_groups(lens, k_cache.shape[1])
     if len(groups) == 1 and len(groups[0]) == len(lens):  # the usual step: one group, every row
