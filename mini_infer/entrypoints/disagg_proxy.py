@@ -10,8 +10,6 @@ prefill server's KV did not arrive, the decode server simply computes the prompt
 FastAPI and httpx are imported when the app is built, so `mini-infer --help` stays fast.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import logging
@@ -33,7 +31,9 @@ def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
     return prefill
 
 
-def build_proxy_app(prefill_url: str, decode_url: str, timeout_s: float | None = None) -> FastAPI:
+def build_proxy_app(prefill_url: str, decode_url: str, timeout_s: float | None = None) -> "FastAPI":
+    """The proxy's app. (No `from __future__ import annotations` here: FastAPI reads the routes' `Request`
+    annotations as objects, and they are imported in this function.)"""
     import httpx
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
