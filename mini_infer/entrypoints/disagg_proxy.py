@@ -131,7 +131,8 @@ def add_disagg_proxy_parser(subparsers: argparse._SubParsersAction) -> argparse.
     parser = subparsers.add_parser(
         "disagg-proxy",
         help="one OpenAI endpoint in front of a prefill server and a decode server (KV connector)",
-        description=__doc__.splitlines()[0],
+        description="Sends each request to the prefill server with max_tokens 1, then to the decode server, "
+        "and relays the decode server's answer (streamed or not).",
     )
     parser.add_argument("--prefill", required=True, help="the prefill server's base URL, e.g. http://127.0.0.1:8100")
     parser.add_argument("--decode", required=True, help="the decode server's base URL, e.g. http://127.0.0.1:8200")
