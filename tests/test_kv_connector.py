@@ -196,3 +196,18 @@ def test_kv_transfer_config_is_validated(stories_path):
     config = EngineConfig.from_cli_args(argparse.Namespace(model=stories_path, **vars(args)))
     assert config.kv_transfer_config.kv_connector == "SharedMemoryConnector" and config.kv_transfer_config.is_consumer
     assert not config.kv_transfer_config.is_producer
+
+
+def test_fp8_kv_blocks_move_as_bytes(stories_path, tmp_path):
+    """kv_cache_dtype="fp8": blocks move as their bytes; the consumer equals one fp8 engine."""
+    fp8 = dict(kv_cache_dtype="fp8")
+    plain = LLM(stories_path, **ENGINE, **fp8).generate(PROMPTS, GREEDY, use_tqdm=False)
+    producer = LLM(
+        stories_path, kv_transfer_config=transfer("SharedStorageConnector", "kv_producer", tmp_path), **ENGINE, **fp8
+    )
+    producer.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    got, cstats = consume(stories_path, "SharedStorageConnector", tmp_path, **fp8)
+    assert got == [o.outputs[0].token_ids for o in plain] and cstats.kv_transfer_loaded_tokens == 5 * BLOCK
+    # a float32 engine's blocks live in another namespace: it finds nothing of the fp8 ones
+    _, other = consume(stories_path, "SharedStorageConnector", tmp_path)
+    assert other.kv_transfer_loaded_tokens == 0
