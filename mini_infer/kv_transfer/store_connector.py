@@ -113,7 +113,13 @@ class StoreConnector(KVConnectorBase):
         meta = KVConnectorMetadata()
         if self._loads:
             meta.load_block_ids = [b for blocks, _ in self._loads for b in blocks]
-            meta.load_rows = torch.cat([rows for _, rows in self._loads]) if len(self._loads) > 1 else self._loads[0][1]
+            if len(self._loads) == 1:
+                meta.load_rows = self._loads[0][1]
+            else:  # one pinned buffer, so the host-to-device copy stays asynchronous
+                meta.load_rows = torch.empty(
+                    len(meta.load_block_ids), self.layout.block_bytes, dtype=torch.uint8, pin_memory=self._cuda
+                )
+                torch.cat([rows for _, rows in self._loads], out=meta.load_rows)
             self._loads = []
         if self.config.is_producer:
             planned: set[int] = set()
