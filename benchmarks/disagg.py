@@ -159,9 +159,11 @@ def run_single(args: argparse.Namespace, requests: list[BenchRequest], log_dir: 
 
 
 def run_disagg(args: argparse.Namespace, requests: list[BenchRequest], log_dir: Path) -> dict:
-    extra = {"shared_memory_gib": args.shared_memory_gib, "shared_memory_name": f"mini-infer-bench-{free_port()}"}
-    if args.device == "cpu":
-        extra["shared_memory_dir"] = str(log_dir)
+    extra = {
+        "shared_memory_gib": args.shared_memory_gib,
+        "shared_memory_name": f"mini-infer-bench-{free_port()}",
+        "shared_memory_dir": str(log_dir) if args.smoke else args.shared_memory_dir,
+    }
 
     def transfer(role: str) -> str:
         return json.dumps(
@@ -209,7 +211,7 @@ def run_disagg(args: argparse.Namespace, requests: list[BenchRequest], log_dir: 
     finally:
         for server in reversed(servers):
             server.stop()
-        shm = Path(extra.get("shared_memory_dir", "/dev/shm"))
+        shm = Path(extra["shared_memory_dir"])
         for segment in shm.glob(extra["shared_memory_name"] + "-*"):
             segment.unlink()
 
@@ -254,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-gpu-memory-utilization", type=float, default=0.4)
     p.add_argument("--decode-gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--shared-memory-gib", type=float, default=32.0, help="the KV segment between the engines")
+    p.add_argument(
+        "--shared-memory-dir", default="/dev/shm", help="where the segment lives (check that it has the room: df)"
+    )
     p.add_argument("--modes", default="single,disagg")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
