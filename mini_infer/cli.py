@@ -1,4 +1,4 @@
-"""`mini-infer generate | serve | bench`: the command line.
+"""`mini-infer generate | serve | disagg-proxy | bench`: the command line.
 
 Building the parsers imports neither torch nor transformers (each command imports what it runs), so
 `--help` answers at once. Every user mistake ends in one line on stderr naming what to change, and exit
@@ -139,6 +139,9 @@ def build_parser() -> ArgumentParser:
     from mini_infer.entrypoints.serve_cli import add_serve_parser
 
     add_serve_parser(sub)
+    from mini_infer.entrypoints.disagg_proxy import add_disagg_proxy_parser
+
+    add_disagg_proxy_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks: throughput, latency, serve").add_subparsers(
         dest="bench_command", required=True
     )

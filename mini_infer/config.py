@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported where used: the CLI builds its parsers from this module without loading torch
     import torch
 
+    from mini_infer.kv_transfer.config import KVTransferConfig
     from mini_infer.spec_decode.config import SpeculativeConfig
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -73,6 +74,9 @@ class EngineConfig:
     swap_space: float = 4.0  # GiB of host memory per rank for swapped-out KV blocks (preemption_mode="swap")
     # "auto": K/V in the model dtype; "fp8" / "fp8_e4m3": e4m3 with per-tensor scales, twice the tokens
     kv_cache_dtype: str = "auto"
+    # vLLM's: {"kv_connector": NAME, "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+    # "kv_connector_extra_config": {...}} (or its JSON): prefill/decode disaggregation (docs/disaggregation.md)
+    kv_transfer_config: KVTransferConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -99,6 +103,11 @@ class EngineConfig:
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.tensor_parallel_size > 1 and self.speculative_config is not None:
             raise ValueError("speculative_config is not supported with tensor_parallel_size > 1 yet")
+        from mini_infer.kv_transfer.config import KVTransferConfig
+
+        self.kv_transfer_config = KVTransferConfig.parse(self.kv_transfer_config)
+        if self.tensor_parallel_size > 1 and self.kv_transfer_config is not None:
+            raise ValueError("kv_transfer_config is not supported with tensor_parallel_size > 1 yet")
         if self.enable_expert_parallel and self.tensor_parallel_size == 1:
             raise ValueError("enable_expert_parallel needs tensor_parallel_size > 1 (experts are split over its ranks)")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:

@@ -71,6 +71,8 @@ class EngineStats:
     num_swap_ins: int = 0
     num_host_blocks_used: int = 0
     num_host_blocks_total: int = 0
+    kv_transfer_loaded_tokens: int = 0  # KV connector: prompt tokens loaded instead of computed, and saved
+    kv_transfer_saved_tokens: int = 0
 
 
 class StepObserver(Protocol):
@@ -160,7 +162,14 @@ class LLMEngine:
         host_blocks = swapper.num_blocks if swapper is not None else 0
         if swapper is not None and host_blocks == 0:
             logger.warning("swap_space=%s GiB holds no KV block: every preemption recomputes", config.swap_space)
-        self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose, host_blocks)
+        connector = None
+        if config.kv_transfer_config is not None:  # prefill/decode disaggregation (docs/disaggregation.md)
+            from mini_infer.kv_transfer.factory import make_kv_connector
+
+            connector = make_kv_connector(config.kv_transfer_config, self.model_runner.kv_cache)
+            self.model_runner.kv_connector = connector
+        self.kv_connector = connector
+        self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose, host_blocks, connector)
         self.input_processor = InputProcessor(
             config, self.model_config, self.detokenizer, self.max_model_len, self.eos_token_ids, self.scheduler.fits
         )
@@ -376,4 +385,6 @@ class LLMEngine:
             num_swap_ins=scheduler.num_swap_ins,
             num_host_blocks_used=scheduler.host_blocks.num_used_blocks,
             num_host_blocks_total=scheduler.host_blocks.num_blocks,
+            kv_transfer_loaded_tokens=self.kv_connector.num_loaded_tokens if self.kv_connector else 0,
+            kv_transfer_saved_tokens=self.kv_connector.num_saved_tokens if self.kv_connector else 0,
         )

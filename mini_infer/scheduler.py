@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from mini_infer.block_manager import BlockManager
 from mini_infer.config import EngineConfig
+from mini_infer.kv_transfer.connector_base import KVConnectorBase, KVConnectorMetadata
 from mini_infer.kv_transfer.host_blocks import HostBlockPool
 from mini_infer.sequence import Sequence, SequenceStatus
 
@@ -53,6 +54,8 @@ class SchedulerOutput:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     # structured outputs: (constrained sampled rows, their int32 token bitmasks), filled by the engine
     grammar_bitmask: tuple[list[int], object] | None = None
+    # a KV connector's loads and saves for this step (kv_transfer/connector_base.py), or None
+    kv_connector_metadata: KVConnectorMetadata | None = None
 
     @property
     def seqs(self) -> list[ScheduledSeq]:
@@ -88,10 +91,13 @@ class Scheduler:
         max_model_len: int,
         propose: Callable[[Sequence, int], list[int]] | None = None,
         num_host_blocks: int = 0,
+        connector: KVConnectorBase | None = None,
     ) -> None:
         """propose(seq, k): up to k draft tokens for a decoding sequence (speculative decoding), or None;
-        num_host_blocks: the swap space's size in blocks (preemption_mode="swap")."""
+        num_host_blocks: the swap space's size in blocks (preemption_mode="swap"); connector: loads prompt
+        KV that another engine computed and saves what this one computes (kv_transfer_config)."""
         self.config = config
+        self.connector = connector
         self.propose = propose
         self.block_manager = block_manager
         self.max_model_len = max_model_len
@@ -170,18 +176,24 @@ class Scheduler:
                 break
             if first_swapped is not None and seq.sort_key() > first_swapped:  # a swapped one comes first
                 continue
+            num_external = 0  # prompt tokens a KV connector loads: they cost no budget
             if not seq.block_table and seq.params.prompt_logprobs is None:  # those need every prompt position
                 self._match_prefix(seq)
-            num_new = seq.num_tokens - seq.num_computed_tokens
+                if self.connector is not None:
+                    num_external = self.connector.get_num_new_matched_tokens(seq, seq.num_computed_tokens)
+            num_new = seq.num_tokens - seq.num_computed_tokens - num_external
             if num_new > budget and not chunked:
                 break
             num_new = min(num_new, budget)
-            if not self._allocate(seq, num_new):
+            if not self._allocate(seq, num_external + num_new):
                 break
+            if num_external:
+                self.connector.update_state_after_alloc(seq, seq.block_table, num_external)
+                seq.num_computed_tokens += num_external
             if seq.first_scheduled_time is None:  # count the prompt once, at its first admission
                 seq.first_scheduled_time = time.monotonic()
-                seq.num_cached_tokens = seq.num_computed_tokens
-                self.block_manager.record_lookup(seq.num_tokens, seq.num_computed_tokens)
+                seq.num_cached_tokens = seq.num_computed_tokens  # loaded tokens count as cached, as in vLLM
+                self.block_manager.record_lookup(seq.num_tokens, seq.num_computed_tokens - num_external)
             admitted.add(seq.seq_id)
             self.static_slots = max(0, self.static_slots - 1)
             seq.status = SequenceStatus.RUNNING
@@ -203,7 +215,10 @@ class Scheduler:
         # Longest context first: the decode attention kernel starts its programs in row order, so long
         # rows start early and short ones fill the tail (on the H100, 5-7% faster with mixed lengths).
         decodes.sort(key=lambda s: -s.start)
-        return SchedulerOutput(decodes, prefills, self._swap_out, self._swap_in)
+        out = SchedulerOutput(decodes, prefills, self._swap_out, self._swap_in)
+        if self.connector is not None:
+            out.kv_connector_metadata = self.connector.build_connector_meta(out)
+        return out
 
     def _schedule_swapped(self, budget: int, scheduled: list[ScheduledSeq], candidates: list[Sequence]) -> int:
         """Swaps candidates back in, highest priority and earliest arrival first, while their blocks, the
@@ -394,5 +409,7 @@ class Scheduler:
             self.host_blocks.free(seq.host_blocks)
             seq.host_blocks = []
         self._free_blocks(seq)
+        if self.connector is not None:
+            self.connector.request_finished(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason

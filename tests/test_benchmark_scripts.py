@@ -72,3 +72,28 @@ def test_kv_cache_dtype_smoke(tmp_path):
     assert not auto["capacity_capped_by_max_num_seqs"] and not fp8["capacity_capped_by_max_num_seqs"]
     assert [r["batch_size"] for r in fp8["results"]] == [1, 2] and all(r["mean_step_ms"] > 0 for r in fp8["results"])
     assert "| fp8 | float8_e4m3fn |" in out.with_suffix(".md").read_text()
+
+
+def test_disagg_benchmark_smoke(tmp_path):
+    """benchmarks/disagg.py on CPU: one server, then prefill + decode servers behind the proxy, each loaded
+    by the same streaming client; every request completes and the decode server loaded prompt KV."""
+    out = tmp_path / "disagg.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "disagg.py"), "--smoke", "--output-json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    single, disagg = json.loads(out.read_text())["runs"]
+    assert single["mode"] == "single" and disagg["mode"] == "disagg"
+    assert single["completed"] == disagg["completed"] == single["num_prompts"] == 6
+    assert single["total_output_tokens"] == disagg["total_output_tokens"] == 6 * 8
+    # the long prompt's 5 blocks and one of each short prompt's (and of the warm-up's) were loaded
+    assert disagg["kv_transfer_loaded_tokens"] == (5 + 5 + 1) * 16
+    assert "| disagg |" in result.stdout

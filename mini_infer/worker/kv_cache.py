@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mini_infer.config import EngineConfig
+from mini_infer.kv_transfer.block_copy import BlockLayout
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,24 @@ class KVCache:
         """Bytes of one block across all layers."""
         elem = torch.empty(0, dtype=self.dtype).element_size()
         return sum(math.prod(layer.kv_cache_shape(1, self.block_size)) for layer in self.layers) * elem
+
+    @property
+    def copy_dtype(self) -> torch.dtype:
+        """The dtype blocks are copied as (swapping, KV connectors): float8 pools as their bytes."""
+        return torch.uint8 if self.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else self.dtype
+
+    @property
+    def layout(self) -> BlockLayout:
+        """Where a block lives in each layer's tensor, in copy_dtype: what swapping and KV connectors copy."""
+        return BlockLayout.from_shapes(
+            [lambda n, layer=layer: layer.kv_cache_shape(n, self.block_size) for layer in self.layers],
+            [self.copy_dtype] * len(self.layers),
+        )
+
+    @property
+    def copy_views(self) -> list[torch.Tensor]:
+        """The pool's tensors as the layout copies them."""
+        return [t.view(self.copy_dtype) for t in self.tensors]
 
     def allocate(self, num_blocks: int) -> None:
         """A pool of num_blocks blocks, bound to the layers (a smaller scratch one while profiling)."""

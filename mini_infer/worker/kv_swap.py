@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mini_infer.cpu_threads import step_threads
-from mini_infer.kv_transfer.block_copy import BlockLayout, gather_blocks, scatter_blocks
+from mini_infer.kv_transfer.block_copy import gather_blocks, scatter_blocks
 from mini_infer.worker.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -39,11 +39,6 @@ def runs(ids: list[int]) -> list[tuple[int, int, int]]:
     starts = np.flatnonzero(np.diff(a) != 1) + 1
     bounds = np.concatenate(([0], starts, [len(a)]))
     return [(int(s), int(a[s]), int(e - s)) for s, e in zip(bounds[:-1], bounds[1:])]
-
-
-def _copy_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype blocks are copied as: float8 pools as their bytes."""
-    return torch.uint8 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype
 
 
 def _pin_in_place(host: torch.Tensor) -> bool:
@@ -68,10 +63,7 @@ class KVSwapper:
     def __init__(self, kv_cache: KVCache, num_blocks: int) -> None:
         self.kv_cache = kv_cache
         self.device = kv_cache.device
-        self.layout = BlockLayout.from_shapes(
-            [lambda n, layer=layer: layer.kv_cache_shape(n, kv_cache.block_size) for layer in kv_cache.layers],
-            [_copy_dtype(kv_cache.dtype)] * len(kv_cache.layers),
-        )
+        self.layout = kv_cache.layout
         cuda = self.device.type == "cuda"
         self.host = torch.empty(num_blocks, self.layout.block_bytes, dtype=torch.uint8)
         self._registered = cuda and _pin_in_place(self.host)
@@ -92,11 +84,6 @@ class KVSwapper:
     def num_blocks(self) -> int:
         return self.host.shape[0]
 
-    @property
-    def _pool(self) -> list[torch.Tensor]:
-        """The device pool's tensors as the layout copies them."""
-        return [t.view(_copy_dtype(t.dtype)) for t in self.kv_cache.tensors]
-
     def swap(self, blocks_to_swap_out: list[tuple[int, int]], blocks_to_swap_in: list[tuple[int, int]]) -> None:
         """(device block, host block) pairs out, then (host block, device block) pairs in: in this order,
         since a block a swap-out frees may be the one a swap-in of the same step fills. On CPU the copies
@@ -115,7 +102,7 @@ class KVSwapper:
         return t.pin_memory().to(self.device, non_blocking=True) if self.stream is not None else t
 
     def swap_out(self, device_blocks: list[int], host_blocks: list[int]) -> None:
-        buffer = gather_blocks(self._pool, self.layout, self._ids(device_blocks))
+        buffer = gather_blocks(self.kv_cache.copy_views, self.layout, self._ids(device_blocks))
         if self.stream is None:
             for pos, first, n in runs(host_blocks):
                 self.host[first : first + n].copy_(buffer[pos : pos + n])
@@ -138,4 +125,4 @@ class KVSwapper:
                     buffer[pos : pos + n].copy_(self.host[first : first + n], non_blocking=True)
             compute.wait_stream(self.stream)  # the compute stream waits for this copy, the host does not
             buffer.record_stream(compute)
-        scatter_blocks(self._pool, self.layout, ids, buffer)
+        scatter_blocks(self.kv_cache.copy_views, self.layout, ids, buffer)

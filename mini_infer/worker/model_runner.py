@@ -26,6 +26,7 @@ from mini_infer.config import EngineConfig
 from mini_infer.cpu_threads import step_threads
 from mini_infer.distributed.communication_op import broadcast_from_driver, min_over_ranks
 from mini_infer.forward_context import forward_context
+from mini_infer.kv_transfer.connector_base import KVConnectorBase
 from mini_infer.sampler import DeviceSample, SamplerOutput, build_sampling_batch, sample, sample_on_device, to_device
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
@@ -108,6 +109,7 @@ class ModelRunner:
         self.use_cuda_graphs = graphs_ok and proposer is None  # a proposer's passes run eagerly
         self.graphs: CUDAGraphs | None = None
         self.kv_swapper: KVSwapper | None = None  # preemption_mode="swap": the host pool of this rank's KV
+        self.kv_connector: KVConnectorBase | None = None  # kv_transfer_config: KV loaded from / saved for others
         self.seed_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fused sampler)
         # the last step's sampled tokens, still on the device, and the row of each sequence in them
         self.last_tokens: torch.Tensor | None = None
@@ -256,13 +258,20 @@ class ModelRunner:
         """Queues one step; the returned PendingStep yields the sampled token (and logprobs) of each
         sequence that samples, in `out.sampling` order, and the prompt logprobs its prefill chunks asked
         for. Small CPU steps run single-threaded (cpu_threads.py). Swapped KV blocks are copied first
-        (worker/kv_swap.py), ordered before this step's forward pass; a step may be nothing else."""
+        (worker/kv_swap.py), ordered before this step's forward pass; a step may be nothing else. A KV
+        connector's loads run before the forward pass too, and its saves after it (kv_transfer/)."""
         if out.has_swaps:
             self.kv_swapper.swap(out.blocks_to_swap_out, out.blocks_to_swap_in)
         if not out:
             return PendingStep(None)
+        transfers = out.kv_connector_metadata
         with step_threads(self.device, out.num_tokens * self.num_weights):
-            return self._execute(out)
+            if transfers is not None:
+                self.kv_connector.start_load_kv(transfers)
+            pending = self._execute(out)
+            if transfers is not None:
+                self.kv_connector.wait_for_save(transfers)
+        return pending
 
     @torch.inference_mode()
     def _execute(self, out: SchedulerOutput) -> PendingStep:

@@ -137,6 +137,14 @@ class _EngineStatsCollector(Collector):
             "num_preemptions": ("Cumulative number of preemptions from the engine.", "num_preemptions"),
             "num_swap_outs": ("Cumulative number of preemptions that swapped KV to CPU.", "num_swap_outs"),
             "num_swap_ins": ("Cumulative number of swapped requests brought back.", "num_swap_ins"),
+            "kv_transfer_loaded_tokens": (
+                "Prompt tokens whose KV a KV connector loaded instead of computing.",
+                "kv_transfer_loaded_tokens",
+            ),
+            "kv_transfer_saved_tokens": (
+                "Prompt tokens whose KV a KV connector saved for other engines.",
+                "kv_transfer_saved_tokens",
+            ),
             "prefix_cache_queries": ("Prefix cache queries, in tokens.", "prefix_cache_queries"),
             "prefix_cache_hits": ("Prefix cache hits, in tokens.", "prefix_cache_hits"),
         }
