@@ -34,13 +34,14 @@ def _index(slots: list[int], max_loras: int, block_m: int) -> LoRAIndex:
 
 def test_tiles_cover_each_adapters_tokens_once():
     slots = [2, -1, 0, 2, 2, -1, 0, 1, 2, 2]
-    sorted_tokens, tiles = build_lora_tiles(np.array(slots), 4, block_m=2)
-    assert tiles.shape == (max_lora_tiles(10, 4, 2), 3)
+    sorted_tokens, tiles = build_lora_tiles(np.array(slots * 4), 4, block_m=16)
+    slots = slots * 4
+    assert tiles.shape == (max_lora_tiles(40, 4), 3)
     seen = []
     for slot, start, end in tiles:
         if slot < 0:
             continue
-        assert 0 < end - start <= 2
+        assert 0 < end - start <= 16
         rows = sorted_tokens[start:end].tolist()
         assert all(slots[r] == slot for r in rows)
         seen += rows

@@ -41,10 +41,14 @@ def lora_block_m(num_tokens: int) -> int:
     return 16 if num_tokens <= 512 else 64
 
 
-def max_lora_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
-    """Tiles num_tokens tokens over at most max_loras adapters can need: each adapter adds at most one
-    partial tile."""
-    return -(-num_tokens // block_m) + min(max_loras, num_tokens)
+MIN_BLOCK_M = 16
+
+
+def max_lora_tiles(num_tokens: int, max_loras: int) -> int:
+    """Tiles num_tokens tokens over at most max_loras adapters can need with any block_m >= MIN_BLOCK_M
+    (each adapter adds at most one partial tile). Bounded for the smallest block, so the capacity grows
+    with the token count alone: a CUDA graph's buffer, made at its largest size, holds every smaller list."""
+    return -(-num_tokens // MIN_BLOCK_M) + min(max_loras, num_tokens)
 
 
 def build_lora_tiles(token_slots: np.ndarray, max_loras: int, block_m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +68,8 @@ def build_lora_tiles(token_slots: np.ndarray, max_loras: int, block_m: int) -> t
         starts[slot_of_tile]
         + (np.arange(len(slot_of_tile)) - np.repeat(np.cumsum(per_slot) - per_slot, per_slot)) * block_m
     )
-    capacity = max_lora_tiles(num_tokens, max_loras, block_m)
+    assert block_m >= MIN_BLOCK_M
+    capacity = max_lora_tiles(num_tokens, max_loras)
     tiles = np.zeros((capacity, 3), dtype=np.int32)
     tiles[:, 0] = -1
     n = len(slot_of_tile)
