@@ -32,6 +32,7 @@ from mini_infer.config import EngineConfig
 from mini_infer.detokenizer import Detokenizer
 from mini_infer.distributed.executor import ExecutorError, make_executor
 from mini_infer.input_processor import InputProcessor, PromptType
+from mini_infer.lora.adapter import LoRAAdapter
 from mini_infer.lora.manager import LoRAModelManager
 from mini_infer.lora.request import LoRARequest
 from mini_infer.model_loader import checkpoint_dtype, eos_token_ids, load_hf_config, load_model, resolve_model_path
@@ -299,10 +300,11 @@ class LLMEngine:
         self.prompt_tokens += len(request.prompt_token_ids)
 
     # -- LoRA adapters (vLLM's add_lora / remove_lora / list_loras) ------------------------------
-    def add_lora(self, lora_request: LoRARequest) -> bool:
+    def add_lora(self, lora_request: LoRARequest, loaded: LoRAAdapter | None = None) -> bool:
         """Registers an adapter (its weights read and checked now, on the host; put in a device slot when a
         step needs it). False if it is registered already; ValueError if it cannot be applied, if its id
-        names another adapter, or without enable_lora."""
+        names another adapter, or without enable_lora. loaded: the adapter as `load_lora` read it (the
+        async engine reads it off the engine's thread)."""
         manager = self._require_lora()
         if not isinstance(lora_request, LoRARequest):
             raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
@@ -314,8 +316,12 @@ class LLMEngine:
                     f"({known.request.lora_path}); remove it first or pick another id"
                 )
             return False
-        manager.add(manager.load(lora_request))
+        manager.add(loaded if loaded is not None else manager.load(lora_request))
         return True
+
+    def load_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Reads and checks an adapter's folder without registering it (thread-safe)."""
+        return self._require_lora().load(lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
         """Unregisters an adapter and frees its slot; False if it was not registered. ValueError while

@@ -213,3 +213,60 @@ def test_bad_input(adapters, tmp_path):
         LLM(str(QWEN3), enable_lora=True, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="max_loras"):
         LLM(str(QWEN3), enable_lora=True, max_loras=0)
+
+
+def test_server_picks_the_adapter_by_model_name(adapters):
+    """--lora-modules at startup, the `model` field picking the adapter, /v1/models listing them, and
+    adapters loaded and unloaded at run time; texts equal offline generate's with the same adapter."""
+    import httpx
+    from test_server import ServerThread
+
+    from mini_infer import EngineConfig, LLMEngine
+    from mini_infer.async_engine import AsyncLLMEngine
+    from mini_infer.entrypoints.openai.api_server import build_app
+
+    config = dict(model=str(QWEN3), dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8)
+    loras = _requests(adapters)
+    offline = LLM(**config)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = {
+        name: offline.generate("Once upon a time", params, use_tqdm=False, lora_request=loras.get(name))[0]
+        .outputs[0]
+        .text
+        for name in ("all", "some", "base")
+    }
+    assert len(set(want.values())) == 3
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig(**config)))
+    app = build_app(engine, ["base"], lora_modules=[("all", adapters["all"])])
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+
+        def complete(model: str) -> httpx.Response:
+            return client.post("/v1/completions", json={**body, "model": model})
+
+        models = client.get("/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["base", "all"] and models[1]["parent"] == "base"
+        assert complete("all").json()["choices"][0]["text"] == want["all"]
+        assert complete("base").json()["choices"][0]["text"] == want["base"]
+        missing = complete("some")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+        load = client.post("/v1/load_lora_adapter", json={"lora_name": "some", "lora_path": adapters["some"]})
+        assert load.status_code == 200, load.text
+        assert complete("some").json()["choices"][0]["text"] == want["some"]
+        chat = client.post(
+            "/v1/chat/completions",
+            json={"model": "some", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        )
+        assert chat.status_code == 200 and chat.json()["model"] == "some"
+        again = client.post("/v1/load_lora_adapter", json={"lora_name": "some", "lora_path": adapters["some"]})
+        assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+        bad = client.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "/nowhere"})
+        assert bad.status_code == 400 and "not a folder" in bad.json()["error"]["message"]
+
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "all"}).status_code == 200
+        assert complete("all").status_code == 404
+        gone = client.post("/v1/unload_lora_adapter", json={"lora_name": "all"})
+        assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "some"]
+    engine.shutdown()
