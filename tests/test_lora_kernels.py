@@ -20,6 +20,7 @@ from mini_infer.kernels.lora import (  # noqa: E402
     lora_expand_tiled,
     lora_shrink_ref,
     lora_shrink_tiled,
+    lora_shrink_triton,
     max_lora_tiles,
 )
 
@@ -69,11 +70,16 @@ def test_shrink_expand_match_reference(dtype, block_m):
     s_tri = lora_shrink_tiled(x, lora_a, index)
     active = index.token_slots >= 0
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(s_tri[active], s_ref[active], **tol)
+    torch.testing.assert_close(s_tri.sum(0)[active], s_ref[active], **tol)
+    split = lora_shrink_triton(x, lora_a, index.sorted_tokens, index.tiles, block_m, block_k=16, split_k=3)
+    assert split.shape[0] == 3  # K = 48 over three programs per tile, summed by expand
+    torch.testing.assert_close(split.sum(0)[active], s_ref[active], **tol)
 
     y_ref = lora_expand_ref(y.clone(), s_ref, lora_b, index.token_slots, list(slices))
     y_tri = lora_expand_tiled(y.clone(), s_ref, lora_b, index, offsets, slices)
     torch.testing.assert_close(y_tri, y_ref, **tol)
+    y_split = lora_expand_tiled(y.clone(), split, lora_b, index, offsets, slices)
+    torch.testing.assert_close(y_split, y_ref, **tol)
     assert torch.equal(y_tri[~active], y[~active])  # base rows untouched
     assert not torch.allclose(y_tri[active], y[active])  # the adapters did add something
 

@@ -5,6 +5,8 @@ A LoRA projection adds `expand(shrink(x, A[slot]), B[slot])` to the base output,
 
 - shrink: s[t] = x[t] @ A[slot[t]].T, with A stacked over slots as [L, S * R, K] (the S slices of a
   fused projection, q/k/v or gate/up, share the input, so their A matrices are one stack); s is float32.
+  The Triton shrink splits K over programs for decode-sized steps and leaves the partial sums for the
+  expand to add up in a fixed order (deterministic, no atomics).
 - expand: y[t, slice i] += s[t, i*R:(i+1)*R] @ B[slot[t], slice i].T, with B as [L, N, R] (its rows are
   the output features, each slice's under its own columns of y). The adapter's scaling is folded into B.
 
@@ -42,6 +44,12 @@ def lora_block_m(num_tokens: int) -> int:
 
 
 MIN_BLOCK_M = 16
+
+
+def lora_split_k(num_tokens: int, k: int) -> int:
+    """Shrink programs per tile along K: up to 8 (at least 512 columns each) for decode-sized steps, whose
+    few tiles alone would leave most of the GPU idle; 1 for prefills, which have tiles enough."""
+    return 1 if num_tokens > 512 else max(1, min(8, k // 512))
 
 
 def max_lora_tiles(num_tokens: int, max_loras: int) -> int:
@@ -135,9 +143,11 @@ def _lora_shrink_kernel(
     stride_xm,
     stride_al,
     stride_an,
+    stride_os,
     stride_om,
     K: tl.constexpr,
     N: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -156,9 +166,10 @@ def _lora_shrink_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     a_base = a_ptr + slot.to(tl.int64) * stride_al
+    split = tl.program_id(2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        offs_k = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xt = tl.load(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
@@ -167,7 +178,8 @@ def _lora_shrink_kernel(
             a_base + offs_n[None, :] * stride_an + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0
         )
         acc += dot(xt, at, UPCAST_DOT, DOT_PRECISION)
-    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    out_ptrs = out_ptr + split * stride_os + rows[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -178,11 +190,13 @@ def _lora_expand_kernel(
     sorted_ptr,
     tiles_ptr,
     offsets_ptr,
+    stride_ss,
     stride_sm,
     stride_bl,
     stride_bn,
     stride_ym,
     RANK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -205,11 +219,10 @@ def _lora_expand_kernel(
     mask_n = offs_n < hi
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < RANK
-    st = tl.load(
-        s_ptr + rows[:, None] * stride_sm + slice_id * RANK + offs_k[None, :],
-        mask=mask_m[:, None] & mask_k[None, :],
-        other=0.0,
-    )
+    s_ptrs = s_ptr + rows[:, None] * stride_sm + slice_id * RANK + offs_k[None, :]
+    st = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):  # the shrink's split-K partial sums, added in a fixed order
+        st += tl.load(s_ptrs + split * stride_ss, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
     bt = tl.load(
         b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_k[:, None],
         mask=mask_k[:, None] & mask_n[None, :],
@@ -231,22 +244,28 @@ def lora_shrink_triton(
     *,
     block_n: int = 64,
     block_k: int = 64,
+    split_k: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Triton lora_shrink_ref over a tile list (build_lora_tiles): x [T, K], lora_a [L, N, K] -> float32
-    [T, N]; rows without an adapter are left unwritten (expand never reads them)."""
+    partial sums [split_k, T, N] (their sum is the reference's [T, N]), which lora_expand_triton adds up;
+    rows without an adapter are left unwritten (expand never reads them). A decode step has few tiles
+    (one or two per adapter), so K is split over programs to keep the GPU busy (`lora_split_k`)."""
     require_triton()
     num_tokens, k = x.shape
     n = lora_a.shape[1]
-    out = torch.empty(num_tokens, n, dtype=torch.float32, device=x.device)
+    block_n = min(block_n, max(16, next_pow2(n)))
+    block_k = min(block_k, max(16, next_pow2(k)))
+    split_k = split_k or lora_split_k(num_tokens, k)
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty(split_k, num_tokens, n, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
     assert lora_a.stride(2) == 1
-    block_n = min(block_n, max(16, next_pow2(n)))
-    block_k = min(block_k, max(16, next_pow2(k)))
-    grid = (tiles.shape[0], triton.cdiv(n, block_n))
+    grid = (tiles.shape[0], triton.cdiv(n, block_n), split_k)
     _lora_shrink_kernel[grid](
         x,
         lora_a,
@@ -257,8 +276,10 @@ def lora_shrink_triton(
         lora_a.stride(0),
         lora_a.stride(1),
         out.stride(0),
+        out.stride(1),
         K=k,
         N=n,
+        K_PER_SPLIT=k_per_split,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -282,12 +303,15 @@ def lora_expand_triton(
     block_n: int = 64,
     num_warps: int = 4,
 ) -> torch.Tensor:
-    """Triton lora_expand_ref, in place on y [T, N]: s float32 [T, S * R], lora_b [L, N, R];
-    slice_offsets: int32 device tensor [S + 1]; max_slice: the widest slice's columns."""
+    """Triton lora_expand_ref, in place on y [T, N]: s float32 [T, S * R] or the shrink's partial sums
+    [split, T, S * R], lora_b [L, N, R]; slice_offsets: int32 device tensor [S + 1]; max_slice: the widest
+    slice's columns."""
     require_triton()
     if y.shape[0] == 0:
         return y
-    assert y.stride(1) == 1 and s.stride(1) == 1 and lora_b.stride(2) == 1
+    if s.dim() == 2:
+        s = s.unsqueeze(0)
+    assert y.stride(1) == 1 and s.stride(2) == 1 and lora_b.stride(2) == 1
     rank = lora_b.shape[2]
     num_slices = slice_offsets.shape[0] - 1
     block_n = min(block_n, max(16, next_pow2(max_slice)))
@@ -300,10 +324,12 @@ def lora_expand_triton(
         tiles,
         slice_offsets,
         s.stride(0),
+        s.stride(1),
         lora_b.stride(0),
         lora_b.stride(1),
         y.stride(0),
         RANK=rank,
+        SPLIT_K=s.shape[0],
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=max(16, next_pow2(rank)),
