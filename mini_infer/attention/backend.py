@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from mini_infer.kernels import KernelOps, get_ops
-from mini_infer.kernels.paged_attention import decode_key_slots
 from mini_infer.kernels.lora import LoRAIndex
+from mini_infer.kernels.paged_attention import decode_key_slots
 from mini_infer.kernels.prefill_attention import build_prefill_tiles, default_prefill_config, max_prefill_tiles
 from mini_infer.worker.step_inputs import StepInputs
 
