@@ -133,7 +133,9 @@ def lora_expand_torch(
 # Triton: one program per (tile, block of output columns[, slice]); programs of unused tiles return.
 
 
-@triton.jit
+# The split stride (T * N) changes with the step's token count: not specialized on, so a batch size whose
+# product is not a multiple of 16 does not compile a second variant in the middle of a run.
+@triton.jit(do_not_specialize=["stride_os"])
 def _lora_shrink_kernel(
     x_ptr,
     a_ptr,
@@ -182,7 +184,7 @@ def _lora_shrink_kernel(
     tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ss"])
 def _lora_expand_kernel(
     s_ptr,
     b_ptr,
