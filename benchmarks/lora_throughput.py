@@ -119,7 +119,8 @@ def main() -> None:
         max_model_len=args.input_len + args.output_len + 16,
         max_num_seqs=args.max_num_seqs,
     )
-    warm = argparse.Namespace(**{**vars(args), "num_prompts": min(8, args.num_prompts), "output_len": 4})
+    warm_prompts = min(max(8, *counts), args.num_prompts)  # one per adapter at least: every slot loaded
+    warm = argparse.Namespace(**{**vars(args), "num_prompts": warm_prompts, "output_len": 4})
     rows = []
     engine = LLMEngine(EngineConfig(**common))  # the base model alone, on an engine without LoRA
     run(engine, warm, [None], "warm-up")
