@@ -16,6 +16,7 @@ _EXPORTS = {
     "EngineStats": "mini_infer.engine",
     "SamplingParams": "mini_infer.sampling_params",
     "StructuredOutputsParams": "mini_infer.sampling_params",
+    "LoRARequest": "mini_infer.lora.request",
     "RequestOutput": "mini_infer.outputs",
     "CompletionOutput": "mini_infer.outputs",
     "Logprob": "mini_infer.outputs",
@@ -27,6 +28,7 @@ __all__ = [
     "EngineStats",
     "SamplingParams",
     "StructuredOutputsParams",
+    "LoRARequest",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from mini_infer.config import EngineConfig
     from mini_infer.engine import EngineStats, LLMEngine
     from mini_infer.llm import LLM
+    from mini_infer.lora.request import LoRARequest
     from mini_infer.outputs import CompletionOutput, Logprob, RequestOutput
     from mini_infer.sampling_params import SamplingParams, StructuredOutputsParams
 

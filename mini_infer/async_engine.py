@@ -86,6 +86,7 @@ class _AddOp:
     params: SamplingParams
     priority: int
     done: concurrent.futures.Future
+    lora_request: Any = None
 
 
 class AsyncLLMEngine:
@@ -96,6 +97,7 @@ class AsyncLLMEngine:
         self.observer = observer
         self._adds: collections.deque[_AddOp] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
+        self._calls: collections.deque[tuple[Any, tuple, concurrent.futures.Future]] = collections.deque()
         self._wakeup = threading.Event()
         self._streams: dict[str, RequestStream] = {}
         self._streams_lock = threading.Lock()
@@ -151,7 +153,7 @@ class AsyncLLMEngine:
 
     # ---- request API ---------------------------------------------------------------------------
     async def add_request(
-        self, request_id: str, prompt: Any, params: SamplingParams, priority: int = 0
+        self, request_id: str, prompt: Any, params: SamplingParams, priority: int = 0, lora_request: Any = None
     ) -> RequestStream:
         """Queues a request for the next step and waits until the engine accepted it.
 
@@ -173,7 +175,7 @@ class AsyncLLMEngine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._adds.append(_AddOp(stream, prompt, params, priority, done))
+        self._adds.append(_AddOp(stream, prompt, params, priority, done, lora_request))
         self._wakeup.set()
         try:
             await asyncio.wrap_future(done)
@@ -186,6 +188,25 @@ class AsyncLLMEngine:
                 self._wakeup.set()
             raise
         return stream
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        """Registers an adapter: read and checked in a worker thread, then added on the engine's thread
+        between two steps (ValueError if it cannot be applied)."""
+        adapter = await self.run_blocking(self.engine.load_lora, lora_request)
+        return await self._on_engine_thread(self.engine.add_lora, lora_request, adapter)
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return await self._on_engine_thread(self.engine.remove_lora, lora_id)
+
+    async def _on_engine_thread(self, fn: Any, *args: Any) -> Any:
+        """Runs fn(*args) on the engine's thread between steps and returns its result (or raises its error)."""
+        if self.dead_error is not None or self._stopping:
+            raise EngineDeadError("the engine loop is not running") from self.dead_error
+        self._ensure_started()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.append((fn, args, done))
+        self._wakeup.set()
+        return await asyncio.wrap_future(done)
 
     async def generate(
         self, prompt: Any, params: SamplingParams, request_id: str | None = None, priority: int = 0
@@ -258,13 +279,24 @@ class AsyncLLMEngine:
             self._fail_everything(exc)
 
     def _apply_pending(self) -> None:
-        """Adds first, then aborts: an abort queued while its add still waits must come after it."""
+        """Calls (adapter registration) first, then adds, then aborts: an abort queued while its add still
+        waits must come after it."""
+        while self._calls:
+            fn, args, done = self._calls.popleft()
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(fn(*args))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
         while self._adds:
             op = self._adds.popleft()
             if not op.done.set_running_or_notify_cancel():
                 continue
             try:
-                self.engine.add_request(op.stream.request_id, op.prompt, op.params, priority=op.priority)
+                self.engine.add_request(
+                    op.stream.request_id, op.prompt, op.params, priority=op.priority, lora_request=op.lora_request
+                )
             except Exception as exc:  # noqa: BLE001 - handed to the caller, who turns it into a 400
                 op.done.set_exception(exc)
             else:
@@ -316,6 +348,10 @@ class AsyncLLMEngine:
 
     def _fail_everything(self, exc: BaseException) -> None:
         error = EngineDeadError(f"the engine loop died: {exc!r}")
+        while self._calls:
+            _, _, done = self._calls.popleft()
+            if done.set_running_or_notify_cancel():
+                done.set_exception(error)
         while self._adds:
             op = self._adds.popleft()
             if op.done.set_running_or_notify_cancel():

@@ -1,9 +1,11 @@
 """Paged KV-cache blocks: ref-counted allocation with content-hashed prefix caching.
 
 A full block is keyed by a chained hash of (parent block's hash, its token ids), so equal
-prefixes map to equal chains. Blocks with no user stay cached in a free queue and are evicted
-least-recently-used first when a new block is needed. It never touches a sequence: the scheduler
-keeps each one's block table and hashes, and passes them in.
+prefixes map to equal chains. A sequence of a LoRA adapter starts its chain from the adapter's root
+(LoRARequest.cache_root) instead of nothing, so adapters and the base model never share a block.
+Blocks with no user stay cached in a free queue and are evicted least-recently-used first when a new
+block is needed. It never touches a sequence: the scheduler keeps each one's block table and hashes,
+and passes them in.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ class BlockManager:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     # -- prefix cache -------------------------------------------------------------------------
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
-        """(block ids, hashes) of the longest cached prefix of token_ids, the blocks taken for the caller.
+    def match_prefix(self, token_ids: list[int], root: int | None = None) -> tuple[list[int], list[int]]:
+        """(block ids, hashes) of the longest cached prefix of token_ids, the blocks taken for the caller;
+        root: the chain's start (a LoRA adapter's), None for the base model.
 
         The last token is never taken from the cache: it must run to produce logits.
         """
@@ -69,7 +72,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return blocks, hashes
         bs = self.block_size
-        parent = None
+        parent = root
         for start in range(0, len(token_ids) - bs, bs):
             tokens = token_ids[start : start + bs]
             h = hash_block(parent, tokens)
@@ -87,10 +90,15 @@ class BlockManager:
         self.prefix_cache_hits += num_hits
 
     def cache_full_blocks(
-        self, token_ids: list[int], block_table: list[int], block_hashes: list[int], num_tokens: int
+        self,
+        token_ids: list[int],
+        block_table: list[int],
+        block_hashes: list[int],
+        num_tokens: int,
+        root: int | None = None,
     ) -> list[int]:
         """Registers the blocks that the first num_tokens tokens fill completely, past the len(block_hashes)
-        already registered; returns their hashes.
+        already registered; returns their hashes. root: as in match_prefix.
 
         Called when those tokens are scheduled: the KV is written in the same forward pass,
         before any attention reads it, so a request later in the same batch may share them.
@@ -98,7 +106,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
-        parent = block_hashes[-1] if block_hashes else None
+        parent = block_hashes[-1] if block_hashes else root
         new: list[int] = []
         for i in range(len(block_hashes), num_tokens // bs):
             tokens = token_ids[i * bs : (i + 1) * bs]

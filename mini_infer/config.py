@@ -77,6 +77,10 @@ class EngineConfig:
     # vLLM's: {"kv_connector": NAME, "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
     # "kv_connector_extra_config": {...}} (or its JSON): prefill/decode disaggregation (docs/disaggregation.md)
     kv_transfer_config: KVTransferConfig | dict | str | None = None
+    # multi-LoRA (docs/lora.md): PEFT adapters in max_loras device slots, of rank up to max_lora_rank
+    enable_lora: bool = False
+    max_loras: int = 1  # adapters one step can mix (device slots); more registered ones take turns
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -122,6 +126,12 @@ class EngineConfig:
         swap = self.swap_space
         if isinstance(swap, bool) or not isinstance(swap, (int, float)) or not 0 <= swap < float("inf"):
             raise ValueError(f"swap_space must be a non-negative number of GiB, got {self.swap_space!r}")
+        _check_positive("max_loras", self.max_loras)
+        _check_positive("max_lora_rank", self.max_lora_rank)
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora is not supported with tensor_parallel_size > 1 yet (docs/lora.md)")
+        if self.enable_lora and self.speculative_config is not None:
+            raise ValueError("enable_lora is not supported with speculative_config yet (docs/lora.md)")
         if self.device == "cuda" and not _cuda_available():
             raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU")
 

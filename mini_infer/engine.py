@@ -32,6 +32,9 @@ from mini_infer.config import EngineConfig
 from mini_infer.detokenizer import Detokenizer
 from mini_infer.distributed.executor import ExecutorError, make_executor
 from mini_infer.input_processor import InputProcessor, PromptType
+from mini_infer.lora.adapter import LoRAAdapter
+from mini_infer.lora.manager import LoRAModelManager
+from mini_infer.lora.request import LoRARequest
 from mini_infer.model_loader import checkpoint_dtype, eos_token_ids, load_hf_config, load_model, resolve_model_path
 from mini_infer.output_processor import OutputProcessor, is_device_fault
 from mini_infer.outputs import RequestOutput
@@ -140,8 +143,14 @@ class LLMEngine:
         )
         spec = config.speculative_config
         proposer = self._load_proposer(spec, model, backend, dtype, device) if spec else None
+        # enable_lora: the projections take adapters, whose slots are allocated now (before the KV pool)
+        self.lora_manager = (
+            LoRAModelManager(model, config.max_loras, config.max_lora_rank, dtype, device, backend.ops)
+            if config.enable_lora
+            else None
+        )
         self.model_runner = ModelRunner(
-            model, config, self.model_config, dtype, device, self.max_model_len, backend, proposer
+            model, config, self.model_config, dtype, device, self.max_model_len, backend, proposer, self.lora_manager
         )
         num_blocks = self.model_runner.init_kv_cache()
         logger.info(
@@ -223,12 +232,22 @@ class LLMEngine:
         return self.input_processor.tokenize(prompt, add_special_tokens)
 
     def add_request(
-        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """Validates and queues a request; raises ValueError (and adds nothing) on bad input."""
+        """Validates and queues a request; raises ValueError (and adds nothing) on bad input. lora_request:
+        the adapter it runs with (registered here on first use), None for the base model."""
         if request_id in self.output_processor.requests or request_id in self.grammar_waiting:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.input_processor.process(request_id, prompt, params or SamplingParams(), priority)
+        if lora_request is not None:
+            self.add_lora(lora_request)
+        request = self.input_processor.process(
+            request_id, prompt, params or SamplingParams(), priority, lora_request=lora_request
+        )
         spec = request.outputs[0].seq.params.structured_outputs
         if spec is not None:  # waits here, off the scheduler, until its grammar compiles
             self.grammar_waiting[request_id] = (request, self.structured.submit(spec))
@@ -279,6 +298,51 @@ class LLMEngine:
         for out in request.outputs:
             self.scheduler.add(out.seq)
         self.prompt_tokens += len(request.prompt_token_ids)
+
+    # -- LoRA adapters (vLLM's add_lora / remove_lora / list_loras) ------------------------------
+    def add_lora(self, lora_request: LoRARequest, loaded: LoRAAdapter | None = None) -> bool:
+        """Registers an adapter (its weights read and checked now, on the host; put in a device slot when a
+        step needs it). False if it is registered already; ValueError if it cannot be applied, if its id
+        names another adapter, or without enable_lora. loaded: the adapter as `load_lora` read it (the
+        async engine reads it off the engine's thread)."""
+        manager = self._require_lora()
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        known = manager.adapters.get(lora_request.lora_int_id)
+        if known is not None:
+            if known.request != lora_request:
+                raise ValueError(
+                    f"lora_int_id {lora_request.lora_int_id} is already adapter {known.request.lora_name!r} "
+                    f"({known.request.lora_path}); remove it first or pick another id"
+                )
+            return False
+        manager.add(loaded if loaded is not None else manager.load(lora_request))
+        return True
+
+    def load_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Reads and checks an adapter's folder without registering it (thread-safe)."""
+        return self._require_lora().load(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unregisters an adapter and frees its slot; False if it was not registered. ValueError while
+        unfinished requests still use it."""
+        manager = self._require_lora()
+        users = [
+            rid
+            for rid, state in [*self.output_processor.requests.items(), *self.grammar_waiting.items()]
+            if (state if not isinstance(state, tuple) else state[0]).outputs[0].seq.lora_int_id == lora_id
+        ]
+        if users:
+            raise ValueError(f"LoRA adapter {lora_id} is in use by {len(users)} unfinished request(s)")
+        return manager.remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return set(self._require_lora().adapters)
+
+    def _require_lora(self) -> LoRAModelManager:
+        if self.lora_manager is None:
+            raise ValueError("LoRA adapters need an engine started with enable_lora=True")
+        return self.lora_manager
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         for rid in [request_id] if isinstance(request_id, str) else list(request_id):

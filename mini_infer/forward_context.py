@@ -1,4 +1,4 @@
-"""The forward context: per-step attention metadata that attention layers read.
+"""The forward context: per-step metadata that layers read (the attention's; the LoRA token -> slot index).
 
 This is the one piece of module-level mutable state: the model runner sets it around each
 forward pass so that layers deep in the model need no extra arguments.
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mini_infer.attention.backend import AttentionMetadata
+    from mini_infer.kernels.lora import LoRAIndex
 
 _forward_context: AttentionMetadata | None = None
 
@@ -20,6 +21,11 @@ def get_attn_metadata() -> AttentionMetadata:
     if _forward_context is None:
         raise RuntimeError("attention ran outside a forward context")
     return _forward_context
+
+
+def get_lora_index() -> LoRAIndex | None:
+    """This step's adapter slot per token, or None (outside a forward pass, or without enable_lora)."""
+    return getattr(_forward_context, "lora", None)
 
 
 @contextmanager

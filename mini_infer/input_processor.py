@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from mini_infer.config import EngineConfig
 from mini_infer.detokenizer import Detokenizer
+from mini_infer.lora.request import LoRARequest
 from mini_infer.output_processor import RequestState, SeqOutput
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.sequence import Sequence
@@ -83,7 +84,14 @@ class InputProcessor:
             if outside:
                 raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab}): {outside[:4]}")
 
-    def process(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int) -> RequestState:
+    def process(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        priority: int,
+        lora_request: LoRARequest | None = None,
+    ) -> RequestState:
         self.check_params(params)
         text, ids = self.tokenize(prompt)
         if not ids:
@@ -108,7 +116,7 @@ class InputProcessor:
                 f"pool has (block size {self.config.block_size})"
             )
         params = dataclasses.replace(params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
-        seqs = [Sequence(request_id, i, ids, params, priority) for i in range(params.n)]
+        seqs = [Sequence(request_id, i, ids, params, priority, lora_request=lora_request) for i in range(params.n)]
         return RequestState(
             request_id,
             text,

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from mini_infer.config import EngineConfig
 from mini_infer.engine import LLMEngine, PromptType
+from mini_infer.lora.request import LoRARequest
 from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import SamplingParams
 
@@ -28,8 +29,10 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Seq[int] | None = None,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Runs all prompts to completion; outputs come back in the order of the prompts."""
+        """Runs all prompts to completion; outputs come back in the order of the prompts. lora_request: one
+        adapter for every prompt, or a list with one per prompt (None: the base model)."""
         if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -40,12 +43,18 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} lora requests for {len(prompts)} prompts")
         engine = self.llm_engine
         params = [dataclasses.replace(p, output_kind="final_only") for p in params]
         ids = [str(next(self._ids)) for _ in prompts]
         try:
-            for rid, prompt, p, prio in zip(ids, prompts, params, priorities):
-                engine.add_request(rid, prompt, p, prio)
+            for rid, prompt, p, prio, lora in zip(ids, prompts, params, priorities, loras):
+                engine.add_request(rid, prompt, p, prio, lora_request=lora)
         except ValueError:
             engine.abort_request(ids)
             raise
@@ -57,6 +66,15 @@ class LLM:
                         results[out.request_id] = out
                         bar.update(1)
         return [results[rid] for rid in ids]
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self.llm_engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.llm_engine.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.llm_engine.list_loras()
 
     def chat(
         self,

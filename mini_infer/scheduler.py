@@ -157,9 +157,12 @@ class Scheduler:
                 budget -= num_new + len(drafts)
                 i += 1
 
+        # the adapters of the running sequences: at most max_loras, so every step's fit the device slots
+        loras = {s.lora_int_id for s in self.running if s.lora_int_id}
+
         # 2. swapped sequences, before any new one (not those this step swapped out: that would only thrash)
         if num_swapped:
-            budget = self._schedule_swapped(budget, scheduled, self.swapped[:num_swapped])
+            budget = self._schedule_swapped(budget, scheduled, self.swapped[:num_swapped], loras)
         first_swapped = min(s.sort_key() for s in self.swapped) if self.swapped else None
 
         # 3. waiting sequences, in admission order, while there is budget, room and blocks
@@ -177,6 +180,8 @@ class Scheduler:
             if first_swapped is not None and seq.sort_key() > first_swapped:  # a swapped one comes first
                 continue
             num_external = 0  # prompt tokens a KV connector loads: they cost no budget
+            if not self._lora_fits(seq, loras):  # its adapter waits for a slot; others may pass
+                continue
             if not seq.block_table and seq.params.prompt_logprobs is None:  # those need every prompt position
                 self._match_prefix(seq)
                 if self.connector is not None:
@@ -195,6 +200,8 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens  # loaded tokens count as cached, as in vLLM
                 self.block_manager.record_lookup(seq.num_tokens, seq.num_computed_tokens - num_external)
             admitted.add(seq.seq_id)
+            if seq.lora_int_id:
+                loras.add(seq.lora_int_id)
             self.static_slots = max(0, self.static_slots - 1)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -220,14 +227,18 @@ class Scheduler:
             out.kv_connector_metadata = self.connector.build_connector_meta(out)
         return out
 
-    def _schedule_swapped(self, budget: int, scheduled: list[ScheduledSeq], candidates: list[Sequence]) -> int:
+    def _schedule_swapped(
+        self, budget: int, scheduled: list[ScheduledSeq], candidates: list[Sequence], loras: set[int]
+    ) -> int:
         """Swaps candidates back in, highest priority and earliest arrival first, while their blocks, the
-        budget and max_num_seqs allow; returns the budget left."""
+        budget, max_num_seqs and the adapter slots (loras: the running ones') allow; returns the budget left."""
         for seq in sorted(candidates, key=Sequence.sort_key):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if seq.num_pending:  # its last token lands at the end of this engine step: next step
                 break
+            if not self._lora_fits(seq, loras):
+                continue
             num_new = seq.num_total_tokens - seq.num_computed_tokens
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
@@ -236,6 +247,8 @@ class Scheduler:
             if blocks is None:
                 break
             self.swapped.remove(seq)
+            if seq.lora_int_id:
+                loras.add(seq.lora_int_id)
             self._swap_in += zip(seq.host_blocks, blocks)
             self.host_blocks.free(seq.host_blocks)  # rewritten only after this copy: one stream orders both
             seq.block_table, seq.host_blocks = blocks, []
@@ -246,6 +259,11 @@ class Scheduler:
             scheduled.append(self._commit(seq, num_new))
             budget -= num_new
         return budget
+
+    def _lora_fits(self, seq: Sequence, loras: set[int]) -> bool:
+        """Whether seq may join the running ones: the base model, an adapter already running, or a free slot."""
+        lora_id = seq.lora_int_id
+        return not lora_id or lora_id in loras or len(loras) < self.config.max_loras
 
     def _drafts(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for a decoding sequence: at most what its budget, max_tokens and max_model_len
@@ -312,7 +330,7 @@ class Scheduler:
 
     # -- the KV cache manager, on behalf of a sequence -------------------------------------------
     def _match_prefix(self, seq: Sequence) -> None:
-        seq.block_table, seq.block_hashes = self.block_manager.match_prefix(seq.token_ids)
+        seq.block_table, seq.block_hashes = self.block_manager.match_prefix(seq.token_ids, seq.cache_root)
         seq.num_computed_tokens = len(seq.block_table) * self.block_manager.block_size
 
     def _allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -331,7 +349,7 @@ class Scheduler:
         if not seq.block_table:  # swapped out: published when it comes back
             return
         seq.block_hashes += self.block_manager.cache_full_blocks(
-            seq.token_ids, seq.block_table, seq.block_hashes, num_tokens
+            seq.token_ids, seq.block_table, seq.block_hashes, num_tokens, seq.cache_root
         )
 
     def _free_blocks(self, seq: Sequence) -> None:

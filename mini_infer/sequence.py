@@ -11,6 +11,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from mini_infer.lora.request import LoRARequest
 from mini_infer.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -43,9 +44,20 @@ class Sequence:
     host_blocks: list[int] = field(default_factory=list)  # while swapped: its KV, block by block, in the host pool
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
+    lora_request: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def lora_int_id(self) -> int:
+        """Its adapter's id; 0 for the base model."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
+
+    @property
+    def cache_root(self) -> int | None:
+        """Where its prefix-cache hash chain starts: None for the base model, the adapter's own root else."""
+        return None if self.lora_request is None else self.lora_request.cache_root
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -97,3 +97,28 @@ def test_disagg_benchmark_smoke(tmp_path):
     # the long prompt's 5 blocks and one of each short prompt's (and of the warm-up's) were loaded
     assert disagg["kv_transfer_loaded_tokens"] == (5 + 5 + 1) * 16
     assert "| disagg |" in result.stdout
+
+
+def test_lora_throughput_smoke(tmp_path):
+    """benchmarks/lora_throughput.py --smoke (CPU, tiny-llama): every run makes the same tokens, with
+    adapters written as PEFT folders on the fly and mixed in each batch."""
+    out = tmp_path / "lora.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "lora_throughput.py"), "--smoke", "--output-json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["smoke"] is True
+    rows = record["rows"]
+    assert [r["num_adapters"] for r in rows] == [0, 0, 1, 2]
+    assert {r["output_tokens"] for r in rows} == {4 * 4}
+    assert rows[0]["vs_base"] == 1.0 and all(r["tok_s"] > 0 for r in rows)
+    assert out.with_suffix(".md").read_text().count("\n| ") == 5

@@ -34,14 +34,14 @@ class FakeBlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // BLOCK)
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+    def match_prefix(self, token_ids: list[int], root: int | None = None) -> tuple[list[int], list[int]]:
         hits = min(self.cached.get(NAMES[token_ids[0]], 0), len(self.free_ids), (len(token_ids) - 1) // BLOCK)
         return [self.free_ids.pop() for _ in range(hits)], []
 
     def record_lookup(self, num_tokens: int, num_hits: int) -> None:
         pass
 
-    def cache_full_blocks(self, token_ids, block_table, block_hashes, num_tokens: int) -> list[int]:
+    def cache_full_blocks(self, token_ids, block_table, block_hashes, num_tokens: int, root=None) -> list[int]:
         return []
 
     def allocate(self, num_blocks: int) -> list[int] | None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mini_infer.kernels import KernelOps, get_ops
+from mini_infer.kernels.lora import LoRAIndex
 from mini_infer.kernels.paged_attention import decode_key_slots
 from mini_infer.kernels.prefill_attention import build_prefill_tiles, default_prefill_config, max_prefill_tiles
 from mini_infer.worker.step_inputs import StepInputs
@@ -37,6 +38,7 @@ class AttentionMetadata:
     num_prefill_tokens: int
     prefill_tiles: torch.Tensor | None = None  # [n, 2] work list of the Triton prefill kernel
     decode_key_slots: torch.Tensor | None = None  # [D, max keys] pool slots the torch decode attention reads
+    lora: LoRAIndex | None = None  # enable_lora: each token's adapter slot (lora/manager.py fills it in)
 
 
 class AttentionBackend:

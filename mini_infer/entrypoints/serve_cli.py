@@ -38,6 +38,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--max-request-body-bytes", type=int, default=None, help="larger request bodies get a 413 (default: 4 MiB)"
     )
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters (PEFT folders) served under these model names; needs --enable-lora",
+    )
     parser.add_argument("--enable-fastapi-docs", action="store_true", help="serve /docs and /openapi.json")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
@@ -83,6 +90,14 @@ def run_serve(args: argparse.Namespace) -> int:
             chat_template = f.read()
     if args.max_request_body_bytes is not None and args.max_request_body_bytes < 1:
         raise SystemExit("serve: --max-request-body-bytes must be a positive number of bytes")
+    from mini_infer.entrypoints.openai.serving_lora import parse_lora_modules
+
+    try:
+        lora_modules = parse_lora_modules(args.lora_modules or [])
+    except ValueError as exc:
+        raise SystemExit(f"serve: {exc}") from exc
+    if lora_modules and not args.enable_lora:
+        raise SystemExit("serve: --lora-modules needs --enable-lora")
     config = EngineConfig.from_cli_args(args)
     try:
         sock = bind_socket(args.host, args.port)
@@ -92,15 +107,20 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine.from_config(config)
     names = args.served_model_name or [args.model]
     limits = {} if args.max_request_body_bytes is None else {"max_request_body_bytes": args.max_request_body_bytes}
-    app = build_app(
-        engine,
-        names,
-        api_key=args.api_key,
-        chat_template=chat_template,
-        allowed_hosts=args.allowed_hosts,
-        enable_docs=args.enable_fastapi_docs,
-        **limits,
-    )
+    try:
+        app = build_app(
+            engine,
+            names,
+            api_key=args.api_key,
+            chat_template=chat_template,
+            allowed_hosts=args.allowed_hosts,
+            enable_docs=args.enable_fastapi_docs,
+            lora_modules=lora_modules,
+            **limits,
+        )
+    except ValueError as exc:  # an adapter of --lora-modules that cannot load
+        engine.shutdown()
+        raise SystemExit(f"serve: {exc}") from exc
     stats = engine.latest_stats
     blocks = getattr(stats, "num_kv_blocks_total", 0)
     url_host = f"[{host}]" if ":" in host else host

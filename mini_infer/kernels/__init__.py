@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from mini_infer.kernels.activation import silu_and_mul_ref
 from mini_infer.kernels.fused_moe import fused_experts_ref
 from mini_infer.kernels.gemv import linear_ref
+from mini_infer.kernels.lora import lora_expand_torch, lora_shrink_torch
 from mini_infer.kernels.moe_routing import moe_topk_ref
 from mini_infer.kernels.paged_attention import decode_attention_batched, prefill_attention_batched
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
@@ -34,6 +35,8 @@ class KernelOps:
     linear: Callable
     moe_topk: Callable  # router logits -> (weights, expert ids): moe_routing.py
     fused_experts: Callable  # the experts' SwiGLU for routed tokens: fused_moe.py
+    lora_shrink: Callable  # x @ A[slot].T per token (LoRA): lora.py
+    lora_expand: Callable  # y += s @ B[slot].T per token and slice, in place (LoRA): lora.py
 
 
 TORCH_OPS = KernelOps(
@@ -47,6 +50,8 @@ TORCH_OPS = KernelOps(
     linear=linear_ref,
     moe_topk=moe_topk_ref,
     fused_experts=fused_experts_ref,
+    lora_shrink=lora_shrink_torch,
+    lora_expand=lora_expand_torch,
 )
 
 

@@ -6,6 +6,7 @@ from mini_infer.kernels.activation import silu_and_mul_triton
 from mini_infer.kernels.decode_attention import decode_attention_triton
 from mini_infer.kernels.fused_moe import fused_experts_triton
 from mini_infer.kernels.gemv import linear_triton
+from mini_infer.kernels.lora import lora_expand_tiled, lora_shrink_tiled
 from mini_infer.kernels.moe_routing import moe_topk_triton
 from mini_infer.kernels.prefill_attention import prefill_attention_triton
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_triton, rms_norm_triton
@@ -24,4 +25,6 @@ TRITON_OPS = KernelOps(
     linear=linear_triton,
     moe_topk=moe_topk_triton,
     fused_experts=fused_experts_triton,
+    lora_shrink=lora_shrink_tiled,
+    lora_expand=lora_expand_tiled,
 )

@@ -58,9 +58,10 @@ def layout_namespace(layout: BlockLayout, block_size: int, dtype: torch.dtype) -
     return f"bs{block_size}-{xxhash.xxh64(shape.encode()).hexdigest()}"
 
 
-def prompt_block_hashes(prompt_token_ids: list[int], block_size: int) -> list[int]:
-    """The chained hash of each full block of the prompt (the block manager's prefix-cache keys)."""
-    hashes, parent = [], None
+def prompt_block_hashes(prompt_token_ids: list[int], block_size: int, root: int | None = None) -> list[int]:
+    """The chained hash of each full block of the prompt (the block manager's prefix-cache keys); root: the
+    chain's start, a LoRA adapter's (Sequence.cache_root), so adapters never load each other's KV."""
+    hashes, parent = [], root
     for start in range(0, len(prompt_token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, prompt_token_ids[start : start + block_size])
         hashes.append(parent)
@@ -84,7 +85,7 @@ class StoreConnector(KVConnectorBase):
 
     def _prompt_hashes(self, seq: Sequence) -> list[int]:
         if seq.seq_id not in self._hashes:
-            self._hashes[seq.seq_id] = prompt_block_hashes(seq.prompt_token_ids, self.block_size)
+            self._hashes[seq.seq_id] = prompt_block_hashes(seq.prompt_token_ids, self.block_size, seq.cache_root)
         return self._hashes[seq.seq_id]
 
     # -- scheduler side -----------------------------------------------------------------------

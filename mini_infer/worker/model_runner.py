@@ -27,6 +27,7 @@ from mini_infer.cpu_threads import step_threads
 from mini_infer.distributed.communication_op import broadcast_from_driver, min_over_ranks
 from mini_infer.forward_context import forward_context
 from mini_infer.kv_transfer.connector_base import KVConnectorBase
+from mini_infer.lora.manager import LoRAModelManager
 from mini_infer.sampler import DeviceSample, SamplerOutput, build_sampling_batch, sample, sample_on_device, to_device
 from mini_infer.sampling_params import SamplingParams
 from mini_infer.scheduler import ScheduledSeq, SchedulerOutput
@@ -95,10 +96,12 @@ class ModelRunner:
         max_model_len: int,
         backend: AttentionBackend,
         proposer: DraftModel | Eagle3Proposer | None = None,
+        lora: LoRAModelManager | None = None,
     ) -> None:
         """proposer: a speculative decoding proposer that runs a model of its own beside this one
-        (spec_decode/draft_model.py, eagle3.py); its caches sit in the same pool and block tables."""
-        self.model, self.config, self.backend = model, config, backend
+        (spec_decode/draft_model.py, eagle3.py); its caches sit in the same pool and block tables.
+        lora: the adapter slots of a model whose projections take LoRA (enable_lora; lora/manager.py)."""
+        self.model, self.config, self.backend, self.lora = model, config, backend, lora
         self.dtype, self.device = dtype, device
         self.block_size, self.max_model_len = config.block_size, max_model_len
         self.vocab_size, self.hidden_size = hf_config.vocab_size, hf_config.hidden_size
@@ -199,7 +202,10 @@ class ModelRunner:
         if len(inputs.pending):  # inputs sampled by the previous step, still on the device
             rows = to_device(inputs.pending, torch.int64, self.device)
             ids.index_copy_(0, rows[:, 0], self.last_tokens.index_select(0, rows[:, 1]))
-        return ids, put("positions", inputs.positions), self.backend.build_metadata(inputs, put)
+        meta = self.backend.build_metadata(inputs, put)
+        if self.lora is not None:  # each token's adapter slot, beside the attention's metadata
+            meta.lora = self.lora.build_index(inputs.lora_slots, inputs.num_tokens, put)
+        return ids, put("positions", inputs.positions), meta
 
     def _put(self, name: str, array: np.ndarray) -> torch.Tensor:
         return to_device(array, None, self.device)
@@ -239,7 +245,7 @@ class ModelRunner:
 
         return replay, pool or graph.pool()
 
-    def _run_graphs(self, out: SchedulerOutput) -> torch.Tensor:
+    def _run_graphs(self, out: SchedulerOutput, lora_slots: dict[int, int] | None) -> torch.Tensor:
         """Replays the prefill graph, then the decode graph, and returns the hidden states of the rows
         that sample (decodes first). The graphs share a memory pool, so the prefill rows are copied
         out before the decode graph runs."""
@@ -248,7 +254,7 @@ class ModelRunner:
             if not scheduled:
                 continue
             nd = len(scheduled) if graphs.is_decode else 0
-            inputs = build_step_inputs(scheduled, nd, self.block_size, self.last_rows)
+            inputs = build_step_inputs(scheduled, nd, self.block_size, self.last_rows, lora_slots)
             hidden = graphs.replay(inputs, graphs.size_for(inputs.num_tokens))
             parts.insert(0, hidden[to_device(inputs.logits_indices, torch.int64, self.device)])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -279,12 +285,14 @@ class ModelRunner:
         if self.proposer is not None:
             self.proposer.before_forward(out, self._forward)
         prompt_rows = self._prompt_logprob_rows(out)
+        # the step's adapters in device slots (loading any that hold none): adapter id -> slot
+        lora_slots = self.lora.activate(s.seq.lora_int_id for s in out.seqs if s.seq.lora_int_id) if self.lora else None
         max_table = max(len(s.seq.block_table) for s in out.seqs)
         prompt_logprobs = None
         if self.graphs and not prompt_rows and self.graphs.can_run(out.num_decode_rows, out.prefills, max_table):
-            hidden = self._run_graphs(out)
+            hidden = self._run_graphs(out, lora_slots)
         else:  # prompt logprobs need every row: eager
-            inputs = build_step_inputs(out.seqs, len(out.decodes), self.block_size, self.last_rows)
+            inputs = build_step_inputs(out.seqs, len(out.decodes), self.block_size, self.last_rows, lora_slots)
             all_hidden, aux = self._forward_with_aux(inputs)
             if self.proposer is not None:
                 self.proposer.after_forward(out, inputs, aux, self._forward)

@@ -7,6 +7,7 @@ and verify steps replay the decode graphs. Every
 token's position and cache slot come from one formula (`slot = table[p // block_size] * block_size
 + p % block_size`). Only rows in `logits_indices` become logits. A token the previous step sampled
 but the host has not read yet is 0 here and listed in `pending`; the runner copies it in on the device.
+With LoRA each token also carries its adapter's device slot (-1: the base model).
 Plain numpy arrays, so the inputs can be padded for a CUDA graph or sent to another rank as they are.
 """
 
@@ -31,6 +32,7 @@ class StepInputs:
     num_decodes: int  # the first num_decodes "sequences" are decode rows: one query token each
     logits_indices: np.ndarray  # [S] int64: rows whose hidden states are sampled (1 + drafts per verify)
     pending: np.ndarray  # [P, 2] int64: (row here, row of the previous step's sampled tokens)
+    lora_slots: np.ndarray | None = None  # [T] int32: each token's adapter slot, -1 = none (enable_lora)
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +55,7 @@ class StepInputs:
             token_ids=pad(self.token_ids, num_tokens, 0),
             positions=pad(self.positions, num_tokens, 0),
             slot_mapping=pad(self.slot_mapping, num_tokens, -1),
+            lora_slots=None if self.lora_slots is None else pad(self.lora_slots, num_tokens, -1),
             query_lens=pad(self.query_lens, num_seqs, 0),
             seq_lens=pad(self.seq_lens, num_seqs, 0),
             num_decodes=num_seqs if all_decodes else self.num_decodes,
@@ -65,10 +68,15 @@ def _ranges(counts: np.ndarray) -> np.ndarray:
 
 
 def build_step_inputs(
-    seqs: list[ScheduledSeq], num_decodes: int, block_size: int, last_rows: dict[int, int]
+    seqs: list[ScheduledSeq],
+    num_decodes: int,
+    block_size: int,
+    last_rows: dict[int, int],
+    lora_slots: dict[int, int] | None = None,
 ) -> StepInputs:
     """num_decodes: how many of seqs (the first) decode, a verify run among them; last_rows: each
-    sequence's row in the previous step's sampled tokens (for its pending input)."""
+    sequence's row in the previous step's sampled tokens (for its pending input); lora_slots: adapter id
+    -> device slot of the step's adapters (enable_lora), from LoRAModelManager.activate."""
     n = len(seqs)
     query_lens = np.fromiter((s.num_new_tokens for s in seqs), np.int64, n)
     starts = np.fromiter((s.start for s in seqs), np.int64, n)
@@ -87,6 +95,10 @@ def build_step_inputs(
         ids.append(known + s.draft_token_ids if s.draft_token_ids else known)
         offset += s.num_new_tokens
     ends = np.cumsum(query_lens)
+    token_lora_slots = None
+    if lora_slots is not None:
+        seq_slots = np.fromiter((lora_slots.get(s.seq.lora_int_id, -1) for s in seqs), np.int32, n)
+        token_lora_slots = np.repeat(seq_slots, query_lens)
     seq_of_token = np.repeat(np.arange(n), query_lens)
     positions = np.arange(offset) - np.repeat(ends - query_lens - starts, query_lens)
     slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
@@ -111,6 +123,7 @@ def build_step_inputs(
         num_decodes=num_rows,
         logits_indices=np.repeat(ends - sampled_rows, sampled_rows) + _ranges(sampled_rows),
         pending=np.array(pending, dtype=np.int64).reshape(-1, 2),
+        lora_slots=token_lora_slots,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,6 +28,7 @@ from mini_infer.entrypoints.openai.protocol import (
 )
 from mini_infer.entrypoints.openai.serving_chat import OpenAIServingChat
 from mini_infer.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from mini_infer.entrypoints.openai.serving_lora import LoadLoRAAdapterRequest, ServingLoRAs, UnloadLoRAAdapterRequest
 
 logger = logging.getLogger(__name__)
 
@@ -184,13 +185,22 @@ def build_app(
     allowed_hosts: list[str] | None = None,
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
     enable_docs: bool = False,
+    lora_modules: list[tuple[str, str]] | None = None,
 ) -> FastAPI:
     """An app that serves `engine` as `served_model_names` (the first is the default, and the only name
-    the API and /metrics show). Without an API key, the Host header is checked (`host_allowed`)."""
+    the API and /metrics show). Without an API key, the Host header is checked (`host_allowed`).
+    lora_modules: (name, path) of LoRA adapters to register now (an engine with enable_lora); with
+    enable_lora the app also takes adapters at run time (/v1/load_lora_adapter, /v1/unload_lora_adapter)."""
     docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="mini-infer OpenAI-compatible server", version=getattr(mini_infer, "__version__", ""), **docs)
-    completion = OpenAIServingCompletion(engine, served_model_names)
-    chat = OpenAIServingChat(engine, served_model_names, chat_template)
+    enable_lora = bool(getattr(engine.config, "enable_lora", False))
+    if lora_modules and not enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    loras = ServingLoRAs(engine, served_model_names) if enable_lora else None
+    for name, path in lora_modules or []:
+        loras.register_at_startup(name, path)
+    completion = OpenAIServingCompletion(engine, served_model_names, loras)
+    chat = OpenAIServingChat(engine, served_model_names, chat_template, loras)
     metrics = metrics or ServerMetrics(served_model_names[0], lambda: engine.latest_stats, engine.max_model_len)
     if engine.observer is None:
         engine.observer = metrics
@@ -251,7 +261,29 @@ def build_app(
             }
             for name in served_model_names
         ]
+        for name in loras.by_name if loras is not None else []:  # vLLM's shape: the adapter's parent is the base
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "mini-infer",
+                    "root": name,  # not the adapter's path: that stays on the server
+                    "parent": root,
+                    "max_model_len": engine.max_model_len,
+                }
+            )
         return {"object": "list", "data": data}
+
+    if loras is not None:
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Response:
+            return PlainTextResponse(await loras.load(request))
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> Response:
+            return PlainTextResponse(await loras.unload(request))
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:

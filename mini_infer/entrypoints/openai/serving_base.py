@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
@@ -18,10 +18,14 @@ from mini_infer.entrypoints.openai.protocol import (
     bad_value,
     internal_error,
 )
+from mini_infer.lora.request import LoRARequest
 from mini_infer.outputs import RequestOutput
 from mini_infer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from mini_infer.entrypoints.openai.serving_lora import ServingLoRAs
 
 _DISCONNECT_POLL_S = 0.25
 _FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
@@ -31,19 +35,29 @@ _STREAM_DONE = object()
 class OpenAIServing:
     """State every endpoint needs: the engine, the names it answers to, the tokenizer."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str]) -> None:
+    def __init__(
+        self, engine: AsyncLLMEngine, served_model_names: list[str], loras: ServingLoRAs | None = None
+    ) -> None:
+        """loras: the LoRA adapters the `model` field may also name (enable_lora)."""
         self.engine = engine
         self.served_model_names = served_model_names
+        self.loras = loras
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
     def check_model(self, name: str | None) -> str:
-        """The name to answer with; 404 for a model this server does not serve."""
+        """The name to answer with; 404 for a model this server does not serve (nor a LoRA adapter of it)."""
         if name is None or name in self.served_model_names:
             return name or self.served_model_names[0]
+        if self.lora_request(name) is not None:
+            return name
         raise OpenAIError(f"The model `{name}` does not exist.", status=404, param="model", code="model_not_found")
+
+    def lora_request(self, name: str | None) -> LoRARequest | None:
+        """The adapter a `model` name picks; None for the base model."""
+        return self.loras.get(name) if self.loras is not None else None
 
     def require_tokenizer(self, why: str) -> Any:
         if self.tokenizer is None:
@@ -61,16 +75,21 @@ class OpenAIServing:
             )
 
     async def start_requests(
-        self, base_id: str, prompts: list[Any], params: SamplingParams, priority: int = 0
+        self,
+        base_id: str,
+        prompts: list[Any],
+        params: SamplingParams,
+        priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> list[RequestStream]:
         """Adds one engine request per prompt (the async engine tokenizes in a worker thread); if the engine
-        refuses one, takes back the others."""
+        refuses one, takes back the others. lora_request: the adapter the request's model names."""
         self.check_fan_out(len(prompts), params.n)
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
                 request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-                streams.append(await self.engine.add_request(request_id, prompt, params, priority))
+                streams.append(await self.engine.add_request(request_id, prompt, params, priority, lora_request))
         except BaseException as exc:
             self.engine.abort_nowait([s.request_id for s in streams])
             if isinstance(exc, EngineDeadError):

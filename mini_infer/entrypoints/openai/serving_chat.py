@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -22,10 +22,19 @@ from mini_infer.entrypoints.openai.serving_base import (
 )
 from mini_infer.outputs import RequestOutput
 
+if TYPE_CHECKING:
+    from mini_infer.entrypoints.openai.serving_lora import ServingLoRAs
+
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], chat_template: str | None = None) -> None:
-        super().__init__(engine, served_model_names)
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        served_model_names: list[str],
+        chat_template: str | None = None,
+        loras: ServingLoRAs | None = None,
+    ) -> None:
+        super().__init__(engine, served_model_names, loras)
         self.chat_template = chat_template
 
     def render_prompt(self, request: ChatCompletionRequest) -> tuple[str, list[int]]:
@@ -63,7 +72,11 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         created = now_s()
         streams = await self.start_requests(
-            request_id, [{"prompt": text, "prompt_token_ids": prompt_ids}], params, request.priority
+            request_id,
+            [{"prompt": text, "prompt_token_ids": prompt_ids}],
+            params,
+            request.priority,
+            self.lora_request(model),
         )
         if request.stream:
             chunks = self._stream(request, streams, request_id, created, model)

@@ -42,7 +42,7 @@ class OpenAIServingCompletion(OpenAIServing):
             self.require_tokenizer("prompts must be token ids")
         request_id = random_id("cmpl")
         created = now_s()
-        streams = await self.start_requests(request_id, prompts, params, request.priority)
+        streams = await self.start_requests(request_id, prompts, params, request.priority, self.lora_request(model))
         if request.stream:
             chunks = self._stream(request, streams, prompts, request_id, created, model)
             return StreamingResponse(stream_errors(request_id, chunks), media_type="text/event-stream")
