@@ -15,6 +15,7 @@ from mini_infer.kernels.paged_attention import (
     prefill_attention_batched,
     prefill_attention_ref,
 )
+from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, fused_add_rms_norm_torch, rms_norm_ref, rms_norm_torch
 
 # (block_size, q heads, kv heads, head_dim, dtype): GQA 1, 4 and 2 (stories260K's 8/4 heads of dim 8).
 CASES = [(16, 4, 4, 64, torch.float32), (32, 8, 2, 128, torch.bfloat16), (16, 8, 4, 8, torch.float32)]
@@ -59,6 +60,20 @@ def test_batched_prefill_attention_equals_the_reference(block_size, num_q_heads,
     out = prefill_attention_batched(q, k, v, cu, lens, tables, head_dim**-0.5)
     ref = prefill_attention_ref(q, k, v, cu, lens, tables, head_dim**-0.5)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("hidden", [8, 64, 288, 4096])
+@pytest.mark.parametrize("rows", [1, 16, 100])
+def test_cpu_rms_norm_is_bit_identical_to_the_reference_in_float32(hidden, rows):
+    gen = torch.Generator().manual_seed(hidden + rows)
+    x, w = torch.randn(rows, hidden, generator=gen), torch.randn(hidden, generator=gen)
+    assert torch.equal(rms_norm_torch(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
+    r1, r2 = torch.randn(rows, hidden, generator=gen), None
+    r2 = r1.clone()
+    assert torch.equal(fused_add_rms_norm_torch(x, r1, w, 1e-6), fused_add_rms_norm_ref(x, r2, w, 1e-6))
+    assert torch.equal(r1, r2)
+    xb, wb = x.bfloat16(), w.bfloat16()  # bfloat16 keeps the reference's rounding steps
+    assert torch.equal(rms_norm_torch(xb, wb, 1e-5), rms_norm_ref(xb, wb, 1e-5))
 
 
 def test_torch_backend_uses_the_batched_attention():

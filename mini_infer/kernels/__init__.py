@@ -19,7 +19,7 @@ from mini_infer.kernels.gemv import linear_ref
 from mini_infer.kernels.lora import lora_expand_torch, lora_shrink_torch
 from mini_infer.kernels.moe_routing import moe_topk_ref
 from mini_infer.kernels.paged_attention import decode_attention_batched, prefill_attention_batched
-from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
+from mini_infer.kernels.rmsnorm import fused_add_rms_norm_torch, rms_norm_torch
 from mini_infer.kernels.rotary_store import rotary_store_kv_ref
 
 
@@ -41,8 +41,8 @@ class KernelOps:
 
 TORCH_OPS = KernelOps(
     name="torch",
-    rms_norm=rms_norm_ref,
-    fused_add_rms_norm=fused_add_rms_norm_ref,
+    rms_norm=rms_norm_torch,
+    fused_add_rms_norm=fused_add_rms_norm_torch,
     silu_and_mul=silu_and_mul_ref,
     rotary_store_kv=rotary_store_kv_ref,
     prefill_attention=prefill_attention_batched,

@@ -4,6 +4,7 @@ The reference computes in float32 and casts back, exactly as Hugging Face's Llam
 """
 
 import torch
+import torch.nn.functional as F
 
 from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
 
@@ -19,6 +20,21 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
     """residual += x (in place); returns rms_norm(residual)."""
     residual.add_(x)
     return rms_norm_ref(residual, weight, eps)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The torch set's RMSNorm: on a CPU in float32, torch's own F.rms_norm, one op for the reference's six
+    and bit-identical to it there (tests/test_cpu_path.py); elsewhere the reference (in bfloat16 F.rms_norm
+    skips the rounding before the weight)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fused_add_rms_norm_ref through rms_norm_torch."""
+    residual.add_(x)
+    return rms_norm_torch(residual, weight, eps)
 
 
 # ---------------------------------------------------------------------------------------------------
