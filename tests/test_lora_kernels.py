@@ -92,5 +92,7 @@ def test_unused_slots_and_empty_batch():
     lora_a = torch.randn(2, 8, 16, device=DEVICE)
     lora_b = torch.randn(2, 16, 8, device=DEVICE)
     s = lora_shrink_tiled(x, lora_a, index)
-    out = lora_expand_tiled(y.clone(), s, lora_b, index, torch.tensor([0, 16], dtype=torch.int32), (0, 16))
+    out = lora_expand_tiled(
+        y.clone(), s, lora_b, index, torch.tensor([0, 16], dtype=torch.int32, device=DEVICE), (0, 16)
+    )
     assert torch.equal(out, y)

@@ -237,14 +237,18 @@ def _rotary_store_kv_kernel(
             row_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
             v_rows = v_ptr + token * v_token_stride + heads[:, None] * v_head_stride
             v = tl.load(v_rows + offs_d[None, :], mask=row_mask)
+            # New names, not k1 / k2 / v again: the compiler (Triton 3.6) refuses a variable whose type
+            # changes inside this runtime branch (model dtype -> e4m3); the interpreter allows it.
             if KV_FP8:  # the rotated key as rounded to the model dtype, then quantized (as the reference)
                 k_scale = tl.load(k_scale_ptr)
-                k1, k2 = quantize_kv(k1, k_scale), quantize_kv(k2, k_scale)
-                v = quantize_kv(v, tl.load(v_scale_ptr))
+                k1_out, k2_out = quantize_kv(k1, k_scale), quantize_kv(k2, k_scale)
+                v_out = quantize_kv(v, tl.load(v_scale_ptr))
+            else:
+                k1_out, k2_out, v_out = k1, k2, v
             k_dtype = k_cache_ptr.dtype.element_ty
-            tl.store(k_cache_ptr + dst + offs[None, :], k1.to(k_dtype), mask=half_mask)
-            tl.store(k_cache_ptr + dst + HALF + offs[None, :], k2.to(k_dtype), mask=half_mask)
-            tl.store(v_cache_ptr + dst + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=row_mask)
+            tl.store(k_cache_ptr + dst + offs[None, :], k1_out.to(k_dtype), mask=half_mask)
+            tl.store(k_cache_ptr + dst + HALF + offs[None, :], k2_out.to(k_dtype), mask=half_mask)
+            tl.store(v_cache_ptr + dst + offs_d[None, :], v_out.to(v_cache_ptr.dtype.element_ty), mask=row_mask)
 
 
 def rotary_store_kv_triton(
