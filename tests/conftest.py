@@ -55,7 +55,11 @@ def hf_greedy(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> li
 
 def hf_step_logprobs(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and the log-softmax of each step's logits: [steps, vocab]."""
-    model = _hf_model(model_path)
+    return model_step_logprobs(_hf_model(model_path), prompt_ids, max_new_tokens)
+
+
+def model_step_logprobs(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """hf_step_logprobs for a model already built (a PEFT model, say)."""
     ids = torch.tensor([prompt_ids])
     out = model.generate(
         ids,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QWEN3, assert_matches_hf, hf_step_logprobs
+from conftest import QWEN3, assert_matches_hf, hf_step_logprobs, model_step_logprobs
 
 from mini_infer import LLM, LoRARequest, SamplingParams
 from mini_infer.lora.request import LoRARequest as _LoRARequest
@@ -61,22 +61,7 @@ def _peft_expected(adapter_path: str | None, prompts: list[list[int]]):
 
     base = AutoModelForCausalLM.from_pretrained(QWEN3, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter_path).eval()
-    results = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-        logprobs = torch.stack([s[0].float().log_softmax(-1) for s in out.logits])
-        results.append((out.sequences[0, len(p) :].tolist(), logprobs))
-    return results
+    return [model_step_logprobs(model, p, STEPS) for p in prompts]
 
 
 @pytest.fixture(scope="module")
