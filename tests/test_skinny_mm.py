@@ -72,8 +72,8 @@ TABLE = {
 
 def test_table_lookup_takes_the_smallest_listed_row_count_at_or_above():
     skinny = lookup(TABLE, "GPU X", torch.bfloat16, 1, 64, 32)
-    assert skinny == GemvChoice("skinny", (("block_k", 64), ("block_n", 32), ("num_stages", 3), ("num_warps", 4)))
-    assert SkinnyConfig(**skinny.config()) == SkinnyConfig(32, 64, 4, 3)
+    assert skinny == GemvChoice("skinny", {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3})
+    assert SkinnyConfig(**skinny.tile) == SkinnyConfig(32, 64, 4, 3)
     assert lookup(TABLE, "GPU X", torch.bfloat16, 2, 64, 32).kernel == "cublas"  # bucket 4
     assert lookup(TABLE, "GPU X", torch.bfloat16, 5, 64, 32) is None  # past the largest bucket
     assert lookup(TABLE, "GPU X", torch.bfloat16, 1, 64, 64) is None  # shape not measured
@@ -92,5 +92,5 @@ def test_shipped_table_parses_and_is_ignored_off_cuda():
                 for entry in by_shape.values():
                     choice = parse_choice(entry)
                     if choice.kernel == "skinny":
-                        SkinnyConfig(**choice.config())
+                        SkinnyConfig(**choice.tile)
     assert gemv_table.tuned_choice(torch.device("cpu"), torch.bfloat16, 1, 64, 32) is None

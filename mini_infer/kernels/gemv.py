@@ -143,9 +143,9 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     choice = tuned_choice(x.device, weight.dtype, rows, weight.shape[0], weight.shape[1])
     if choice is not None:
         if choice.kernel == "skinny":
-            return skinny_mm(x, weight, bias, config=SkinnyConfig(**choice.config()))
+            return skinny_mm(x, weight, bias, config=SkinnyConfig(**choice.tile))
         if choice.kernel == "gemv" and rows <= GEMV_MAX_ROWS:
-            return gemv_triton(x, weight, bias, GemvConfig(**choice.config()))
+            return gemv_triton(x, weight, bias, GemvConfig(**choice.tile))
         return F.linear(x, weight, bias)
     if rows <= gemv_dispatch_rows(x.device):
         return gemv_triton(x, weight, bias)

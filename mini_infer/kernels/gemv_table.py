@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,10 +31,7 @@ KERNELS = ("cublas", "gemv", "skinny")
 @dataclass(frozen=True)
 class GemvChoice:
     kernel: str
-    tile: tuple[tuple[str, int], ...] = ()  # the kernel's config fields, hashable
-
-    def config(self) -> dict[str, int]:
-        return dict(self.tile)
+    tile: dict[str, int] = field(default_factory=dict)  # the kernel's config fields
 
 
 def dtype_key(dtype: torch.dtype) -> str:
@@ -50,7 +47,7 @@ def parse_choice(entry: dict) -> GemvChoice:
     kernel = entry["kernel"]
     if kernel not in KERNELS:
         raise ValueError(f"gemv table: unknown kernel {kernel!r} (one of {', '.join(KERNELS)})")
-    return GemvChoice(kernel, tuple(sorted((k, int(v)) for k, v in entry.items() if k != "kernel")))
+    return GemvChoice(kernel, {k: int(v) for k, v in entry.items() if k != "kernel"})
 
 
 def lookup(table: dict, device_name: str, dtype: torch.dtype, rows: int, n: int, k: int) -> GemvChoice | None:

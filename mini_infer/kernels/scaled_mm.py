@@ -284,12 +284,12 @@ def w8a8_linear(
     m = x.shape[0]
     choice = tuned_choice(x.device, wq.dtype, m, wq.shape[0], wq.shape[1]) if block is None else None
     if choice is not None and choice.kernel == "gemv":
-        tile = choice.config()
+        tile = choice.tile
         config = (min(GEMV_ROWS, triton.next_power_of_2(max(1, m))), tile["block_n"], tile["block_k"])
         return w8a8_gemv_triton(x, None, wq, w_scale, bias, x.dtype, config=config)
     if choice is None and (m <= FUSED_GEMV_ROWS or (block is not None and m <= GEMV_ROWS)):
         return w8a8_gemv_triton(x, None, wq, w_scale, bias, x.dtype, block)
     xq, x_scale = act_quant_triton(x, wq.dtype, group)
     if choice is not None and choice.kernel == "skinny":
-        return skinny_mm(xq, wq, bias, x_scale, w_scale, x.dtype, SkinnyConfig(**choice.config()))
+        return skinny_mm(xq, wq, bias, x_scale, w_scale, x.dtype, SkinnyConfig(**choice.tile))
     return w8a8_mm(xq, x_scale, wq, w_scale, bias, x.dtype, block)
