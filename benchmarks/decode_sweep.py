@@ -2,9 +2,9 @@
 
 The engine's block tables are as wide as max_model_len, the KV pool fills most of the GPU, and
 contexts are far shorter than the table. This sweeps split policies and tile configs over such
-shapes and prints % of the measured copy bandwidth.
+shapes and prints % of the measured copy bandwidth (of the bytes the pool's dtype really moves).
 
-    python benchmarks/decode_sweep.py [--output-json FILE]
+    python benchmarks/decode_sweep.py [--kv-cache-dtype fp8] [--output-json FILE]
 """
 
 from __future__ import annotations
@@ -32,10 +32,14 @@ def case(
     scatter: bool,
     configs: dict[str, DecodeConfig],
     gbps: float,
+    kv_dtype: torch.dtype,
 ) -> dict:
     width = width_tokens // PAGE
-    k_cache = torch.randn(pool_blocks, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=DTYPE)
-    v_cache = torch.randn_like(k_cache)
+    k_cache = torch.randn(pool_blocks, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=DTYPE).to(kv_dtype)
+    v_cache = torch.randn_like(k_cache, dtype=DTYPE).to(kv_dtype)
+    scales = {}
+    if kv_dtype != DTYPE:  # an fp8 pool: per-tensor scales, as the engine passes them
+        scales = dict(k_scale=torch.tensor([0.3], device="cuda"), v_scale=torch.tensor([0.7], device="cuda"))
     per_seq = min(width, triton.cdiv(context, PAGE))
     used = batch * per_seq
     ids = torch.randperm(pool_blocks, device="cuda")[:used] if scatter else torch.arange(used, device="cuda")
@@ -43,13 +47,15 @@ def case(
     tables[:, :per_seq] = ids.view(batch, per_seq).int()
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, q_heads, HEAD_DIM, device="cuda", dtype=DTYPE)
-    moved = 2 * batch * context * kv_heads * HEAD_DIM * 2
-    ref = decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, DecodeConfig(num_splits=1))
+    moved = 2 * batch * context * kv_heads * HEAD_DIM * k_cache.element_size()
+    ref = decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, DecodeConfig(num_splits=1), **scales)
     out = {}
     for name, cfg in configs.items():
-        got = decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg)
+        got = decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg, **scales)
         err = (got.float() - ref.float()).abs().max().item()
-        us = graph_us(lambda cfg=cfg: decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg))
+        us = graph_us(
+            lambda cfg=cfg: decode_attention_triton(q, k_cache, v_cache, seq_lens, tables, 0.088, cfg, **scales)
+        )
         splits = decode_num_splits(batch, kv_heads, width * PAGE, q.device, cfg)
         out[name] = {
             "us": us,
@@ -63,7 +69,9 @@ def case(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output-json", default=None)
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="the pool: bf16 or e4m3")
     args = ap.parse_args()
+    kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else DTYPE
     gbps = measure_hbm_bandwidth() / 1e9
     configs = {
         "default (no cap)": DecodeConfig(),
@@ -77,6 +85,10 @@ def main() -> None:
         "cap 256 bn32 w2 s3": DecodeConfig(block_n=32, num_warps=2, max_split_tokens=256),
         "cap 128 bn32": DecodeConfig(block_n=32, max_split_tokens=128),
         "min split 256 (old default)": DecodeConfig(min_split_tokens=256),
+        "bn128": DecodeConfig(block_n=128),
+        "bn128 w8": DecodeConfig(block_n=128, num_warps=8),
+        "bn128 s4": DecodeConfig(block_n=128, num_stages=4),
+        "bn64 w8": DecodeConfig(num_warps=8),
     }
     # (label, batch, context, q heads, kv heads, table width in tokens, pool blocks, scattered pages)
     shapes = [
@@ -87,10 +99,12 @@ def main() -> None:
         ("llama-3-8b b1 ctx512 w4096", 1, 512, 32, 8, 4096, 26_000, False),
         ("llama-3-8b b64 ctx4096 w4096 scattered", 64, 4096, 32, 8, 4096, 26_000, True),
         ("llama-3-8b b256 ctx200 w4096", 256, 200, 32, 8, 4096, 26_000, False),
+        ("llama-3-8b b16 ctx2048 w8192", 16, 2112, 32, 8, 8192, 26_000, False),
+        ("llama-3-8b b128 ctx2048 w8192", 128, 2112, 32, 8, 8192, 26_000, False),
     ]
-    results = {"copy_gbps": gbps, "cases": {}}
+    results = {"copy_gbps": gbps, "kv_cache_dtype": args.kv_cache_dtype, "cases": {}}
     for label, *shape in shapes:
-        res = case(*shape, configs=configs, gbps=gbps)
+        res = case(*shape, configs=configs, gbps=gbps, kv_dtype=kv_dtype)
         results["cases"][label] = res
         torch.cuda.empty_cache()
         print(f"\n== {label}")

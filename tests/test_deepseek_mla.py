@@ -28,6 +28,7 @@ from mini_infer.kernels.mla_decode import (
     mla_store_latent_triton,
 )
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels: the interpreter on CPU
 STEPS = 6
 YARN = {
     "rope_type": "yarn",
@@ -193,12 +194,12 @@ def test_latent_cache_is_one_entry_per_token(ds_model):
 def test_mla_kernel_matches_reference(splits, dtype):
     torch.manual_seed(0)
     H, R, P, bs, nb = 5, 32, 16, 4, 12
-    cache = torch.randn(nb, bs, R + P).to(dtype)
-    tables = torch.randperm(nb)[:8].view(2, 4).int()
+    cache = torch.randn(nb, bs, R + P).to(DEVICE, dtype)
+    tables = torch.randperm(nb)[:8].view(2, 4).int().to(DEVICE)
     # rows: a decode row of sequence 0 (11 keys), a 3-token prefill chunk of sequence 1 at 5..7, a padding row
-    lens = torch.tensor([11, 6, 7, 8, 0], dtype=torch.int32)
+    lens = torch.tensor([11, 6, 7, 8, 0], dtype=torch.int32, device=DEVICE)
     rows = tables[[0, 1, 1, 1, 1]]
-    q = torch.randn(5, H, R + P).to(dtype)
+    q = torch.randn(5, H, R + P).to(DEVICE, dtype)
     ref = mla_attention_ref(q, cache, lens, rows, R, 0.3)
     out = mla_attention_triton(q, cache, lens, rows, R, 0.3, num_splits=splits, block_n=16)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -207,9 +208,9 @@ def test_mla_kernel_matches_reference(splits, dtype):
 
 
 def test_store_kernel_matches_reference():
-    latent = torch.randn(4, 24)
-    slots = torch.tensor([3, -1, 0, 9])
-    a, b = torch.zeros(3, 4, 24), torch.zeros(3, 4, 24)
+    latent = torch.randn(4, 24, device=DEVICE)
+    slots = torch.tensor([3, -1, 0, 9], device=DEVICE)
+    a, b = torch.zeros(3, 4, 24, device=DEVICE), torch.zeros(3, 4, 24, device=DEVICE)
     mla_store_latent_ref(latent, a, slots)
     mla_store_latent_triton(latent, b, slots)
     assert torch.equal(a, b) and torch.equal(a.view(-1, 24)[9], latent[3])
@@ -248,7 +249,7 @@ def test_tensor_parallel(ds_model, expected, expert_parallel):
     intermediate size, or whole experts per rank. One config: the V3 one covers q_lora and its router."""
     if "v3" not in ds_model:
         pytest.skip("the V3 config covers tensor parallelism")
-    llm = LLM(ds_model, dtype="float32", tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
+    llm = LLM(ds_model, dtype="float32", device="cpu", tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
     try:
         assert_matches_hf(_generate(llm, PROMPTS[:2]), expected[:2])
     finally:

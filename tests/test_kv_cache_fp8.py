@@ -32,7 +32,7 @@ from mini_infer.kernels import get_ops
 from mini_infer.worker.kv_cache import KVCache
 
 FP8 = torch.float8_e4m3fn
-ENGINE = dict(enforce_eager=True)
+ENGINE = dict(enforce_eager=True, dtype="float32")  # float32 on a GPU too, where "auto" is bfloat16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, logprobs=2)
 
 
@@ -114,8 +114,9 @@ def test_fp8_log_likelihood_within_the_derived_bound(fixture, request):
 def test_pool_holds_float8_and_twice_the_blocks():
     """Same memory budget: a bfloat16 pool and an fp8 one; fp8 has half the bytes per block, twice the blocks,
     and its tensors really are float8."""
-    fp8_llm = LLM(str(STORIES), dtype="bfloat16", kv_cache_dtype="fp8_e4m3", cpu_kv_cache_gib=2**-10, **ENGINE)
-    auto, fp8 = LLM(str(STORIES), dtype="bfloat16", cpu_kv_cache_gib=2**-10, **ENGINE).llm_engine, fp8_llm.llm_engine
+    budget = dict(enforce_eager=True, dtype="bfloat16", device="cpu", cpu_kv_cache_gib=2**-10)  # a host pool's budget
+    fp8_llm = LLM(str(STORIES), kv_cache_dtype="fp8_e4m3", **budget)
+    auto, fp8 = LLM(str(STORIES), **budget).llm_engine, fp8_llm.llm_engine
     pools = auto.model_runner.kv_cache, fp8.model_runner.kv_cache
     assert [t.dtype for t in pools[0].tensors] == [torch.bfloat16] * 5
     assert [t.dtype for t in pools[1].tensors] == [FP8] * 5 and pools[1].tensors[0].element_size() == 1
@@ -130,7 +131,7 @@ def test_pool_holds_float8_and_twice_the_blocks():
 
 def test_triton_kernels_in_the_engine(stories_path):
     """kernel_backend="triton" (the interpreter on CPU) with an fp8 pool: the torch backend's tokens."""
-    kwargs = dict(dtype="float32", kv_cache_dtype="fp8", max_num_batched_tokens=32, **ENGINE)
+    kwargs = dict(kv_cache_dtype="fp8", max_num_batched_tokens=32, **ENGINE)
     short = SamplingParams(temperature=0.0, max_tokens=12)
     torch_outs = LLM(stories_path, **kwargs).generate(PROMPTS[:4], short, use_tqdm=False)
     triton_outs = LLM(stories_path, kernel_backend="triton", **kwargs).generate(PROMPTS[:4], short, use_tqdm=False)
@@ -153,14 +154,14 @@ def test_tensor_parallel_and_speculative_decoding_over_fp8(stories_path):
     """Two ranks (each its KV heads, the same per-tensor scales) and speculative decoding (n-gram; a draft
     model whose layers share the fp8 pool): one rank's plain greedy tokens over the same fp8 pool."""
     prompts, params = PROMPTS[:4], SamplingParams(temperature=0.0, max_tokens=16)
-    base = LLM(stories_path, kv_cache_dtype="fp8", **ENGINE)
+    base = LLM(stories_path, kv_cache_dtype="fp8", device="cpu", **ENGINE)  # the ranks are gloo processes
     want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
     for extra in (
         dict(tensor_parallel_size=2),
         dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3}),
         dict(speculative_config={"method": "draft_model", "model": stories_path, "num_speculative_tokens": 2}),
     ):
-        llm = LLM(stories_path, kv_cache_dtype="fp8", **extra, **ENGINE)
+        llm = LLM(stories_path, kv_cache_dtype="fp8", device="cpu", **extra, **ENGINE)
         try:
             assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want, extra
         finally:  # a live tensor-parallel group would make the next engine's collectives wait for rank 1

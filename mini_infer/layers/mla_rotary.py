@@ -24,7 +24,8 @@ def build_mla_cos_sin_cache(config: PretrainedConfig, rope_dim: int, max_positio
         inv_freq, factor = ROPE_INIT_FUNCTIONS[p["rope_type"]](config, torch.device("cpu"))
     else:
         raise ValueError(f"rope type {p['rope_type']!r} is not supported")
-    freqs = torch.arange(max_positions, dtype=torch.float32).unsqueeze(1) * inv_freq.float().unsqueeze(0)
+    positions = torch.arange(max_positions, dtype=torch.float32)  # on the default device (the model's)
+    freqs = positions.unsqueeze(1) * inv_freq.float().to(positions.device).unsqueeze(0)
     return torch.cat((freqs.cos() * factor, freqs.sin() * factor), dim=-1)
 
 
