@@ -271,7 +271,8 @@ def test_a_draft_models_cache_is_swapped_with_the_targets(stories_path, qwen3_pa
     """Speculative decoding with a draft model: its KV sits in the same blocks, so a host block carries
     both models' layers; the tokens stay those of an engine that never preempts."""
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in LLM(stories_path).generate(PROMPTS[:4], params, use_tqdm=False)]
+    plain = LLM(stories_path, dtype="float32")
+    expected = [o.outputs[0].token_ids for o in plain.generate(PROMPTS[:4], params, use_tqdm=False)]
     spec = {"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 3}
     llm = LLM(stories_path, speculative_config=spec, swap_space=0.01, **{**TINY, "num_gpu_blocks_override": 10})
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:4], params, use_tqdm=False)] == expected

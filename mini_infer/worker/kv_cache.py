@@ -111,6 +111,7 @@ def profile_free_gpu_memory(
     graph_reserve = 0
     if graph_batch is not None:  # graphs share one pool of their own: reserve its largest pass
         torch.cuda.reset_peak_memory_stats()
+        kv_cache.allocate(graph_batch)  # one block per one-token sequence: its writes stay in the cache
         base = torch.cuda.memory_allocated()
         run_batch([1] * graph_batch)
         torch.cuda.synchronize()
