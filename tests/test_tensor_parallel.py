@@ -76,6 +76,9 @@ def test_stories_tp2():
         ref = _hf_prompt_logprobs(str(STORIES), prompt)
         got = [next(iter(e.values())).logprob for e in out[0].prompt_logprobs[1:]]
         assert torch.allclose(torch.tensor(got), ref, atol=1e-4)
+        # another engine while this one holds the group: refused at once (it used to wait 300 s on a collective)
+        with pytest.raises(ValueError, match="shut the other engine down"):
+            LLM(str(STORIES), dtype="float32")
         # an exception in a worker (here: a step it cannot unpickle) surfaces on rank 0 with its reason
         executor = llm.llm_engine.executor
         send = executor.send_step

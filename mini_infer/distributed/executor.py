@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mini_infer.config import EngineConfig
-from mini_infer.distributed.parallel_state import check_parallel_sizes
+from mini_infer.distributed.parallel_state import check_no_live_group, check_parallel_sizes
 from mini_infer.model_loader import load_hf_config
 from mini_infer.worker.model_runner import ModelRunner
 
@@ -38,6 +38,7 @@ def make_executor(config: EngineConfig, path: Path, max_model_len: int):
     rank 0 to their group, so it comes before the model is built (layers shard by the group's size)."""
     tp = config.tensor_parallel_size
     check_parallel_sizes(load_hf_config(path), tp, config.enable_expert_parallel)
+    check_no_live_group()
     if tp == 1:
         return UniProcExecutor()
     if config.resolved_device.type == "cuda" and config.distributed_executor_backend != "ray":  # one host

@@ -52,11 +52,7 @@ def init_distributed(
 ) -> None:
     """Joins the group (gloo on CPU, NCCL on CUDA) and records this rank; every rank calls it."""
     global _STATE
-    if _STATE is not None or dist.is_initialized():
-        raise ValueError(
-            "this process already belongs to a tensor-parallel group: shut the other engine down "
-            "(LLMEngine.shutdown()) before starting another with tensor_parallel_size > 1"
-        )
+    check_no_live_group()
     kwargs = {}
     if backend == "nccl" and device_index is not None:
         import torch
@@ -67,6 +63,17 @@ def init_distributed(
         backend, init_method=init_method, rank=rank, world_size=world_size, timeout=collective_timeout(), **kwargs
     )
     _STATE = ParallelState(rank, world_size, expert_parallel)
+
+
+def check_no_live_group() -> None:
+    """ValueError if a tensor-parallel engine still holds this process's group. Any new engine would be
+    caught by it: its layers would read that group's rank and size, and its first collective would wait
+    on the other engine's workers until the timeout."""
+    if _STATE is not None or dist.is_initialized():
+        raise ValueError(
+            "this process already belongs to a tensor-parallel group: shut the other engine down "
+            "(LLMEngine.shutdown()) before starting another engine"
+        )
 
 
 def destroy_distributed() -> None:
