@@ -296,3 +296,14 @@ def test_negative_time_limit_is_refused(capsys):
         cli_main(["bench", "throughput", "--model", "tiny-llama", "--hf-time-limit", "-1"])
     assert exit_info.value.code == 2
     assert "cannot be negative" in capsys.readouterr().err
+
+
+def test_latency_counts_an_fp8_pools_kv_bytes(tmp_path, stories_path, latency_record):
+    """--kv-cache-dtype fp8: the roofline's KV term is the pool's one byte per element, not the model dtype's."""
+    out = tmp_path / "latency_fp8.json"
+    args = ["bench", "latency", "--model", stories_path, "--batch-sizes", "1", "--input-len", "10"]
+    assert cli_main([*args, "--output-len", "5", "--kv-cache-dtype", "fp8", "--output-json", str(out)]) == 0
+    fp8 = _read(out)
+    assert fp8["kv_bytes_per_token"] * latency_record["dtype_bytes"] == latency_record["kv_bytes_per_token"]
+    step = {r["batch_size"]: r for r in latency_record["results"]}[1]
+    assert fp8["results"][0]["mean_bytes_per_step"] < step["mean_bytes_per_step"]

@@ -127,7 +127,9 @@ def test_moe_counts_by_hand():
     assert MOE_TINY.matmul_params == 25600 + 2 * 2 * 6144 + 32768  # each token multiplies 2 experts per layer
     assert MOE_TINY.expected_experts_touched(1) == pytest.approx(4)  # one token: exactly top-2 in 2 layers
     assert MOE_TINY.expected_experts_touched(10**4) == pytest.approx(16)  # a large batch touches them all
+    fp8_kv = decode_step_cost(MOE_TINY, [5], dtype_bytes=2, experts_touched=4, kv_dtype_bytes=1)
     cost = decode_step_cost(MOE_TINY, [5], dtype_bytes=2, experts_touched=4)
+    assert cost.bytes - fp8_kv.bytes == 5 * MOE_TINY.kv_bytes_per_token(1)  # an fp8 pool: half the KV bytes
     assert cost.bytes == 2 * (25600 + 4 * 6144 + 320 + 64 + 32768) + 5 * MOE_TINY.kv_bytes_per_token(2)
     assert decode_step_cost(MOE_TINY, [5], dtype_bytes=2).bytes == cost.bytes  # the estimate is exact at batch 1
 

@@ -82,6 +82,11 @@ def engine_shape(engine: Any) -> tuple[ModelShape, int]:
     return ModelShape.from_hf_config(engine.model_config), dtype_nbytes(engine_dtype(engine))
 
 
+def engine_kv_dtype_bytes(engine: Any) -> int:
+    """Bytes per element of the engine's KV pool: the model dtype's, or 1 with kv_cache_dtype="fp8"."""
+    return engine.model_runner.kv_cache.dtype.itemsize
+
+
 def load_model_config(model: str, load_format: str = "dummy") -> Any:
     """The HF config of a local dir, hub id or preset, resolved as the engine does. A config needs no weights,
     so by default a preset name resolves too; pass the run's load_format to refuse one as the engine will."""

@@ -21,6 +21,7 @@ from mini_infer.bench.common import (
     RESULTS_DIR,
     build_engine,
     default_result_path,
+    engine_kv_dtype_bytes,
     engine_shape,
     environment,
     fmt_pct,
@@ -171,6 +172,7 @@ def measure_batch(
     from mini_infer.bench.roofline import decode_step_cost
 
     shape, dtype_bytes = engine_shape(engine)
+    kv_dtype_bytes = engine_kv_dtype_bytes(engine)
     vocab = shape.vocab_size
     # Untimed run of the very same shape (other prompts): kernels specialised on batch or context
     # length (split counts, graph sizes) compile here, not inside the timed steps.
@@ -190,7 +192,7 @@ def measure_batch(
     else:
         touched = None
     costs = [
-        decode_step_cost(shape, s.context_lens, dtype_bytes, touched[i] if touched else None)
+        decode_step_cost(shape, s.context_lens, dtype_bytes, touched[i] if touched else None, kv_dtype_bytes)
         for i, s in enumerate(steps)
     ]
     result.bytes_per_step = [c.bytes for c in costs]
@@ -245,7 +247,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "num_experts": shape.num_experts,
         "sparse_layers": shape.num_sparse_layers,
         "expert_bytes": shape.expert_params * dtype_bytes,
-        "kv_bytes_per_token": shape.kv_bytes_per_token(dtype_bytes),
+        "kv_bytes_per_token": shape.kv_bytes_per_token(engine_kv_dtype_bytes(engine)),
         "input_len": args.input_len,
         "output_len": args.output_len,
         "results": [],

@@ -228,13 +228,18 @@ class DecodeStepCost:
 
 
 def decode_step_cost(
-    shape: ModelShape, context_lens: Sequence[int], dtype_bytes: int, experts_touched: float | None = None
+    shape: ModelShape,
+    context_lens: Sequence[int],
+    dtype_bytes: int,
+    experts_touched: float | None = None,
+    kv_dtype_bytes: int | None = None,
 ) -> DecodeStepCost:
     """One decode step of a batch: each request attends to its `context_len` tokens (its new one included).
     experts_touched: distinct experts the step's tokens were routed to, summed over the sparse layers, as
-    measured; None takes the uniform-routing estimate for this batch size (ModelShape.expected_experts_touched)."""
+    measured; None takes the uniform-routing estimate for this batch size (ModelShape.expected_experts_touched).
+    kv_dtype_bytes: bytes per element of the KV pool (1 for kv_cache_dtype="fp8"); None: dtype_bytes."""
     total_context = int(sum(context_lens))
-    kv_bytes = total_context * shape.kv_bytes_per_token(dtype_bytes)
+    kv_bytes = total_context * shape.kv_bytes_per_token(kv_dtype_bytes or dtype_bytes)
     flops = 2 * shape.matmul_params * len(context_lens) + shape.attention_flops(total_context)
     if experts_touched is None:
         experts_touched = shape.expected_experts_touched(len(context_lens))
