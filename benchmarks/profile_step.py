@@ -131,8 +131,9 @@ def main() -> None:
     import mini_infer.worker.model_runner as mr
 
     timed(phases, "  build_step_inputs", mr, "build_step_inputs")
-    timed(phases, "  graph inputs + replay launch", runner, "_run_graphs")
-    timed(phases, "  eager forward", runner, "_forward")
+    timed(phases, "  forward (graph replays, else eager)", runner, "_forward")
+    if runner.graphs is not None:
+        timed(phases, "    graph inputs + replay launch", runner.graphs, "run")
     timed(phases, "  build_sampling_batch", mr, "build_sampling_batch")
     timed(phases, "  sample_on_device", mr, "sample_on_device")
     timed(phases, "read back (+ wait for GPU) + update", engine, "_update")

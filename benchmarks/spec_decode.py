@@ -7,10 +7,14 @@ Dummy weights accept drafts at random, so the parts are measured apart (issue 14
   replaced by one that repeats the last token k times), step time against a plain decode step of an
   engine without speculation, by batch and k; and the speed-up implied at acceptance rates 0.6-0.8
   (expected tokens per step (1 - a^(k+1)) / (1 - a), divided by the step-cost ratio).
-- self_draft: the target as its own draft model (same preset and seed: the same weights), batch 1,
-  end to end; acceptance near 1 is the machinery's ceiling, with the draft costing a full model.
+- self_draft: the target as its own draft model (same preset and seed: the same weights), end to end:
+  step time against a plain decode step by batch (--proposer-batch-sizes) and k; acceptance near 1 is
+  the machinery's ceiling, with the draft costing a full model.
 - eagle3: a random EAGLE-3 head of the target's shapes (draft vocabulary 32,000): the cost of a step
-  with the head's k proposals, acceptance at random.
+  with the head's k proposals against a plain decode step, by batch and k; acceptance at random.
+
+The proposer parts run the target's and the proposer's passes over CUDA graphs (each row says whether
+the engine captured them: `graphs`); --proposer-eager runs them eagerly instead, for the comparison.
 - ngram: a real model (stories260K) on prompts that repeat themselves: tok/s and acceptance, with and
   without n-gram drafts.
 - exact: greedy tokens of 8 requests with forced drafts against the same requests without speculation
@@ -32,10 +36,12 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from mini_infer import LLMEngine, SamplingParams
 from mini_infer.bench.common import free_device_memory
 from mini_infer.config import EngineConfig
+from mini_infer.model_loader import load_hf_config, resolve_model_path
 
 
 def sync() -> None:
@@ -45,8 +51,6 @@ def sync() -> None:
 
 def max_len_for(model: str) -> int:
     """2048 positions, or fewer where the model takes fewer (the CPU smoke run on stories260K)."""
-    from mini_infer.model_loader import load_hf_config, resolve_model_path
-
     return min(2048, load_hf_config(resolve_model_path(model, "dummy")).max_position_embeddings)
 
 
@@ -54,6 +58,32 @@ def engine(model: str, **kwargs) -> LLMEngine:
     free_device_memory()  # the engines the caller dropped (del): each sizes its KV pool from a free GPU
     settings = {"load_format": "dummy", "max_model_len": max_len_for(model), "max_num_seqs": 64, **kwargs}
     return LLMEngine(EngineConfig(model=model, **settings))
+
+
+def proposer_engine(args, spec: dict) -> LLMEngine:
+    """A speculating engine for the proposer parts: as many sequences as the largest batch timed (fewer
+    graphs to capture), over CUDA graphs unless --proposer-eager."""
+    batch = max(args.proposer_batches)
+    return engine(args.model, speculative_config=spec, max_num_seqs=batch, enforce_eager=args.proposer_eager)
+
+
+def proposer_row(part: str, e: LLMEngine, batch: int, k: int, plain: dict, r: dict) -> dict:
+    """A proposer part's row: its step against the plain decode step at the same batch, and the speed-up
+    its acceptance gives (tokens per step / step-time ratio)."""
+    runner = e.model_runner
+    ratio = r["step_ms"] / plain["step_ms"]
+    return {
+        "part": part,
+        "batch": batch,
+        "k": k,
+        "graphs": runner.graphs is not None and runner.proposer_graphs is not None,
+        "decode_step_ms": plain["step_ms"],
+        "plain_tok_per_s": plain["tok_per_s"],
+        **r,
+        "step_over_decode": ratio,
+        "speedup": r["tokens_per_step"] / ratio,
+        **{f"speedup_at_{a}": expected_speedup(ratio, k, a) for a in (0.6, 0.7, 0.8)},
+    }
 
 
 def force_drafts(e: LLMEngine, k: int) -> None:
@@ -127,26 +157,30 @@ def part_verify(args, rows: list) -> None:
     del spec
 
 
-def part_self_draft(args, rows: list) -> None:
+def plain_decode(args) -> tuple[dict, int]:
+    """Plain decode steps at each proposer batch, and the vocabulary size."""
     base = engine(args.model)
     vocab = base.model_config.vocab_size
-    ids = prompts(1, args.input_len, vocab)
-    plain = timed_decode(base, ids, args.steps)
+    plain = {b: timed_decode(base, prompts(b, args.input_len, vocab), args.steps) for b in args.proposer_batches}
     del base
+    return plain, vocab
+
+
+def part_self_draft(args, rows: list) -> None:
+    plain, vocab = plain_decode(args)
     for k in (2, 4):
-        spec = engine(
-            args.model, speculative_config={"method": "draft_model", "model": args.model, "num_speculative_tokens": k}
-        )
-        r = timed_decode(spec, ids, max(8, args.steps // (k + 1)))
-        rows.append({"part": "self_draft", "batch": 1, "k": k, "plain_tok_per_s": plain["tok_per_s"], **r})
-        print(json.dumps(rows[-1]), flush=True)
+        spec = proposer_engine(args, {"method": "draft_model", "model": args.model, "num_speculative_tokens": k})
+        for b in args.proposer_batches:
+            r = timed_decode(spec, prompts(b, args.input_len, vocab), max(8, args.steps // (k + 1)))
+            rows.append(proposer_row("self_draft", spec, b, k, plain[b], r))
+            print(json.dumps(rows[-1]), flush=True)
         del spec
 
 
-def random_eagle3_head(target: LLMEngine, path: Path, draft_vocab: int = 32000) -> None:
+def random_eagle3_head(c: PretrainedConfig, path: Path, draft_vocab: int = 32000) -> None:
+    """An EAGLE-3 head for a target of config c, random weights, in the published format."""
     from safetensors.torch import save_file
 
-    c = target.model_config
     draft_vocab = min(draft_vocab, c.vocab_size)
     h, heads, kv, inter = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
     d = getattr(c, "head_dim", None) or h // heads
@@ -191,22 +225,14 @@ def random_eagle3_head(target: LLMEngine, path: Path, draft_vocab: int = 32000) 
 
 
 def part_eagle3(args, rows: list) -> None:
-    base = engine(args.model)
-    vocab = base.model_config.vocab_size
+    plain, vocab = plain_decode(args)
     with tempfile.TemporaryDirectory() as tmp:
-        random_eagle3_head(base, Path(tmp))
-        plain = {b: timed_decode(base, prompts(b, args.input_len, vocab), args.steps) for b in (1, 4)}
-        del base
+        random_eagle3_head(load_hf_config(resolve_model_path(args.model, "dummy")), Path(tmp))
         for k in (1, 3, 5):
-            spec = engine(
-                args.model, speculative_config={"method": "eagle3", "model": tmp, "num_speculative_tokens": k}
-            )
-            for b in (1, 4):
+            spec = proposer_engine(args, {"method": "eagle3", "model": tmp, "num_speculative_tokens": k})
+            for b in args.proposer_batches:
                 r = timed_decode(spec, prompts(b, args.input_len, vocab), args.steps)
-                ratio = r["step_ms"] / plain[b]["step_ms"]
-                implied = {f"speedup_at_{a}": expected_speedup(ratio, k, a) for a in (0.6, 0.7, 0.8)}
-                rows.append({"part": "eagle3", "batch": b, "k": k, "decode_step_ms": plain[b]["step_ms"], **r})
-                rows[-1].update(step_over_decode=ratio, **implied)
+                rows.append(proposer_row("eagle3", spec, b, k, plain[b], r))
                 print(json.dumps(rows[-1]), flush=True)
             del spec
 
@@ -261,6 +287,8 @@ def main() -> None:
     parser.add_argument("--parts", default="verify,exact,eagle3,self_draft,ngram")
     parser.add_argument("--batch-sizes", default="1,4,16,64")
     parser.add_argument("--ks", default="1,2,3,4,5,7")
+    parser.add_argument("--proposer-batch-sizes", default="1,4,16", help="the eagle3 and self_draft parts' batches")
+    parser.add_argument("--proposer-eager", action="store_true", help="the proposer parts without CUDA graphs")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--ngram-batch", type=int, default=1)
@@ -274,6 +302,7 @@ def main() -> None:
         kernel.decode_attention_triton.__defaults__ = (config,)
     args.batches = [int(b) for b in args.batch_sizes.split(",")]
     args.ks = [int(k) for k in args.ks.split(",")]
+    args.proposer_batches = [int(b) for b in args.proposer_batch_sizes.split(",")]
     rows: list[dict] = []
     record = {
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -287,9 +316,11 @@ def main() -> None:
         if part == "ngram" and not args.stories:
             continue
         start = time.perf_counter()
-        PARTS[part](args, rows)
+        try:
+            PARTS[part](args, rows)
+        finally:  # after each part, and its rows so far when it fails
+            out.write_text(json.dumps(record, indent=1))
         print(f"# {part}: {time.perf_counter() - start:.0f} s", flush=True)
-        out.write_text(json.dumps(record, indent=1))  # after each part: a later part's failure keeps these
 
 
 if __name__ == "__main__":

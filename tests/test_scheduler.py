@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mini_infer import EngineConfig, LLMEngine, SamplingParams
 
 
@@ -58,17 +60,25 @@ def test_engine_freezes_its_startup_heap_and_is_still_freed_when_dropped(stories
     assert [ref() for ref in alive] == [None, None]
 
 
-def test_a_dropped_engine_is_freed_without_a_collection(stories_path):
-    """No reference cycle: a dropped engine (its CUDA graphs too) frees its memory when its last reference
-    goes, before the next engine sizes its KV pool from free GPU memory (a cycle held it until then)."""
+@pytest.mark.parametrize("draft", [False, True])
+def test_a_dropped_engine_is_freed_without_a_collection(stories_path, draft):
+    """No reference cycle: a dropped engine (its CUDA graphs too, and a draft model's with theirs) frees its
+    memory when its last reference goes, before the next engine sizes its KV pool from free GPU memory (a
+    cycle held it until then)."""
     import weakref
 
-    engine = LLMEngine(EngineConfig(model=stories_path, max_model_len=64, max_num_seqs=2))
-    engine.model_runner.capture_cuda_graphs()  # off CUDA the "graphs" replay eagerly, same objects
-    engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4, ignore_eos=True))
+    spec = {"method": "draft_model", "model": stories_path, "num_speculative_tokens": 2} if draft else None
+    engine = LLMEngine(EngineConfig(model=stories_path, max_model_len=64, max_num_seqs=2, speculative_config=spec))
+    if engine.model_runner.graphs is None:
+        engine.model_runner.capture_cuda_graphs()  # off CUDA the "graphs" replay eagerly, same objects
+    engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=8, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
     runner = engine.model_runner
-    alive = [weakref.ref(o) for o in (engine, runner, runner.model, runner.graphs, engine.scheduler)]
-    del engine, runner
-    assert [ref() for ref in alive] == [None] * 5
+    owned = [engine, runner, runner.model, runner.graphs, engine.scheduler]
+    if draft:
+        assert runner.proposer_graphs.decode.num_replays > 0
+        owned += [runner.proposer, runner.proposer.model, runner.proposer_graphs]
+    alive = [weakref.ref(o) for o in owned]
+    del engine, runner, owned
+    assert [ref() for ref in alive] == [None] * len(alive)

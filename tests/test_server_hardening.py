@@ -380,12 +380,20 @@ def test_echo_with_logprobs_carries_prompt_logprobs(server, stories_path):
     assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
 
 
-def test_prompt_logprobs_equal_transformers_under_chunking_and_preemption(stories_path):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_prompt_logprobs_equal_transformers_under_chunking_and_preemption(stories_path, graphs):
+    """Eagerly, and through the CUDA-graph input path (prefill chunks' rows out of the prefill graphs)."""
     prompts = PROMPTS[2:4] + PROMPTS[:2]
-    llm = LLM(stories_path, max_num_batched_tokens=16, num_gpu_blocks_override=6, max_num_seqs=4)
+    llm = LLM(
+        stories_path, max_num_batched_tokens=16, num_gpu_blocks_override=6, max_num_seqs=4, enforce_eager=not graphs
+    )
+    runner = llm.llm_engine.model_runner
+    if graphs and runner.graphs is None:
+        runner.capture_cuda_graphs()  # off CUDA: the graphs' static, padded inputs, run eagerly
     params = SamplingParams(temperature=0, max_tokens=30, prompt_logprobs=3, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert not graphs or runner.graphs.prefill.num_replays > 0
     model = _hf_model(stories_path)
     for out in outs:
         ids = out.prompt_token_ids

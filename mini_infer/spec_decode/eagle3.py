@@ -10,14 +10,16 @@ the head's own hidden state back.
 The head keeps a KV cache of its one layer in the target's block tables. A step's target pass leaves
 its positions' hidden states here; the next step, when every next token is known (speculation runs
 synchronous steps), runs the head over them (writing its cache) and its last position gives the first
-draft; k - 1 head decodes give the rest. Greedy drafts (q one-hot) are verified like n-gram drafts, so
-the tokens keep the target's distribution whatever the head's weights: tests use random heads.
+draft; k - 1 head decodes give the rest. Each pass goes through the runner's `forward` (the head's
+CUDA graphs where they hold it, the hidden states a static input); the drafts and hidden states stay on
+the device from pass to pass, and the host reads the k drafts at once. Greedy drafts (q one-hot) are
+verified like n-gram drafts, so the tokens keep the target's distribution whatever the head's weights:
+tests use random heads.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +33,9 @@ from mini_infer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from mini_infer.layers.linear import QKVParallelLinear, ReplicatedLinear
 from mini_infer.layers.rotary import build_cos_sin_cache
 from mini_infer.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
+from mini_infer.sampler import to_device
 from mini_infer.scheduler import SchedulerOutput
-from mini_infer.worker.step_inputs import StepInputs, build_decode_rows
+from mini_infer.worker.step_inputs import Forward, StepInputs, build_decode_rows
 
 ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 
@@ -162,20 +165,27 @@ def load_eagle3_head(
 
 
 class Eagle3Proposer:
+    prefill_graphs = False  # every pass of the head is decode rows
+
     def __init__(self, head: Eagle3Head, block_size: int) -> None:
         self.head, self.block_size = head, block_size
         # per sequence: (it, first position, the target's fused hidden states from there) awaiting the head
         self.pending: dict[int, tuple] = {}
 
+    @property
+    def model(self) -> Eagle3Head:
+        """What the runner's forward runs: head(ids, positions, hidden)."""
+        return self.head
+
     def attention_layers(self) -> list[nn.Module]:
         return self.head.attention_layers()
 
+    def graph_inputs(self) -> dict[str, int]:
+        """The hidden state each row reads, a static buffer of the head's graphs."""
+        return {"hidden": self.head.config.hidden_size}
+
     def after_forward(
-        self,
-        out: SchedulerOutput,
-        inputs: StepInputs,
-        aux: torch.Tensor | None,
-        forward: Callable[[StepInputs, nn.Module], object],
+        self, out: SchedulerOutput, inputs: StepInputs, aux: torch.Tensor | None, forward: Forward
     ) -> None:
         """Keeps this step's hidden states, fused by fc, for the head's pass next step."""
         fused, offset = self.head.fc(aux), 0
@@ -183,7 +193,7 @@ class Eagle3Proposer:
             self.pending[s.seq.seq_id] = (s.seq, s.start, fused[offset : offset + s.num_new_tokens])
             offset += s.num_new_tokens
 
-    def before_forward(self, out: SchedulerOutput, forward: Callable[[StepInputs, nn.Module], object]) -> None:
+    def before_forward(self, out: SchedulerOutput, forward: Forward) -> None:
         """Runs the head over the positions the last steps left (their next tokens are known now), then
         proposes the drafts of the runs this step verifies."""
         for seq_id in [i for i, (seq, _, _) in self.pending.items() if seq.is_finished]:
@@ -198,32 +208,31 @@ class Eagle3Proposer:
             if end > first:
                 rows.append((s, first, end))
                 hidden_parts.append(fused[: end - first])
-        last_hidden: dict[int, torch.Tensor] = {}
-        if rows:
-            tokens = [s.seq.token_ids[p + 1] for s, first, end in rows for p in range(first, end)]
-            positions = [p for _, first, end in rows for p in range(first, end)]
-            owners = [s for s, first, end in rows for _ in range(first, end)]
-            inputs = build_decode_rows(tokens, positions, owners, self.block_size)
-            normed, prenorm = forward(inputs, self._model(torch.cat(hidden_parts)))
-            ends = np.cumsum([end - first for _, first, end in rows]) - 1
-            drafts = self.head.draft_tokens(normed[torch.as_tensor(ends, device=normed.device)]).tolist()
-            for (s, _, _), row, token in zip(rows, ends.tolist(), drafts):
-                if s.draft_token_ids:
-                    s.draft_token_ids[0] = token
-                    last_hidden[s.seq.seq_id] = prenorm[row]
-        verify = [s for s in out.seqs if s.draft_token_ids and s.seq.seq_id in last_hidden]
-        for j in range(1, max((len(s.draft_token_ids) for s in verify), default=0)):
+        if not rows:
+            return
+        tokens = [s.seq.token_ids[p + 1] for s, first, end in rows for p in range(first, end)]
+        positions = [p for _, first, end in rows for p in range(first, end)]
+        owners = [s for s, first, end in rows for _ in range(first, end)]
+        inputs = build_decode_rows(tokens, positions, owners, self.block_size)
+        normed, prenorm = forward(inputs, hidden=torch.cat(hidden_parts))
+        ends = np.cumsum([end - first for _, first, end in rows]) - 1  # each sequence's last row
+        # the runs to draft for, the longest first (the runs still drafting are a prefix), and their last rows
+        runs = sorted(
+            ((s, int(row)) for (s, _, _), row in zip(rows, ends) if s.draft_token_ids),
+            key=lambda r: -len(r[0].draft_token_ids),
+        )
+        if not runs:
+            return
+        last = to_device([row for _, row in runs], torch.int64, normed.device)
+        drafts, hidden = [self.head.draft_tokens(normed[last])], prenorm[last]
+        verify = [s for s, _ in runs]
+        for j in range(1, len(verify[0].draft_token_ids)):
             verify = [s for s in verify if j < len(s.draft_token_ids)]
-            tokens = [s.draft_token_ids[j - 1] for s in verify]
-            positions = [s.start + j - 1 for s in verify]
-            hidden = torch.stack([last_hidden[s.seq.seq_id] for s in verify])
-            inputs = build_decode_rows(tokens, positions, verify, self.block_size)
-            normed, prenorm = forward(inputs, self._model(hidden))
-            for i, (s, token) in enumerate(zip(verify, self.head.draft_tokens(normed).tolist())):
-                s.draft_token_ids[j] = token
-                last_hidden[s.seq.seq_id] = prenorm[i]
-
-    def _model(self, hidden: torch.Tensor) -> nn.Module:
-        """The head as forward(inputs, model) runs models: model(ids, positions)."""
-        head = self.head
-        return lambda ids, positions: head(ids, positions, hidden)
+            n = len(verify)
+            inputs = build_decode_rows([0] * n, [s.start + j - 1 for s in verify], verify, self.block_size)
+            normed, hidden = forward(inputs, input_ids=drafts[-1][:n], hidden=hidden[:n])
+            drafts.append(self.head.draft_tokens(normed))
+        values = iter(torch.cat(drafts).tolist())  # one read back for the k passes
+        for j, made in enumerate(drafts):
+            for s, _ in runs[: len(made)]:
+                s.draft_token_ids[j] = next(values)

@@ -1,26 +1,32 @@
 """CUDA graphs: forward passes captured by size over static buffers and replayed on new inputs.
 
 Launching the ~15 kernels of each layer one by one from Python costs more host time than a small
-step's GPU work, so on CUDA a step replays graphs: decode batches by batch size, prefill chunks by
-token count (padded up to the next captured size), and a step that mixes both replays one of each.
-Inputs reach a graph through the same `put(name, array)` the eager path uses: at capture it makes
-the static buffer, at replay it copies the step's array into a pinned staging buffer and from there,
-without blocking, into the static one. Off CUDA (tests of this path) a "graph" runs the same forward
-eagerly over the same buffers.
+step's GPU work, so on CUDA a model's passes replay graphs: decode rows by count, prefill chunks by
+token count (padded up to the next captured size), and a pass that mixes both replays one of each.
+The target has its graphs, and a speculative proposer's model (a draft model, an EAGLE-3 head) has its
+own over the same memory pool; a model's inputs beyond token ids and positions (the head's hidden
+states) are static buffers too. Host inputs reach a graph through the same `put(name, array)` the eager
+path uses: at capture it makes the static buffer, at replay it copies the step's array into a pinned
+staging buffer and from there, without blocking, into the static one; inputs already on the device
+(a draft pass's tokens, made by the pass before it) are copied in on the device. Off CUDA (tests of
+this path) a "graph" runs the same forward eagerly over the same buffers, into static outputs too.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from mini_infer.forward_context import forward_context
 from mini_infer.worker.step_inputs import StepInputs
 
 if TYPE_CHECKING:
+    from mini_infer.attention.backend import AttentionMetadata
     from mini_infer.worker.model_runner import ModelRunner
 
 # Larger prefill steps run eagerly: their GPU work dwarfs the launch cost, and each captured size costs
@@ -32,27 +38,86 @@ def _corner(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(0, d) for d in shape)
 
 
+def _rows(out: Any, n: int) -> Any:
+    """The first n rows of a model's output: a tensor, or a tuple of them (hidden states and more)."""
+    return tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]
+
+
+def _cat(outs: list) -> Any:
+    return tuple(torch.cat(ts) for ts in zip(*outs)) if isinstance(outs[0], tuple) else torch.cat(outs)
+
+
+def record(
+    model: nn.Module, meta: AttentionMetadata, ids: torch.Tensor, positions: torch.Tensor, extra: dict, pool: object
+) -> tuple[Callable[[], Any], object]:
+    """A replayable model(ids, positions, **extra) over static inputs, and the graph memory pool to share
+    with the next: a CUDA graph, or off CUDA (tests of the static-input path) the same forward run eagerly."""
+    if ids.device.type != "cuda":
+        static: list = []  # the outputs, kept and overwritten like a graph's, so tests see what a GPU sees
+
+        def run_eagerly() -> Any:
+            with forward_context(meta):
+                out = model(ids, positions, **extra)
+            outs = out if isinstance(out, tuple) else (out,)
+            if not static:
+                static.extend(outs)
+            for kept, new in zip(static, outs):
+                kept.copy_(new)
+            return tuple(static) if isinstance(out, tuple) else static[0]
+
+        return run_eagerly, pool
+    with forward_context(meta):
+        model(ids, positions, **extra)  # warm-up: compiles kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = model(ids, positions, **extra)
+
+    def replay() -> Any:
+        graph.replay()
+        return out  # static: the next replay of this graph overwrites it, no other graph's does
+
+    return replay, pool or graph.pool()
+
+
 class GraphSet:
-    """The graphs of one kind (decode or prefill), one per size, over one set of static buffers."""
+    """One model's graphs of one kind (decode or prefill), one per size, over one set of static buffers."""
 
     def __init__(
-        self, runner: ModelRunner, sizes: list[int], shape: Callable[[int], tuple[int, int]], decode: bool
+        self,
+        runner: ModelRunner,
+        model: nn.Module,
+        sizes: list[int],
+        shape: Callable[[int], tuple[int, int]],
+        decode: bool,
+        extra_inputs: dict[str, int] | None = None,
     ) -> None:
         """shape(size) = (tokens, sequences) of the padded batch a graph of that size runs; decode: its
-        sequences have one query token each. The runner owns the graphs; the reference back to it is weak,
-        so a dropped engine has no reference cycle and frees its GPU memory at once."""
-        self.runner, self.sizes, self.shape, self.is_decode = weakref.proxy(runner), sorted(sizes), shape, decode
+        sequences have one query token each; extra_inputs: the model's inputs beyond ids and positions, name
+        -> features per token (in the model dtype). The runner owns the graphs; the reference back to it is
+        weak, so a dropped engine has no reference cycle and frees its GPU memory at once."""
+        self.runner, self.model, self.sizes, self.shape = weakref.proxy(runner), model, sorted(sizes), shape
+        self.is_decode, self.extra_inputs = decode, extra_inputs or {}
         self.buffers: dict[str, torch.Tensor] = {}
         self.staging: list[dict[str, torch.Tensor]] = [{}, {}]  # filled by turns: a copy may still be queued
-        self.replays: dict[int, Callable[[], torch.Tensor]] = {}
+        # when each staging set's last copies are queued: a pass may replay again before the device ran them
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()] if runner.device.type == "cuda" else None
+        self.replays: dict[int, Callable[[], Any]] = {}
         self.num_replays = 0
+        self.max_blocks = -(-runner.max_model_len // runner.block_size)
 
-    def size_for(self, num: int) -> int | None:
-        return next((s for s in self.sizes if s >= num), None)
+    def size_for(self, inputs: StepInputs) -> int | None:
+        """The smallest graph that holds inputs (all decode rows, or all prefill chunks), or None."""
+        if inputs.num_decodes != (inputs.num_seqs if self.is_decode else 0):
+            return None
+        if inputs.block_tables.shape[1] > self.max_blocks:
+            return None
+        fits = (s for s in self.sizes if self.shape(s)[0] >= inputs.num_tokens)
+        size = next(fits, None)
+        return size if size is not None and self.shape(size)[1] >= inputs.num_seqs else None
 
     def capture(self, pool: object) -> object:
         """Records every size, largest first (it makes the buffers), in the shared memory pool."""
-        max_blocks = -(-self.runner.max_model_len // self.runner.block_size)
+        runner = self.runner
         for size in reversed(self.sizes):
             num_tokens, num_seqs = self.shape(size)
             dummy = StepInputs(
@@ -61,13 +126,17 @@ class GraphSet:
                 slot_mapping=np.full(num_tokens, -1, np.int64),
                 query_lens=np.zeros(num_seqs, np.int64),
                 seq_lens=np.zeros(num_seqs, np.int64),
-                block_tables=np.zeros((num_seqs, max_blocks), np.int32),
+                block_tables=np.zeros((num_seqs, self.max_blocks), np.int32),
                 num_decodes=num_seqs if self.is_decode else 0,
                 logits_indices=np.zeros(0, np.int64),
                 pending=np.zeros((0, 2), np.int64),
             )
-            ids, positions, meta = self.runner.prepare(dummy, self._make_buffer)
-            self.replays[size], pool = self.runner.record(meta, ids, positions, pool)
+            ids, positions, meta = runner.prepare(dummy, self._make_buffer)
+            for name, features in self.extra_inputs.items():
+                if name not in self.buffers:
+                    self.buffers[name] = torch.zeros(num_tokens, features, dtype=runner.dtype, device=runner.device)
+            extra = {name: self.buffers[name][:num_tokens] for name in self.extra_inputs}
+            self.replays[size], pool = record(self.model, meta, ids, positions, extra, pool)
         return pool
 
     def _make_buffer(self, name: str, array: np.ndarray) -> torch.Tensor:
@@ -87,42 +156,61 @@ class GraphSet:
         buffer[corner].copy_(stage[name][corner], non_blocking=True)
         return buffer[corner]
 
-    def replay(self, inputs: StepInputs, size: int) -> torch.Tensor:
-        """Hidden states of inputs' tokens, from the graph of `size`."""
+    def replay(self, inputs: StepInputs, size: int, device_inputs: dict[str, torch.Tensor]) -> Any:
+        """The model's output for inputs' tokens, from the graph of `size`; device_inputs (`input_ids` and
+        the extra inputs) are copied into their buffers' first rows (padding rows keep what they held)."""
         num_tokens, num_seqs = self.shape(size)
+        turn = self.num_replays % 2
+        if self.copied is not None:  # the staging set's copies of two replays ago have run (no-op if so)
+            self.copied[turn].synchronize()
         self.runner.prepare(inputs.padded(num_tokens, num_seqs), self._stage)
+        if self.copied is not None:
+            self.copied[turn].record()
+        for name, tensor in device_inputs.items():
+            self.buffers[name][: len(tensor)].copy_(tensor)
         self.num_replays += 1
-        return self.replays[size]()[: inputs.num_tokens]
+        return _rows(self.replays[size](), inputs.num_tokens)
 
 
 class CUDAGraphs:
-    """Decode graphs by rows (batch size, or 1 + k per sequence when speculating) and prefill graphs by
-    token count, sharing one memory pool."""
+    """A model's graphs: decode graphs by rows (batch size, or 1 + k per sequence when speculating) and
+    prefill graphs by token count, sharing one memory pool with the other models' graphs."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(
+        self, runner: ModelRunner, model: nn.Module, extra_inputs: dict[str, int] | None = None, prefill: bool = True
+    ) -> None:
+        """prefill: whether to capture prefill graphs too (where the config asks for them)."""
         config = runner.config
-        self.runner = weakref.proxy(runner)
         self.max_batch = config.max_decode_rows
         sizes = [b for b in (1, 2, 4) if b < self.max_batch] + list(range(8, self.max_batch, 8)) + [self.max_batch]
-        self.decode = GraphSet(runner, sorted(set(sizes)), lambda b: (b, b), decode=True)
-        self.max_prefill_seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
+        self.decode = GraphSet(runner, model, sorted(set(sizes)), lambda b: (b, b), True, extra_inputs)
+        seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
         top = min(config.max_num_batched_tokens, PREFILL_GRAPH_MAX_TOKENS)
         # powers of two to 512, then every 512: padding wastes at most half a small chunk, 511 tokens of a large one
         sizes = [t for t in (16, 32, 64, 128, 256) if t < top] + list(range(512, top, 512)) + [top]
-        seqs = self.max_prefill_seqs  # (not self in the lambda: that would be a reference cycle)
-        self.prefill = GraphSet(
-            runner, sorted(set(sizes)) if config.cuda_graph_prefill else [], lambda t: (t, seqs), decode=False
-        )
+        sizes = sorted(set(sizes)) if config.cuda_graph_prefill and prefill else []
+        # (seqs, not self, in the lambda: that would be a reference cycle)
+        self.prefill = GraphSet(runner, model, sizes, lambda t: (t, seqs), False, extra_inputs)
 
-    def capture(self) -> None:
-        pool = self.decode.capture(None)
-        self.prefill.capture(pool)
+    def capture(self, pool: object = None) -> object:
+        pool = self.decode.capture(pool)
+        return self.prefill.capture(pool)
 
-    def can_run(self, num_decodes: int, prefills: list, max_table: int) -> bool:
-        """Whether graphs hold this batch: its decodes and its prefill chunks (token count, chunk count)."""
-        if num_decodes > self.max_batch or max_table > -(-self.runner.max_model_len // self.runner.block_size):
-            return False
-        if not prefills:
-            return True
-        tokens = sum(s.num_new_tokens for s in prefills)
-        return len(prefills) <= self.max_prefill_seqs and self.prefill.size_for(tokens) is not None
+    def run(self, inputs: StepInputs, device_inputs: dict[str, torch.Tensor]) -> Any:
+        """The model's output over inputs from graph replays (a mixed step: the decode rows' graph, then the
+        prefill chunks'), or None where the graphs do not hold them."""
+        if inputs.num_decodes == inputs.num_seqs:
+            parts = [(inputs, self.decode)]
+        elif inputs.num_decodes == 0:
+            parts = [(inputs, self.prefill)]
+        else:
+            parts = list(zip(inputs.split(), (self.decode, self.prefill)))
+        sizes = [graphs.size_for(part) for part, graphs in parts]
+        if None in sizes:
+            return None
+        outs, start = [], 0
+        for (part, graphs), size in zip(parts, sizes):
+            end = start + part.num_tokens
+            outs.append(graphs.replay(part, size, {k: v[start:end] for k, v in device_inputs.items()}))
+            start = end
+        return outs[0] if len(outs) == 1 else _cat(outs)

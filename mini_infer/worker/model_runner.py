@@ -1,8 +1,9 @@
 """ModelRunner: owns the model and its KV pool; runs one step's forward pass and samples.
 
 A step's scheduled sequences become one StepInputs (step_inputs.py); the attention backend turns it
-into its metadata; the forward pass runs eagerly or replays CUDA graphs (cuda_graphs.py). Only the
-rows that sample get logits.
+into its metadata; the forward pass replays CUDA graphs where they hold the step and runs eagerly
+otherwise (cuda_graphs.py), and so do a speculative proposer's passes, over graphs of its own model.
+Only the rows that sample get logits.
 
 `execute` only queues work: every host-to-device copy is pinned and non-blocking, and the sampled
 tokens come back through a `PendingStep`, so the engine can queue the next step before it reads
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,9 +109,9 @@ class ModelRunner:
         self.proposer = proposer
         layers = model.attention_layers() + (proposer.attention_layers() if proposer is not None else [])
         self.kv_cache = KVCache(layers, config.block_size, config.resolve_kv_cache_dtype(dtype), device)
-        graphs_ok = device.type == "cuda" and not config.enforce_eager and backend.supports_cuda_graphs
-        self.use_cuda_graphs = graphs_ok and proposer is None  # a proposer's passes run eagerly
-        self.graphs: CUDAGraphs | None = None
+        self.use_cuda_graphs = device.type == "cuda" and not config.enforce_eager and backend.supports_cuda_graphs
+        self.graphs: CUDAGraphs | None = None  # the target's
+        self.proposer_graphs: CUDAGraphs | None = None  # the proposer's model's, in the same memory pool
         self.kv_swapper: KVSwapper | None = None  # preemption_mode="swap": the host pool of this rank's KV
         self.kv_connector: KVConnectorBase | None = None  # kv_transfer_config: KV loaded from / saved for others
         self.seed_rng = np.random.default_rng(config.seed)  # seeds of unseeded rows (fused sampler)
@@ -162,18 +163,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
+        """The target's graphs, then the proposer's (its model and extra inputs; prefill graphs if it runs
+        prefill chunks), in one memory pool."""
         cuda = self.device.type == "cuda"
         free_before = torch.cuda.mem_get_info()[0] if cuda else 0
-        self.graphs = CUDAGraphs(self)
-        self.graphs.capture()
+        self.graphs = CUDAGraphs(self, self.model)
+        pool = self.graphs.capture()
+        if self.proposer is not None:
+            proposer = self.proposer
+            self.proposer_graphs = CUDAGraphs(self, proposer.model, proposer.graph_inputs(), proposer.prefill_graphs)
+            self.proposer_graphs.capture(pool)
         if cuda:
             torch.cuda.synchronize()
             logger.info(
-                "captured %d decode CUDA graphs (batch 1..%d) and %d prefill graphs (up to %d tokens) using %.2f GiB",
+                "captured %d decode CUDA graphs (batch 1..%d) and %d prefill graphs (up to %d tokens)%s using %.2f GiB",
                 len(self.graphs.decode.sizes),
                 self.graphs.max_batch,
                 len(self.graphs.prefill.sizes),
                 max(self.graphs.prefill.sizes, default=0),
+                ", and as many of the proposer's" if self.proposer is not None else "",
                 (free_before - torch.cuda.mem_get_info()[0]) / 2**30,
             )
 
@@ -210,54 +218,27 @@ class ModelRunner:
     def _put(self, name: str, array: np.ndarray) -> torch.Tensor:
         return to_device(array, None, self.device)
 
-    def _forward(self, inputs: StepInputs, model: nn.Module | None = None) -> torch.Tensor:
+    def _forward(
+        self, graphs: CUDAGraphs | None, model: nn.Module, inputs: StepInputs, **device_inputs: torch.Tensor
+    ) -> Any:
+        """model(ids, positions, **extra) over inputs: its graphs' replays where they hold inputs, else eager.
+        device_inputs: `input_ids` on the device instead of inputs.token_ids, and the model's extra inputs."""
+        if graphs is not None and (out := graphs.run(inputs, device_inputs)) is not None:
+            return out
         ids, positions, meta = self.prepare(inputs, self._put)
+        ids = device_inputs.pop("input_ids", ids)
         with forward_context(meta):
-            return (model or self.model)(ids, positions)
+            return model(ids, positions, **device_inputs)
 
     def _forward_with_aux(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The target's hidden states, and those an EAGLE-3 proposer reads where the model gives them."""
-        out = self._forward(inputs)
+        out = self._forward(self.graphs, self.model, inputs)
         return out if isinstance(out, tuple) else (out, None)
 
-    def record(
-        self, meta: AttentionMetadata, ids: torch.Tensor, positions: torch.Tensor, pool: object
-    ) -> tuple[Callable[[], torch.Tensor], object]:
-        """A replayable forward over static inputs and the graph memory pool to share with the next:
-        a CUDA graph, or off CUDA (tests of the static-input path) the same forward run eagerly."""
-        model = self.model  # the replays hold the model, not the runner (which holds them)
-        if self.device.type != "cuda":
-
-            def run_eagerly() -> torch.Tensor:
-                with forward_context(meta):
-                    return model(ids, positions)
-
-            return run_eagerly, pool
-        with forward_context(meta):
-            model(ids, positions)  # warm-up: compiles kernels outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = model(ids, positions)
-
-        def replay() -> torch.Tensor:
-            graph.replay()
-            return hidden
-
-        return replay, pool or graph.pool()
-
-    def _run_graphs(self, out: SchedulerOutput, lora_slots: dict[int, int] | None) -> torch.Tensor:
-        """Replays the prefill graph, then the decode graph, and returns the hidden states of the rows
-        that sample (decodes first). The graphs share a memory pool, so the prefill rows are copied
-        out before the decode graph runs."""
-        parts = []
-        for scheduled, graphs in ((out.prefills, self.graphs.prefill), (out.decodes, self.graphs.decode)):
-            if not scheduled:
-                continue
-            nd = len(scheduled) if graphs.is_decode else 0
-            inputs = build_step_inputs(scheduled, nd, self.block_size, self.last_rows, lora_slots)
-            hidden = graphs.replay(inputs, graphs.size_for(inputs.num_tokens))
-            parts.insert(0, hidden[to_device(inputs.logits_indices, torch.int64, self.device)])
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    def _propose_forward(self, inputs: StepInputs, **device_inputs: torch.Tensor) -> Any:
+        """The proposer's model over inputs (step_inputs.Forward): what the proposers are handed each step,
+        not kept, so they hold no reference back to the runner."""
+        return self._forward(self.proposer_graphs, self.proposer.model, inputs, **device_inputs)
 
     # -- one step -----------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> PendingStep:
@@ -283,21 +264,16 @@ class ModelRunner:
     def _execute(self, out: SchedulerOutput) -> PendingStep:
         sampling = out.sampling
         if self.proposer is not None:
-            self.proposer.before_forward(out, self._forward)
+            self.proposer.before_forward(out, self._propose_forward)
         prompt_rows = self._prompt_logprob_rows(out)
         # the step's adapters in device slots (loading any that hold none): adapter id -> slot
         lora_slots = self.lora.activate(s.seq.lora_int_id for s in out.seqs if s.seq.lora_int_id) if self.lora else None
-        max_table = max(len(s.seq.block_table) for s in out.seqs)
-        prompt_logprobs = None
-        if self.graphs and not prompt_rows and self.graphs.can_run(out.num_decode_rows, out.prefills, max_table):
-            hidden = self._run_graphs(out, lora_slots)
-        else:  # prompt logprobs need every row: eager
-            inputs = build_step_inputs(out.seqs, len(out.decodes), self.block_size, self.last_rows, lora_slots)
-            all_hidden, aux = self._forward_with_aux(inputs)
-            if self.proposer is not None:
-                self.proposer.after_forward(out, inputs, aux, self._forward)
-            prompt_logprobs = self._prompt_logprobs(all_hidden, prompt_rows, out) if prompt_rows else None
-            hidden = all_hidden[to_device(inputs.logits_indices, torch.int64, self.device)]
+        inputs = build_step_inputs(out.seqs, len(out.decodes), self.block_size, self.last_rows, lora_slots)
+        all_hidden, aux = self._forward_with_aux(inputs)
+        if self.proposer is not None:
+            self.proposer.after_forward(out, inputs, aux, self._propose_forward)
+        prompt_logprobs = self._prompt_logprobs(all_hidden, prompt_rows, out) if prompt_rows else None
+        hidden = all_hidden[to_device(inputs.logits_indices, torch.int64, self.device)]
         if not sampling:
             self.last_tokens, self.last_rows = None, {}
             return PendingStep(None, prompt_logprobs)

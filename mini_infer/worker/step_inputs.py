@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from mini_infer.scheduler import ScheduledSeq
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -60,6 +64,38 @@ class StepInputs:
             seq_lens=pad(self.seq_lens, num_seqs, 0),
             num_decodes=num_seqs if all_decodes else self.num_decodes,
         )
+
+    def split(self) -> tuple[StepInputs, StepInputs]:
+        """(the decode rows, the prefill chunks) of a mixed step, each as build_step_inputs lays out its part
+        alone (rows renumbered from 0): the two parts replay a decode graph and a prefill graph."""
+        nd = self.num_decodes  # decode rows: one token each, so rows and tokens split at the same index
+
+        def part(start: int, stop: int, seqs: slice, num_decodes: int) -> StepInputs:
+            kept = self.logits_indices[(self.logits_indices >= start) & (self.logits_indices < stop)]
+            pending = self.pending[(self.pending[:, 0] >= start) & (self.pending[:, 0] < stop)]
+            return StepInputs(
+                token_ids=self.token_ids[start:stop],
+                positions=self.positions[start:stop],
+                slot_mapping=self.slot_mapping[start:stop],
+                query_lens=self.query_lens[seqs],
+                seq_lens=self.seq_lens[seqs],
+                block_tables=self.block_tables[seqs],
+                num_decodes=num_decodes,
+                logits_indices=kept - start,
+                pending=pending - np.array([start, 0], dtype=np.int64),
+                lora_slots=None if self.lora_slots is None else self.lora_slots[start:stop],
+            )
+
+        return part(0, nd, slice(0, nd), nd), part(nd, self.num_tokens, slice(nd, None), 0)
+
+
+class Forward(Protocol):
+    """A model's forward pass over a step's inputs, as the runner hands it to a proposer: CUDA graph
+    replays where graphs hold the inputs, eager otherwise (worker/cuda_graphs.py). device_inputs are
+    inputs already on the device, one row per token: `input_ids` in place of inputs.token_ids (tokens
+    the previous pass made), and the model's own (an EAGLE-3 head's `hidden`)."""
+
+    def __call__(self, inputs: StepInputs, **device_inputs: torch.Tensor) -> Any: ...
 
 
 def _ranges(counts: np.ndarray) -> np.ndarray:
