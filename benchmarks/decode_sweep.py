@@ -70,7 +70,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output-json", default=None)
     ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="the pool: bf16 or e4m3")
+    ap.add_argument("--configs", default=None, help="comma-separated config names to time (default: all)")
     args = ap.parse_args()
+    chosen = args.configs.split(",") if args.configs else None
     kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else DTYPE
     gbps = measure_hbm_bandwidth() / 1e9
     configs = {
@@ -90,6 +92,8 @@ def main() -> None:
         "bn128 s4": DecodeConfig(block_n=128, num_stages=4),
         "bn64 w8": DecodeConfig(num_warps=8),
     }
+    if chosen:
+        configs = {name: configs[name] for name in chosen}
     # (label, batch, context, q heads, kv heads, table width in tokens, pool blocks, scattered pages)
     shapes = [
         ("qwen3-0.6b b256 ctx800 w4096 pool37k", 256, 800, 16, 8, 4096, 37_000, False),
