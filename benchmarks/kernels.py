@@ -32,7 +32,8 @@ import triton
 from triton.testing import do_bench
 
 from mini_infer.bench.roofline import measure_hbm_bandwidth, measure_tensor_peak
-from mini_infer.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+from mini_infer.kernels.act_quant import act_quant_triton
+from mini_infer.kernels.activation import silu_and_mul_quant_triton, silu_and_mul_ref, silu_and_mul_triton
 from mini_infer.kernels.decode_attention import DEFAULT_DECODE_CONFIG, DecodeConfig, decode_attention_triton
 from mini_infer.kernels.gemv import GemvConfig, gemv_triton, linear_ref
 from mini_infer.kernels.paged_attention import decode_attention_ref, prefill_attention_ref
@@ -44,6 +45,7 @@ from mini_infer.kernels.prefill_attention import (
 )
 from mini_infer.kernels.rmsnorm import (
     _launch_rms_norm,
+    fused_add_rms_norm_quant_triton,
     fused_add_rms_norm_ref,
     fused_add_rms_norm_triton,
     rms_norm_ref,
@@ -285,6 +287,52 @@ def bench_silu_and_mul(report: Report, sweep: dict | None) -> None:
             )
 
 
+def dequantized(q) -> torch.Tensor:
+    return q.values.float() * q.scales
+
+
+def bench_act_quant_fusion(report: Report, sweep: dict | None) -> None:
+    """add+RMSNorm and SiLU-and-mul emitting fp8 values and per-token scales (one launch) against the
+    unfused pair the W8A8 projection would otherwise run: the op, then act_quant_triton. Here the "eager"
+    baseline is that unfused Triton pair; rel err is against its dequantized output (0: the same bits)."""
+    fp8 = torch.float8_e4m3fn
+    for rows in (1, 8, 64, TOKENS):
+        x = torch.randn(rows, HIDDEN, device=DEVICE, dtype=DTYPE)
+        w = torch.randn(HIDDEN, device=DEVICE, dtype=DTYPE)
+        residual = torch.randn_like(x)
+
+        def unfused_norm(x=x, residual=residual, w=w):
+            return act_quant_triton(fused_add_rms_norm_triton(x, residual, w, EPS), fp8)
+
+        def fused_norm(x=x, residual=residual, w=w):
+            return fused_add_rms_norm_quant_triton(x, residual, w, EPS, fp8)
+
+        fused = fused_add_rms_norm_quant_triton(x, residual.clone(), w, EPS, fp8)
+        q, s = act_quant_triton(fused_add_rms_norm_triton(x, residual.clone(), w, EPS), fp8)
+        err = rel_err(dequantized(fused), q.float() * s)
+        fns = {"triton": fused_norm, "eager": unfused_norm}
+        moved = 3 * x.nbytes + w.nbytes + x.numel() + 4 * rows  # x, residual read + written; fp8 out, scales
+        measure(report, "add_rms_norm -> fp8", f"{rows}x{HIDDEN}", fns, err, bytes_moved=moved)
+
+        g = torch.randn(rows, 2 * INTERMEDIATE, device=DEVICE, dtype=DTYPE)
+        fused = silu_and_mul_quant_triton(g, fp8)
+        q, s = act_quant_triton(silu_and_mul_triton(g), fp8)
+        err = rel_err(dequantized(fused), q.float() * s)
+        fns = {
+            "triton": lambda g=g: silu_and_mul_quant_triton(g, fp8),
+            "eager": lambda g=g: act_quant_triton(silu_and_mul_triton(g), fp8),
+        }
+        moved = g.nbytes + g.numel() // 2 + 4 * rows
+        measure(report, "silu_and_mul -> fp8", f"{rows}x2x{INTERMEDIATE}", fns, err, bytes_moved=moved)
+        if sweep is not None:
+            for block, warps in ((16384, 16), (8192, 16), (8192, 8), (4096, 8), (2048, 4), (1024, 4)):
+                sweep.setdefault(f"silu_and_mul_quant_block_warps_rows{rows}", {})[f"{block}/{warps}"] = median_ms(
+                    lambda g=g, block=block, warps=warps: silu_and_mul_quant_triton(
+                        g, fp8, block=block, num_warps=warps
+                    )
+                )
+
+
 def bench_gemv(report: Report, rows: int, sweep: dict | None) -> None:
     """Batch-1 (or 2) decode projections: each weight read once, so the rate is the weight bytes over time."""
     shapes = {
@@ -481,7 +529,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="(default: benchmarks/results/<gpu>)")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
     parser.add_argument(
-        "--only", default=None, help="comma-separated steps: rms_norm,rotary_store_kv,silu_and_mul,gemv,decode,prefill"
+        "--only",
+        default=None,
+        help="comma-separated steps: rms_norm,rotary_store_kv,silu_and_mul,act_quant_fusion,gemv,decode,prefill",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -509,6 +559,7 @@ def main() -> None:
         ("rms_norm", lambda: bench_rms_norm(report, sweep)),
         ("rotary_store_kv", lambda: bench_rotary_store_kv(report)),
         ("silu_and_mul", lambda: bench_silu_and_mul(report, sweep)),
+        ("act_quant_fusion", lambda: bench_act_quant_fusion(report, sweep)),
         ("gemv", lambda: bench_gemv(report, 1, sweep)),
         ("gemv", lambda: bench_gemv(report, 2, sweep)),
         ("decode", lambda: bench_decode(report, 64, 4096, sweep)),

@@ -122,3 +122,30 @@ def test_lora_throughput_smoke(tmp_path):
     assert {r["output_tokens"] for r in rows} == {4 * 4}
     assert rows[0]["vs_base"] == 1.0 and all(r["tok_s"] > 0 for r in rows)
     assert out.with_suffix(".md").read_text().count("\n| ") == 5
+
+
+def test_quant_decode_act_quant_ab_smoke(tmp_path):
+    """benchmarks/quant_decode.py --smoke --act-quant fused,unfused (CPU, tiny-llama): one fp8 engine with
+    the norms and SiLU-and-mul emitting 8-bit values (2 layers x 3 ops), one without, both decoding."""
+    out = tmp_path / "qd"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")])),
+    }
+    args = ["--smoke", "--quantizations", "fp8", "--act-quant", "fused,unfused", "--output", str(out)]
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "quant_decode.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    fused, unfused = json.loads(out.with_suffix(".json").read_text())["schemes"]
+    assert (fused["act_quant"], fused["fused_ops"]) == ("fused", 6)
+    assert (unfused["act_quant"], unfused["fused_ops"]) == ("unfused", 0)
+    for scheme in (fused, unfused):
+        assert [r["batch_size"] for r in scheme["results"]] == [1, 2] and all(
+            r["mean_step_ms"] > 0 for r in scheme["results"]
+        )
+    assert "| fp8 | fused (6) |" in out.with_suffix(".md").read_text()

@@ -13,13 +13,18 @@ and attention layers call only through a `KernelOps`, so switching backend never
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mini_infer.kernels.activation import silu_and_mul_ref
+from mini_infer.kernels.activation import silu_and_mul_quant_ref, silu_and_mul_ref
 from mini_infer.kernels.fused_moe import fused_experts_ref
 from mini_infer.kernels.gemv import linear_ref
 from mini_infer.kernels.lora import lora_expand_torch, lora_shrink_torch
 from mini_infer.kernels.moe_routing import moe_topk_ref
 from mini_infer.kernels.paged_attention import decode_attention_batched, prefill_attention_batched
-from mini_infer.kernels.rmsnorm import fused_add_rms_norm_torch, rms_norm_torch
+from mini_infer.kernels.rmsnorm import (
+    fused_add_rms_norm_quant_torch,
+    fused_add_rms_norm_torch,
+    rms_norm_quant_torch,
+    rms_norm_torch,
+)
 from mini_infer.kernels.rotary_store import rotary_store_kv_ref
 
 
@@ -29,6 +34,10 @@ class KernelOps:
     rms_norm: Callable
     fused_add_rms_norm: Callable
     silu_and_mul: Callable
+    # the three above with their output quantized per token for a W8A8 projection: quantization/fused_act_quant.py
+    rms_norm_quant: Callable
+    fused_add_rms_norm_quant: Callable
+    silu_and_mul_quant: Callable
     rotary_store_kv: Callable
     prefill_attention: Callable
     decode_attention: Callable
@@ -44,6 +53,9 @@ TORCH_OPS = KernelOps(
     rms_norm=rms_norm_torch,
     fused_add_rms_norm=fused_add_rms_norm_torch,
     silu_and_mul=silu_and_mul_ref,
+    rms_norm_quant=rms_norm_quant_torch,
+    fused_add_rms_norm_quant=fused_add_rms_norm_quant_torch,
+    silu_and_mul_quant=silu_and_mul_quant_ref,
     rotary_store_kv=rotary_store_kv_ref,
     prefill_attention=prefill_attention_batched,
     decode_attention=decode_attention_batched,

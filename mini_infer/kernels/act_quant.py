@@ -5,9 +5,16 @@ fp8 (float8_e4m3fn): scale = amax / 448, q = cast(x / scale) (round to nearest e
 int8: scale = amax / 127, q = round_half_even(x / scale) clamped to +-127. A zero row gets a tiny scale
 and quantizes to zeros. The reference `act_quant_ref` is the CPU path and the oracle of the Triton kernel,
 which computes the same float32 expressions in the same order (a two-pass loop per row: amax, then cast).
-The kernel divides with `div_rn` (IEEE, round to nearest): Triton's `/` is an approximate division on the
-GPU and moved int8 values on rounding ties by one step (26 in 151,552 on an H200).
+The kernels divide with `div_rn` (IEEE, round to nearest), the scale as well as the values: Triton's `/` is
+an approximate division on the GPU and moved int8 values on rounding ties by one step (26 in 151,552 on an
+H200). `quant_scale` and `quantize_values` are the two steps every Triton quantizer shares (this kernel, the
+W8A8 GEMV's own, the fused norm and SiLU ones), so they all give act_quant_ref's bits.
+
+`QuantizedActivation` is an activation already in 8 bits, as the op before a W8A8 projection emits it when
+it is fused with the quantization (quantization/fused_act_quant.py).
 """
+
+from typing import NamedTuple
 
 import torch
 
@@ -16,6 +23,15 @@ from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
 MIN_AMAX = 1e-10  # a row of zeros: no division by zero, its values stay zero
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
 _ROUND = 12582912.0  # 1.5 * 2**23: (y + R) - R rounds |y| < 2**22 to the nearest integer, ties to even
+
+
+class QuantizedActivation(NamedTuple):
+    """values [..., K] (float8_e4m3fn or int8) and scales [..., 1] (float32, one per token) of an activation
+    whose own dtype is `dtype`: the dtype the projection that reads it returns."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
 
 
 def check_quant_dtype(dtype: torch.dtype) -> float:
@@ -44,6 +60,18 @@ def act_quant_ref(
     scale = xg.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_AMAX) / qmax
     q = quantize_ref(xg, scale, dtype)
     return q.view(m, k), scale.view(m, k // g)
+
+
+def quantize_activation(x: torch.Tensor, dtype: torch.dtype) -> QuantizedActivation:
+    """act_quant_ref per token of x [..., K]."""
+    q, scale = act_quant_ref(x.reshape(-1, x.shape[-1]), dtype)
+    return QuantizedActivation(q.view(x.shape), scale.view(*x.shape[:-1], 1), x.dtype)
+
+
+@triton.jit
+def quant_scale(amax, QMAX: tl.constexpr):
+    """act_quant_ref's scale of a row (or group) whose largest |value| is amax: max(amax, MIN_AMAX) / qmax."""
+    return tl.math.div_rn(tl.maximum(amax, 1e-10), QMAX)
 
 
 @triton.jit
@@ -90,7 +118,7 @@ def _act_quant_kernel(
         cols = start + off + offs
         x = tl.load(x_ptr + row * stride_x + cols, mask=off + offs < GROUP, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0), 1e-10) / QMAX
+    scale = quant_scale(tl.max(amax, axis=0), QMAX)
     tl.store(s_ptr + row * NUM_GROUPS + grp, scale)
     for off in range(0, GROUP, BLOCK):
         cols = start + off + offs

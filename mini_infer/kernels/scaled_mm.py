@@ -11,7 +11,8 @@ Two scale layouts:
 reads each 8-bit weight once); above that `w8a8_mm` picks `torch._scaled_mm` for fp8 channel scales
 (Hopper/Ada; rows padded to 16), `torch._int_mm` for int8 (rows padded to 24 below 17), and the Triton
 kernel (row blocks of GEMV_ROWS) for anything else, e.g. block scales at prefill (correct, not tuned: it
-reads the weight once per 8 rows).
+reads the weight once per 8 rows). `w8a8_linear_quantized` is the same choice for an activation that arrives
+already quantized (the fused norm / SiLU kernels, quantization/fused_act_quant.py).
 """
 
 import functools
@@ -19,8 +20,14 @@ import functools
 import torch
 
 from mini_infer.kernels._triton import require_triton, tl, triton
-from mini_infer.kernels.act_quant import act_quant_ref, act_quant_triton, check_quant_dtype, quantize_values
-from mini_infer.kernels.gemv_table import tuned_choice
+from mini_infer.kernels.act_quant import (
+    act_quant_ref,
+    act_quant_triton,
+    check_quant_dtype,
+    quant_scale,
+    quantize_values,
+)
+from mini_infer.kernels.gemv_table import GemvChoice, tuned_choice
 from mini_infer.kernels.skinny_mm import SkinnyConfig, skinny_mm
 
 GEMV_ROWS = 8  # rows per program of the Triton kernel at most
@@ -100,7 +107,7 @@ def _w8a8_gemv_kernel(
             x_mask = row_ok[:, None] & (k0 + offs_k < K)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + (k0 + offs_k)[None, :], mask=x_mask, other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        sx_rows = tl.maximum(amax, 1e-10) / QMAX
+        sx_rows = quant_scale(amax, QMAX)
     elif not BLOCKWISE:
         sx_rows = tl.load(sx_ptr + rows * stride_sx, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -120,7 +127,7 @@ def _w8a8_gemv_kernel(
         if BLOCKWISE:
             g = k0 // BLOCK_K
             if QUANT_X:
-                sx = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / QMAX
+                sx = quant_scale(tl.max(tl.abs(x), axis=1), QMAX)
             else:
                 sx = tl.load(sx_ptr + rows * stride_sx + g, mask=row_ok, other=0.0)
             if QUANT_X:
@@ -266,6 +273,17 @@ def w8a8_mm(
     return w8a8_gemv_triton(xq, x_scale, wq, w_scale, bias, out_dtype, block)
 
 
+def _tuned_gemv_config(choice: GemvChoice, m: int) -> tuple[int, int, int]:
+    return min(GEMV_ROWS, triton.next_power_of_2(max(1, m))), choice.tile["block_n"], choice.tile["block_k"]
+
+
+def _quantized_product(xq, x_scale, wq, w_scale, bias, out_dtype, block, choice: GemvChoice | None) -> torch.Tensor:
+    """The product once x is in 8 bits: the measured skinny kernel, else w8a8_mm's pick."""
+    if choice is not None and choice.kernel == "skinny":
+        return skinny_mm(xq, wq, bias, x_scale, w_scale, out_dtype, SkinnyConfig(**choice.tile))
+    return w8a8_mm(xq, x_scale, wq, w_scale, bias, out_dtype, block)
+
+
 def w8a8_linear(
     x: torch.Tensor,
     wq: torch.Tensor,
@@ -284,12 +302,32 @@ def w8a8_linear(
     m = x.shape[0]
     choice = tuned_choice(x.device, wq.dtype, m, wq.shape[0], wq.shape[1]) if block is None else None
     if choice is not None and choice.kernel == "gemv":
-        tile = choice.tile
-        config = (min(GEMV_ROWS, triton.next_power_of_2(max(1, m))), tile["block_n"], tile["block_k"])
-        return w8a8_gemv_triton(x, None, wq, w_scale, bias, x.dtype, config=config)
+        return w8a8_gemv_triton(x, None, wq, w_scale, bias, x.dtype, config=_tuned_gemv_config(choice, m))
     if choice is None and (m <= FUSED_GEMV_ROWS or (block is not None and m <= GEMV_ROWS)):
         return w8a8_gemv_triton(x, None, wq, w_scale, bias, x.dtype, block)
     xq, x_scale = act_quant_triton(x, wq.dtype, group)
-    if choice is not None and choice.kernel == "skinny":
-        return skinny_mm(xq, wq, bias, x_scale, w_scale, x.dtype, SkinnyConfig(**choice.tile))
-    return w8a8_mm(xq, x_scale, wq, w_scale, bias, x.dtype, block)
+    return _quantized_product(xq, x_scale, wq, w_scale, bias, x.dtype, block, choice)
+
+
+def w8a8_linear_quantized(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """w8a8_linear (channel scales) for an x the op before already quantized per token (xq [M, K] in wq's
+    dtype, x_scale [M, 1]): the kernel w8a8_linear would take for this shape, minus its quantization. The
+    measured "gemv" is the same GEMV reading xq; with no measurement one row takes that GEMV too."""
+    if xq.dtype != wq.dtype:
+        raise ValueError(f"activations in {xq.dtype} for weights in {wq.dtype}: both must be one 8-bit dtype")
+    if not xq.is_cuda:
+        return w8a8_mm_ref(xq, x_scale, wq, w_scale, bias, out_dtype)
+    m = xq.shape[0]
+    choice = tuned_choice(xq.device, wq.dtype, m, wq.shape[0], wq.shape[1])
+    if choice is not None and choice.kernel == "gemv":
+        return w8a8_gemv_triton(xq, x_scale, wq, w_scale, bias, out_dtype, config=_tuned_gemv_config(choice, m))
+    if choice is None and m <= FUSED_GEMV_ROWS:
+        return w8a8_gemv_triton(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return _quantized_product(xq, x_scale, wq, w_scale, bias, out_dtype, None, choice)

@@ -15,6 +15,7 @@ rows are output features (a weight, per-channel scales, per-block scales with `o
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from torch import nn
 from mini_infer.distributed import get_tp_rank, get_tp_size
 from mini_infer.distributed.communication_op import tensor_model_parallel_all_reduce
 from mini_infer.kernels import TORCH_OPS, KernelOps
+
+if TYPE_CHECKING:
+    from mini_infer.kernels.act_quant import QuantizedActivation
 
 
 def _divide(a: int, b: int) -> int:
@@ -73,7 +77,8 @@ class LinearBase(nn.Module):
         self.quant_method = method
         method.create_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        """x: the input, or (a method whose `input_quant_dtype` names one) the input already in 8 bits."""
         return self.quant_method.apply(self, x, self.bias)
 
 
@@ -150,6 +155,6 @@ class RowParallelLinear(LinearBase):
             return
         param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
         return tensor_model_parallel_all_reduce(y) if self.tp_size > 1 else y

@@ -22,6 +22,7 @@ from mini_infer.kernels.lora import LoRAIndex, build_lora_tiles, lora_block_m
 from mini_infer.lora.adapter import SUPPORTED_MODULES, LoRAAdapter, Target, load_adapter
 from mini_infer.lora.layers import LoRALinearMethod
 from mini_infer.lora.request import LoRARequest
+from mini_infer.quantization.fused_act_quant import fuse_act_quant
 
 _QKV_SLICES = {"q": 0, "k": 1, "v": 2}
 
@@ -72,6 +73,7 @@ class LoRAModelManager:
                 index = _QKV_SLICES.get(shard, shard)
                 full = f"{prefix}.{ckpt}" if prefix else ckpt
                 self.targets[full] = Target(name, index, module.in_features, widths[index])
+        fuse_act_quant(model)  # the wrapped projections' shrink reads the model-dtype input: no 8-bit one
         self.adapters: dict[int, LoRAAdapter] = {}
         self.slots: OrderedDict[int, int] = OrderedDict()  # adapter id -> its slot, least recently used first
 

@@ -1,7 +1,9 @@
 """Llama-family decoder (Llama 2/3, Mistral), and the base that Qwen2 and Qwen3 specialise.
 
 Data path of one layer: fused add+RMSNorm -> fused QKV projection -> RoPE -> paged attention ->
-output projection -> fused add+RMSNorm -> fused gate_up projection -> SiLU-and-mul -> down.
+output projection -> fused add+RMSNorm -> fused gate_up projection -> SiLU-and-mul -> down. Under per-token
+W8A8 the two norms and SiLU-and-mul emit the next projection's 8-bit input themselves (a
+QuantizedActivation; `quantized_input_pairs`, quantization/fused_act_quant.py).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mini_infer.kernels import KernelOps
+from mini_infer.kernels.act_quant import QuantizedActivation
 from mini_infer.layers.attention import PagedAttention
 from mini_infer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from mini_infer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from mini_infer.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from mini_infer.layers.rotary import build_cos_sin_cache
 
 
@@ -22,12 +25,33 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps, self.ops = eps, ops
+        self.output_quant_dtype: torch.dtype | None = None  # set at load: quantization/fused_act_quant.py
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Without a residual: norm(x). With one: residual += x in place, then norm(residual)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | QuantizedActivation:
+        """Without a residual: norm(x). With one: residual += x in place, then norm(residual). With
+        output_quant_dtype, that norm quantized per token for the W8A8 projections that read it."""
+        dtype = self.output_quant_dtype
+        if dtype is not None:
+            if residual is None:
+                return self.ops.rms_norm_quant(x, self.weight, self.eps, dtype)
+            return self.ops.fused_add_rms_norm_quant(x, residual, self.weight, self.eps, dtype)
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps)
         return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class SiluAndMul(nn.Module):
+    """silu(gate) * up of the fused gate_up output; with output_quant_dtype, quantized per token."""
+
+    def __init__(self, ops: KernelOps) -> None:
+        super().__init__()
+        self.ops = ops
+        self.output_quant_dtype: torch.dtype | None = None  # set at load: quantization/fused_act_quant.py
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | QuantizedActivation:
+        if self.output_quant_dtype is None:
+            return self.ops.silu_and_mul(x)
+        return self.ops.silu_and_mul_quant(x, self.output_quant_dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -51,7 +75,11 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, ops)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def input_projections(self) -> list[LinearBase]:
+        """What reads this block's input: the fused QKV projection alone."""
+        return [self.qkv_proj]
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -67,10 +95,18 @@ class LlamaMLP(nn.Module):
         inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=False, ops=ops)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False, ops=ops)
+        self.act_fn = SiluAndMul(ops)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def input_projections(self) -> list[LinearBase]:
+        """What reads this block's input: the fused gate_up projection alone."""
+        return [self.gate_up_proj]
+
+    def quantized_input_pairs(self) -> list[tuple[nn.Module, list[LinearBase]]]:
+        return [(self.act_fn, [self.down_proj])]
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -88,6 +124,12 @@ class LlamaDecoderLayer(nn.Module):
     def build_mlp(self, config: PretrainedConfig, ops: KernelOps, layer_idx: int) -> nn.Module:
         """The MLP of layer `layer_idx`; mixture-of-experts models pick a sparse block for some layers."""
         return LlamaMLP(config, ops)
+
+    def quantized_input_pairs(self) -> list[tuple[nn.Module, list[LinearBase]]]:
+        """Each norm and the projections that alone read its output, where the block after it names them
+        (`input_projections`; a sparse MoE block or MLA attention does not: their inputs stay unquantized)."""
+        blocks = ((self.input_layernorm, self.self_attn), (self.post_attention_layernorm, self.mlp))
+        return [(norm, block.input_projections()) for norm, block in blocks if hasattr(block, "input_projections")]
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None

@@ -12,6 +12,7 @@ from mini_infer.quantization import QUANTIZATION_METHODS
 from mini_infer.quantization.base import QuantizationConfig
 from mini_infer.quantization.compressed_tensors import CompressedTensorsConfig
 from mini_infer.quantization.fp8 import Fp8Config
+from mini_infer.quantization.fused_act_quant import fuse_act_quant
 from mini_infer.quantization.int8 import Int8Config
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,12 @@ def quantize_model(model: nn.Module, quant: QuantizationConfig) -> None:
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Online methods quantize their loaded weights here; checkpoint ones have nothing to do."""
+    """Online methods quantize their loaded weights here; checkpoint ones have nothing to do. Then the ops
+    before per-token W8A8 projections learn to emit their input in 8 bits (fused_act_quant.py)."""
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+    fused = fuse_act_quant(model)
+    if fused:
+        logger.info("activation quantization fused into %d norm / SiLU-and-mul ops", fused)
