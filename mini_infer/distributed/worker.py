@@ -68,7 +68,9 @@ class Worker:
         hf_config = load_hf_config(Path(path))
         dtype = config.resolve_dtype(checkpoint_dtype(hf_config))
         backend = get_attention_backend(config.resolved_kernel_backend, config.block_size, device)
-        model = load_model(Path(path), hf_config, backend.ops, dtype, device, config.load_format, config.seed)
+        model = load_model(
+            Path(path), hf_config, backend.ops, dtype, device, config.load_format, config.seed, config.quantization
+        )
         self.runner = WorkerModelRunner(model, config, hf_config, dtype, device, max_model_len, backend)
         self.num_blocks = self.runner.init_kv_cache()
 
