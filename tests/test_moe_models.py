@@ -241,7 +241,7 @@ def test_latency_bench_counts_the_experts_a_step_touches(tmp_path):
     from mini_infer.model_loader import preset_path
 
     out = tmp_path / "latency.json"
-    args = ["--model", "qwen3-moe-tiny", "--load-format", "dummy", "--batch-sizes", "1,6"]
+    args = ["--model", "qwen3-moe-tiny", "--load-format", "dummy", "--batch-sizes", "1,6", "--dtype", "float32"]
     with pytest.raises(SystemExit) as exit_code:
         main([*args, "--input-len", "8", "--output-len", "6", "--output-json", str(out), "--disable-tqdm"])
     assert exit_code.value.code == 0

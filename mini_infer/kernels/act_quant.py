@@ -57,7 +57,10 @@ def act_quant_ref(
     if k % g:
         raise ValueError(f"{k} features are not a whole number of quantization groups of {g}")
     xg = x.float().view(m, k // g, g)
-    scale = xg.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_AMAX) / qmax
+    amax = xg.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_AMAX)
+    # a tensor divisor: on CUDA torch turns division by a Python number into a product with its reciprocal,
+    # which is not the IEEE quotient the kernels (and the CPU) compute
+    scale = amax / amax.new_tensor(qmax)
     q = quantize_ref(xg, scale, dtype)
     return q.view(m, k), scale.view(m, k // g)
 

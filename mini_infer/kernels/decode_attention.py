@@ -4,14 +4,8 @@ One query per sequence. A program owns one (sequence, KV head, split of the cont
 K/V tile of its split once and scores it against all query heads of the group with one `tl.dot`
 (the group padded to 16 rows), so GQA costs no extra K/V traffic. Splitting the context keeps the
 GPU full when there are few, long sequences; a small reduce kernel merges the splits through their
-log-sum-exp. The reference is `decode_attention_ref` in paged_attention.py. An fp8 pool reads half
-the bytes per key. With float32 queries its tiles are dequantized in registers right after their load
-(kv_quant.py), the reference's arithmetic bit for bit. With 16-bit queries the tiles are only cast (every
-e4m3 value is exact in bfloat16 and float16) and the per-tensor scales move out of the loop, k_scale into
-the score scale and v_scale onto the output: a multiply and two roundings per element cost more than
-the halved bytes saved (an fp8 pool was 10% slower than bfloat16 at batch 128 on an H200:
-benchmarks/results/h200/decode_sweep_fp8_kv.json). The result differs from the reference's by its
-rounding only: a key is no longer rounded to bfloat16 after its scaling.
+log-sum-exp. The reference is `decode_attention_ref` in paged_attention.py. An fp8 pool's tiles are
+dequantized in registers right after their load (kv_quant.py): half the bytes read per key.
 
 The number of splits depends only on tensor shapes (batch, KV heads, block-table width), never on
 the values in `seq_lens`, so the op does no host sync and can be captured in a CUDA graph. The
@@ -93,7 +87,6 @@ def _decode_split_kernel(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
-    FOLD_KV_SCALES: tl.constexpr,
 ):
     kv_head = tl.program_id(0)  # fastest: the heads of a sequence start together, in row order
     batch = tl.program_id(1).to(tl.int64)
@@ -118,12 +111,9 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + batch * block_table_stride
     kv_head_offset = kv_head * cache_head_stride
-    score_scale = scale_log2e
     if KV_FP8:
         k_scale = tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
-        if FOLD_KV_SCALES:
-            score_scale = scale_log2e * k_scale
     for tile_start in range(start, end, BLOCK_N):
         offs_n = tile_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
@@ -137,13 +127,10 @@ def _decode_split_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        if FOLD_KV_SCALES:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        elif KV_FP8:
+        if KV_FP8:
             k = dequantize_kv(k, k_scale, q.dtype)
             v = dequantize_kv(v, v_scale, q.dtype)
-        scores = dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * score_scale
+        scores = dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2e
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -155,8 +142,6 @@ def _decode_split_kernel(
     # A seq_len-0 padding row has l_i == 0: it writes zeros.
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     result = acc / safe_l[:, None]
-    if FOLD_KV_SCALES:
-        result = result * v_scale
     out_mask = h_mask[:, None] & d_mask[None, :]
     if WRITE_OUT:
         out_ptrs = out_ptr + batch * out_batch_stride + heads[:, None] * out_head_stride + offs_d[None, :]
@@ -287,7 +272,6 @@ def decode_attention_triton(
         UPCAST_DOT=upcast_dot(q),
         DOT_PRECISION=dot_precision(q.dtype),
         KV_FP8=is_fp8_kv(k_cache),
-        FOLD_KV_SCALES=is_fp8_kv(k_cache) and q.dtype != torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
