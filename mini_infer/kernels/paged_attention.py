@@ -153,15 +153,21 @@ def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
 
 
 def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, scale: float):
-    """q: [R, Hq, D], one query per row at its last position; k, v: [R, S, Hk, D]. The references' own
-    arithmetic (two matmuls, a float32 softmax), cheaper than the general path for one query: a row's query
-    heads of one KV head are its GQA group, so q is a [R, Hk, G, D] view and nothing is copied for GQA."""
+    """q: [R, Hq, D], one query per row at its last position; k, v: [R, S, Hk, D]; keys past a row's length
+    are masked. One SDPA call in float32 (as `_attend_rows`, and transformers' own attention): on a CPU step
+    of one thread it took half the time of two matmuls, a mask and a softmax (106 against 216 us a layer,
+    stories260K's shapes at 16 rows), a tenth of a small model's decode step."""
     R, Hq, D = q.shape
-    S, Hk = k.shape[1], k.shape[2]
-    scores = torch.matmul(q.float().view(R, Hk, Hq // Hk, D), k.float().permute(0, 2, 3, 1)).mul_(scale)
-    beyond = torch.arange(S, device=q.device) >= seq_lens.unsqueeze(1)  # [R, S]
-    scores.masked_fill_(beyond.view(R, 1, 1, S), float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.float().transpose(1, 2))  # [R, Hk, G, D]
+    S = k.shape[1]
+    allowed = torch.arange(S, device=q.device) < seq_lens.unsqueeze(1)  # [R, S]
+    out = F.scaled_dot_product_attention(
+        q.float().view(R, Hq, 1, D),
+        k.float().transpose(1, 2),
+        v.float().transpose(1, 2),
+        attn_mask=allowed.view(R, 1, 1, S),
+        scale=scale,
+        enable_gqa=True,
+    )  # [R, Hq, 1, D]
     return out.view(R, Hq, D).to(q.dtype)
 
 
