@@ -93,9 +93,9 @@ def decode_attention_ref(
 # attention call; the padded keys are masked out, so they weigh exactly 0. Chunks of several queries go
 # through torch's scaled_dot_product_attention in float32: the references' softmax(q k^T * scale) v,
 # summed in its own (blocked) order, within ~3e-7 of them, and what transformers itself runs on a CPU;
-# GQA is its enable_gqa broadcast. One query per row (decode) keeps the references' two matmuls, with
-# each KV head's query heads as one [G, D] block. Every layer of a decode step reads the same pool
-# slots, so the step builds them once on the host (decode_key_slots, into the attention metadata).
+# GQA is its enable_gqa broadcast. One query per row (decode) takes the same call, its padded keys masked
+# per row. Every layer of a decode step reads the same pool slots, so the step builds them once on the
+# host (decode_key_slots, into the attention metadata).
 
 
 def _length_groups(lens: list[int], block_size: int) -> list[list[int]]:
