@@ -188,6 +188,7 @@ def main() -> None:
         "copy_GBps": round(gbps, 1),
         "device": torch.cuda.get_device_name(),
     }
+    out = Path(args.output)
     if not args.skip_kernels:
         cases = [(64, 4096), (4, 32768)] + [(b, 4096) for b in batches if b != 64]
         result["kernel"] = [
@@ -195,11 +196,18 @@ def main() -> None:
             for heads in (16, 128)
             for b, ctx in cases
         ]
+        write(result, out)  # after each part: a run stopped by a time limit keeps what it measured
     if not args.skip_engine:
         result["engine_deepseek_v2_lite"] = engine_part(batches, args.input_len, args.output_len, gbps, args.model)
+        write(result, out)
     if not args.skip_concurrency:
         result["concurrency_4k"] = concurrency_part([args.model, args.dense_model], 4096)
-    out = Path(args.output)
+        write(result, out)
+
+
+def write(result: dict, out: Path) -> None:
+    """OUTPUT.json and OUTPUT.md of what `result` holds so far."""
+    gbps = result["copy_GBps"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
