@@ -102,36 +102,31 @@ def test_self_draft_over_graphs_accepts_everything(stories_path):
     assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
 
 
-def test_draft_model_over_graphs_drafts_as_eagerly(stories_path, qwen3_path, monkeypatch):
-    """A different (random) draft model: its drafts over graphs equal the eager engine's, and the tokens stay
-    transformers'."""
-    spec = {"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 3}
-    drafts = record_drafts(monkeypatch, DraftModel)
-    eager_tokens = generate(LLM(stories_path, False, speculative_config=spec))
+def drafts_as_eagerly(monkeypatch, path: str, spec: dict, proposer: type, proposer_prefill: bool) -> None:
+    """The proposer's drafts over graphs equal the eager engine's, and the tokens stay transformers'."""
+    drafts = record_drafts(monkeypatch, proposer)
+    eager_tokens = generate(LLM(path, False, speculative_config=spec))
     eager_drafts = list(drafts)
     drafts.clear()
-    llm = LLM(stories_path, True, speculative_config=spec)
+    llm = LLM(path, True, speculative_config=spec)
     tokens = generate(llm)
     assert len(eager_drafts) > 20 and drafts == eager_drafts
     assert tokens == eager_tokens
-    check_transformers(llm, stories_path, tokens)
-    check_graphs_ran(llm, proposer_prefill=True)
+    check_transformers(llm, path, tokens)
+    check_graphs_ran(llm, proposer_prefill=proposer_prefill)
+
+
+def test_draft_model_over_graphs_drafts_as_eagerly(stories_path, qwen3_path, monkeypatch):
+    """A different (random) draft model."""
+    spec = {"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 3}
+    drafts_as_eagerly(monkeypatch, stories_path, spec, DraftModel, proposer_prefill=True)
 
 
 def test_eagle3_over_graphs_drafts_as_eagerly(stories_path, head_path, monkeypatch):
     """The head's passes over graphs (its hidden states a static input, the target's aux hidden states out of
-    the target's graphs): the same drafts as the eager engine's, transformers' tokens."""
+    the target's graphs)."""
     spec = {"method": "eagle3", "model": head_path, "num_speculative_tokens": 3}
-    drafts = record_drafts(monkeypatch, Eagle3Proposer)
-    eager_tokens = generate(LLM(stories_path, False, speculative_config=spec))
-    eager_drafts = list(drafts)
-    drafts.clear()
-    llm = LLM(stories_path, True, speculative_config=spec)
-    tokens = generate(llm)
-    assert len(eager_drafts) > 20 and drafts == eager_drafts
-    assert tokens == eager_tokens
-    check_transformers(llm, stories_path, tokens)
-    check_graphs_ran(llm, proposer_prefill=False)
+    drafts_as_eagerly(monkeypatch, stories_path, spec, Eagle3Proposer, proposer_prefill=False)
 
 
 def test_a_mixed_step_splits_into_its_parts_as_built_alone():
