@@ -52,7 +52,11 @@ def init_distributed(
 ) -> None:
     """Joins the group (gloo on CPU, NCCL on CUDA) and records this rank; every rank calls it."""
     global _STATE
-    check_no_live_group()
+    if _STATE is not None or dist.is_initialized():
+        raise ValueError(
+            "this process already belongs to a process group: shut the other engine down "
+            "(LLMEngine.shutdown()) before starting another with tensor_parallel_size > 1"
+        )
     kwargs = {}
     if backend == "nccl" and device_index is not None:
         import torch
@@ -68,8 +72,9 @@ def init_distributed(
 def check_no_live_group() -> None:
     """ValueError if a tensor-parallel engine still holds this process's group. Any new engine would be
     caught by it: its layers would read that group's rank and size, and its first collective would wait
-    on the other engine's workers until the timeout."""
-    if _STATE is not None or dist.is_initialized():
+    on the other engine's workers until the timeout. (A group of the user's own, torchrun's say, does not
+    matter to a one-rank engine.)"""
+    if _STATE is not None:
         raise ValueError(
             "this process already belongs to a tensor-parallel group: shut the other engine down "
             "(LLMEngine.shutdown()) before starting another engine"
