@@ -175,7 +175,9 @@ class LLMEngine:
         if config.kv_transfer_config is not None:  # prefill/decode disaggregation (docs/disaggregation.md)
             from mini_infer.kv_transfer.factory import make_kv_connector
 
-            connector = make_kv_connector(config.kv_transfer_config, self.model_runner.kv_cache)
+            seed = f"|seed {config.seed}" if config.load_format == "dummy" else ""  # dummy weights: the seed's
+            model_id = f"{path.resolve()}|{dtype}|{config.quantization}{seed}"
+            connector = make_kv_connector(config.kv_transfer_config, self.model_runner.kv_cache, model_id)
             self.model_runner.kv_connector = connector
         self.kv_connector = connector
         self.scheduler = Scheduler(config, block_manager, self.max_model_len, propose, host_blocks, connector)

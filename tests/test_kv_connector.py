@@ -211,3 +211,26 @@ def test_fp8_kv_blocks_move_as_bytes(stories_path, tmp_path):
     # a float32 engine's blocks live in another namespace: it finds nothing of the fp8 ones
     _, other = consume(stories_path, "SharedStorageConnector", tmp_path)
     assert other.kv_transfer_loaded_tokens == 0
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_kv_of_another_model_is_never_loaded(stories_path, single, tmp_path, connector):
+    """A consumer of the same architecture but other weights (here a copy of stories260K with one weight
+    changed, in another folder) shares the store and loads nothing from it: its prompts are prefilled."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(stories_path, other)
+    weights = next(other.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith("embed_tokens.weight"))
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    store = tmp_path / "store"
+    store.mkdir()
+    produce(stories_path, connector, store)
+    _, stats = consume(str(other), connector, store)
+    assert stats.kv_transfer_loaded_tokens == 0
+    assert consume(stories_path, connector, store)[1].kv_transfer_loaded_tokens > 0  # its own model does load

@@ -51,11 +51,12 @@ class BlockStore(Protocol):
         ...
 
 
-def layout_namespace(layout: BlockLayout, block_size: int, dtype: torch.dtype) -> str:
-    """A name for KV of this shape: engines whose blocks differ in shape or dtype never share keys (dtype:
-    the pool's, since the layout copies float8 as bytes)."""
+def layout_namespace(layout: BlockLayout, block_size: int, dtype: torch.dtype, model_id: str = "") -> str:
+    """A name for KV of this shape and model: engines whose blocks differ in shape or dtype (the pool's,
+    since the layout copies float8 as bytes), or whose models differ (`model_id`: two fine-tunes of one
+    architecture have blocks of one shape and different values), never share keys."""
     shape = repr((block_size, str(dtype), layout.block_dims, layout.block_shapes, [str(d) for d in layout.dtypes]))
-    return f"bs{block_size}-{xxhash.xxh64(shape.encode()).hexdigest()}"
+    return f"bs{block_size}-{xxhash.xxh64((shape + model_id).encode()).hexdigest()}"
 
 
 def prompt_block_hashes(prompt_token_ids: list[int], block_size: int, root: int | None = None) -> list[int]:
@@ -69,11 +70,14 @@ def prompt_block_hashes(prompt_token_ids: list[int], block_size: int, root: int 
 
 
 class StoreConnector(KVConnectorBase):
-    def __init__(self, config: KVTransferConfig, kv_cache: KVCache) -> None:
+    def __init__(self, config: KVTransferConfig, kv_cache: KVCache, model_id: str = "") -> None:
+        """model_id: what computed the KV (engine.py: the resolved model folder, its dtype, quantization and,
+        for dummy weights, their seed)."""
         self.config = config
         self.block_size = kv_cache.block_size
         self.register_kv_caches(kv_cache)
-        self.store: BlockStore = self.make_store(layout_namespace(self.layout, self.block_size, kv_cache.dtype))
+        namespace = layout_namespace(self.layout, self.block_size, kv_cache.dtype, model_id)
+        self.store: BlockStore = self.make_store(namespace)
         self.num_loaded_tokens = self.num_saved_tokens = 0
         self._hashes: dict[int, list[int]] = {}  # seq id -> its prompt's block hashes
         self._staged: dict[int, tuple[int, torch.Tensor]] = {}  # seq id -> (first block, rows read for it)
