@@ -81,12 +81,16 @@ def head_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.fixture(scope="module")
-def head_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("eagle3-head")
+def write_head(path) -> str:
+    """The random head in its published format, in folder `path`."""
     (path / "config.json").write_text(json.dumps(head_config()))
     save_file(head_tensors(), str(path / "model.safetensors"))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def head_path(tmp_path_factory) -> str:
+    return write_head(tmp_path_factory.mktemp("eagle3-head"))
 
 
 def eagle3(path: str, k: int) -> dict:

@@ -8,7 +8,6 @@ engine's, the emitted tokens equal transformers', and the replay counters show t
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -19,8 +18,7 @@ if not torch.cuda.is_available():  # test_eagle3's transformers imports bring tr
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from conftest import PROMPTS, hf_greedy  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from test_eagle3 import head_config, head_tensors  # noqa: E402
+from test_eagle3 import write_head  # noqa: E402
 
 from mini_infer import LLM as _LLM  # noqa: E402
 from mini_infer import SamplingParams  # noqa: E402
@@ -45,10 +43,7 @@ def LLM(model: str, graphs: bool, **kwargs) -> _LLM:  # noqa: N802
 
 @pytest.fixture(scope="module")
 def head_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("eagle3-head")
-    (path / "config.json").write_text(json.dumps(head_config()))
-    save_file(head_tensors(), str(path / "model.safetensors"))
-    return str(path)
+    return write_head(tmp_path_factory.mktemp("eagle3-head"))
 
 
 def record_drafts(monkeypatch, proposer: type) -> list:
