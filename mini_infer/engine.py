@@ -8,7 +8,9 @@ of the step before it, so the host's bookkeeping overlaps the GPU's work. Sequen
 pending token counted (Sequence.num_pending); one that stops on a token the host had not read yet
 costs one discarded decode. Penalties need every earlier token, so while a request uses them the
 engine reads each step back before scheduling the next, and so it does while speculating (the next step's
-drafts start after the tokens this one accepts).
+drafts start after the tokens this one accepts). A grammar's mask needs every earlier token too, but
+only to sample: the runner asks for the masks once the forward pass is queued, and the step before is
+read back then (`_grammar_bitmask`), so the host's matchers work while the device runs the model.
 """
 
 from __future__ import annotations
@@ -370,9 +372,7 @@ class LLMEngine:
             not self.config.async_scheduling
             or self.output_processor.num_penalty_requests > 0
             or self.config.speculative_config is not None
-            or bool(self.grammar_waiting)
-            or self._grammars_active
-        )  # a verified run's length is read back first; a grammar's next mask needs the last token
+        )  # a verified run's length is read back first
         outputs: list[RequestOutput] = []
         read: list[PendingStep] = []
         if sync and self.in_flight is not None:  # turned synchronous with a step in flight: read it first
@@ -381,8 +381,7 @@ class LLMEngine:
         self._admit_grammar_ready(outputs)
         out = self.scheduler.schedule()
         if out and self._grammars_active:
-            self._structured.prune()
-            out.grammar_bitmask = self._structured.bitmask(out.sampling)
+            out.fill_grammar_bitmask = lambda: self._grammar_bitmask(out, outputs, read)
         launched = self._execute(out, outputs) if out or out.has_swaps else None
         if self.in_flight is not None:
             outputs += self._update(self.in_flight, read)
@@ -394,6 +393,18 @@ class LLMEngine:
         if self.observer is not None:
             self.observer.step_done(time.perf_counter() - start, read)
         return outputs
+
+    def _grammar_bitmask(
+        self, out: SchedulerOutput, outputs: list[RequestOutput], read: list[PendingStep]
+    ) -> tuple[list[int], torch.Tensor] | None:
+        """The step's grammar masks, filled while its forward pass runs (the runner calls this once it is
+        queued). A mask needs every token before it, so the step before is read back first: by now the
+        device has finished it, and the matchers take its tokens before this step's rows are filled."""
+        if self.in_flight is not None:
+            outputs += self._update(self.in_flight, read)
+            self.in_flight = None
+        self._structured.prune()
+        return self._structured.bitmask(out.sampling)
 
     def _execute(self, out: SchedulerOutput, outputs: list[RequestOutput]) -> _InFlight | None:
         """Queues the batch's forward pass and sampling. If it fails (and the device is fine), the batch's

@@ -17,12 +17,16 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mini_infer.block_manager import BlockManager
 from mini_infer.config import EngineConfig
 from mini_infer.kv_transfer.connector_base import KVConnectorBase, KVConnectorMetadata
 from mini_infer.kv_transfer.host_blocks import HostBlockPool
 from mini_infer.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(slots=True)
@@ -52,8 +56,9 @@ class SchedulerOutput:
     # copied out, then (host block, device block) pairs copied in
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
-    # structured outputs: (constrained sampled rows, their int32 token bitmasks), filled by the engine
-    grammar_bitmask: tuple[list[int], object] | None = None
+    # structured outputs: returns (constrained sampled rows, their int32 token bitmasks) or None; the runner
+    # calls it once the step's forward pass is queued, so the host fills the masks while the device computes
+    fill_grammar_bitmask: Callable[[], tuple[list[int], torch.Tensor] | None] | None = None
     # a KV connector's loads and saves for this step (kv_transfer/connector_base.py), or None
     kv_connector_metadata: KVConnectorMetadata | None = None
 

@@ -94,6 +94,20 @@ def test_constrained_batch_with_unconstrained_rows(stories, stories_path, temper
         assert out.outputs[0].token_ids == hf_greedy(stories_path, out.prompt_token_ids, 12)
 
 
+def test_async_scheduling_gives_the_synchronous_tokens(stories, stories_path):
+    """With async scheduling the masks are filled after the step's forward pass is queued and the step
+    before is read back then: the tokens are those of an engine that reads every step back first."""
+    params = [
+        SamplingParams(temperature=1.0, seed=i, max_tokens=60, structured_outputs=s) for i, s in enumerate(specs())
+    ]
+    params += [SamplingParams(temperature=1.0, seed=9, max_tokens=20), SamplingParams(temperature=0, max_tokens=20)]
+    prompts = ["Once upon a time"] * len(params)
+    sync = LLM(stories_path, dtype="float32", max_model_len=256, async_scheduling=False)
+    expected = [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)]
+    assert stories.llm_engine.config.async_scheduling
+    assert [o.outputs[0].token_ids for o in stories.generate(prompts, params, use_tqdm=False)] == expected
+
+
 def test_qwen3_tokenizer(qwen3_path):
     """A noise model with a byte-level BPE vocabulary: the grammar alone makes the output valid."""
     llm = LLM(qwen3_path, dtype="float32", max_model_len=512)

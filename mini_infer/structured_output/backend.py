@@ -32,6 +32,7 @@ class XgrammarBackend:
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self.batch = xgr.BatchGrammarMatcher(max_threads="auto")
 
     def compile(self, spec: StructuredOutputsParams):
         """A CompiledGrammar; ValueError with the compiler's message when the spec does not compile."""
@@ -55,3 +56,7 @@ class XgrammarBackend:
 
     def bitmask(self, rows: int):
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
+
+    def fill_bitmasks(self, matchers: list, bitmask, rows: list[int]) -> None:
+        """Fills row rows[i] of bitmask for matchers[i], over xgrammar's threads."""
+        self.batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)

@@ -278,12 +278,14 @@ class ModelRunner:
             self.last_tokens, self.last_rows = None, {}
             return PendingStep(None, prompt_logprobs)
         logits = self.model.compute_logits(hidden)
+        # the forward pass is queued: the host fills the grammars' masks while the device runs it
+        bitmask = out.fill_grammar_bitmask() if out.fill_grammar_bitmask is not None else None
         if self.config.speculative_config is not None:  # every token by one sampler: seeds stay batch-proof
             self.last_tokens, self.last_rows = None, {}  # speculation runs synchronous steps
-            output = self._verify(logits, sampling, out.grammar_bitmask)
+            output = self._verify(logits, sampling, bitmask)
             output.prompt_logprobs = prompt_logprobs or {}
             return PendingStep.ready(output)
-        result = self._sample(logits, sampling, out.grammar_bitmask)
+        result = self._sample(logits, sampling, bitmask)
         self.last_tokens = result.tokens
         self.last_rows = {s.seq.seq_id: i for i, s in enumerate(sampling)}
         return PendingStep(result, prompt_logprobs)
