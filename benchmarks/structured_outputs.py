@@ -3,7 +3,8 @@
 Issue 18's target: 50% constrained requests at most 5% slower than none. Every request makes exactly
 --output-len tokens (ignore_eos), so the runs do the same work; the constrained ones carry a grammar
 (any JSON object, or the --spec given), so each step fills their bitmask on the host, applies it on the
-device, and the engine steps synchronously while any is running (the next mask needs the last token).
+device; the host fills the masks while the step's forward pass runs (the engine reads the step before
+back first: a mask needs every earlier token).
 Dummy weights; the tokenizer (a real one is needed to compile grammars) comes from --tokenizer, and
 prompts are random token ids. Needs xgrammar on the machine (pip install 'mini-infer[structured]').
 
