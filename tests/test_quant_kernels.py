@@ -34,6 +34,9 @@ from mini_infer.kernels.rmsnorm import (  # noqa: E402
     rms_norm_triton,
 )
 from mini_infer.kernels.scaled_mm import (  # noqa: E402
+    _has_fp8_mm,
+    _scaled_mm_fp8,
+    fp8_rowwise_writes,
     w8a8_gemv_triton,
     w8a8_linear,
     w8a8_linear_quantized,
@@ -125,6 +128,43 @@ def test_w8a8_gemv_quantizes_activations_in_kernel(dtype, block, m):
     ref = w8a8_mm_ref(xq, sx, wq, sw, None, torch.float32, block)
     out = w8a8_gemv_triton(x, None, wq, sw, None, torch.float32, block)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_fp8_rowwise_writes_dispatch():
+    """The out dtypes torch._scaled_mm writes itself under row-wise scales: bfloat16 everywhere, float16 /
+    float32 only on cuBLASLt's row-wise path (sm 9.x, CUDA >= 12.9); the rest take the float32 path."""
+    for capability in [(8, 9), (9, 0), (10, 0), (12, 0)]:
+        assert fp8_rowwise_writes(torch.bfloat16, capability, "12.4")
+    for out_dtype in [torch.float16, torch.float32]:
+        assert fp8_rowwise_writes(out_dtype, (9, 0), "13.0")
+        assert fp8_rowwise_writes(out_dtype, (9, 0), "12.9")
+        assert fp8_rowwise_writes(out_dtype, (9, 0), "12.10")
+        assert not fp8_rowwise_writes(out_dtype, (9, 0), "12.8")
+        assert not fp8_rowwise_writes(out_dtype, (9, 0), None)
+        assert not fp8_rowwise_writes(out_dtype, (8, 9), "13.0")
+        assert not fp8_rowwise_writes(out_dtype, (10, 0), "13.0")
+    assert not fp8_rowwise_writes(torch.float8_e4m3fn, (9, 0), "13.0")
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and not _has_fp8_mm(torch.device("cuda")), reason="torch._scaled_mm needs sm89+"
+)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [3, 40])
+@pytest.mark.parametrize("rowwise", [None, False], ids=["device_choice", "float32_path"])
+def test_scaled_mm_fp8_writes_the_model_dtype(out_dtype, m, rowwise):
+    """torch._scaled_mm's fp8 product (on CPU torch's own _scaled_mm, which writes any float dtype; on CUDA
+    cuBLASLt / CUTLASS) in out_dtype against the float32 reference: a float32 model gets float32 accuracy,
+    not a bfloat16 result cast up."""
+    x, w = _inputs(m, 96), _inputs(48, 96) / 10
+    xq, sx = act_quant_ref(x, torch.float8_e4m3fn)
+    wq, sw = act_quant_ref(w, torch.float8_e4m3fn)
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(6)).to(out_dtype).to(DEVICE)
+    ref = w8a8_mm_ref(xq, sx, wq, sw, bias, torch.float32)
+    out = _scaled_mm_fp8(xq, sx, wq, sw, bias, out_dtype, rowwise)
+    assert out.dtype == out_dtype and out.shape == (m, 48)
+    rel = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[out_dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=rel, atol=rel * ref.abs().max().item())
 
 
 # -- the norms and SiLU-and-mul with their output quantized (quantization/fused_act_quant.py) -----------

@@ -146,3 +146,34 @@ def test_a_mixed_step_splits_into_its_parts_as_built_alone():
         part.block_tables = part.block_tables[:, :width]
         for name, value in vars(alone).items():
             assert np.array_equal(getattr(part, name), value), name
+
+
+@pytest.mark.parametrize("method", ["eagle3", "draft_model"])
+def test_graph_reserve_counts_every_graphs_outputs(stories_path, qwen3_path, head_path, method):
+    """What the KV profiling reserves for graph outputs is what the captured graphs keep: one static output
+    per captured size of every graph set, each replay returning it. An EAGLE-3 target's: hidden and 3 aux
+    hidden states per token; the head's (decode graphs only): normed and pre-norm hidden states; a draft
+    model's (decode and prefill graphs): its hidden states."""
+    path = head_path if method == "eagle3" else qwen3_path
+    spec = {"method": method, "model": path, "num_speculative_tokens": 3}
+    runner = LLM(stories_path, True, speculative_config=spec).llm_engine.model_runner
+    measured = runner._profile_run([5, 3])
+    kept = 0
+    with torch.inference_mode():  # as the runner replays them
+        for graphs in (runner.graphs, runner.proposer_graphs):
+            for graph_set in (graphs.decode, graphs.prefill):
+                for size in graph_set.sizes:
+                    kept += sum(t.numel() * t.element_size() for t in graph_set.replays[size]())
+    assert kept == runner._graph_output_bytes(measured)
+    decode, prefill = 1 + 2 + 4 + 8 + 16, 16 + 32  # tokens of the graph sizes (check_graphs_ran)
+    hidden = runner.hidden_size
+    if method == "eagle3":
+        assert measured == 4 * hidden * 4  # float32
+        head_hidden = runner.proposer.head.config.hidden_size
+        assert runner.proposer_graphs.prefill.sizes == []
+        assert kept == ((decode + prefill) * 4 * hidden + decode * 2 * head_hidden) * 4
+    else:
+        assert measured == hidden * 4
+        draft_hidden = runner.proposer.model.config.hidden_size
+        assert runner.proposer_graphs.prefill.sizes == [16, 32]
+        assert kept == (decode + prefill) * (hidden + draft_hidden) * 4

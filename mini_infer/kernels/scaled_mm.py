@@ -9,10 +9,11 @@ Two scale layouts:
 `w8a8_mm_ref` dequantizes both operands to float32 and multiplies: the CPU path and the oracle. On CUDA
 `w8a8_linear` takes one fused launch for a single row (the Triton GEMV below quantizes the row itself and
 reads each 8-bit weight once); above that `w8a8_mm` picks `torch._scaled_mm` for fp8 channel scales
-(Hopper/Ada; rows padded to 16), `torch._int_mm` for int8 (rows padded to 24 below 17), and the Triton
-kernel (row blocks of GEMV_ROWS) for anything else, e.g. block scales at prefill (correct, not tuned: it
-reads the weight once per 8 rows). `w8a8_linear_quantized` is the same choice for an activation that arrives
-already quantized (the fused norm / SiLU kernels, quantization/fused_act_quant.py).
+(Hopper/Ada; rows padded to 16; the model dtype written directly, or through float32 where torch cannot),
+`torch._int_mm` for int8 (rows padded to 24 below 17), and the Triton kernel (row blocks of GEMV_ROWS) for
+anything else, e.g. block scales at prefill (correct, not tuned: it reads the weight once per 8 rows).
+`w8a8_linear_quantized` is the same choice for an activation that arrives already quantized (the fused
+norm / SiLU kernels, quantization/fused_act_quant.py).
 """
 
 import functools
@@ -224,16 +225,51 @@ def _has_fp8_mm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _scaled_mm_fp8(xq, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
+def _version_tuple(version: str | None) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")[:2]) if version else ()
+
+
+def fp8_rowwise_writes(out_dtype: torch.dtype, capability: tuple[int, int], cuda_version: str | None) -> bool:
+    """Whether torch._scaled_mm with per-row scales can write out_dtype itself. bfloat16 always. float16 /
+    float32 only where torch sends row-wise scales to cuBLASLt (outer-vector scaling: compute capability 9.x
+    with CUDA >= 12.9; aten ScaledBlas.cpp); elsewhere it runs a CUTLASS kernel that torch releases only
+    allowed to write bfloat16 ("Only bf16 high precision output types are supported for row-wise
+    scaling"), so those dtypes take _scaled_mm_fp8's float32 path instead."""
+    if out_dtype == torch.bfloat16:
+        return True
+    if out_dtype not in (torch.float16, torch.float32):
+        return False
+    return capability[0] == 9 and _version_tuple(cuda_version) >= (12, 9)
+
+
+@functools.cache
+def _fp8_rowwise_writes_on(device: torch.device, out_dtype: torch.dtype) -> bool:
+    if device.type != "cuda":
+        return True  # the CPU _scaled_mm writes any float dtype (the tests run it there)
+    return fp8_rowwise_writes(out_dtype, torch.cuda.get_device_capability(device), torch.version.cuda)
+
+
+def _scaled_mm_fp8(xq, x_scale, wq, w_scale, bias, out_dtype, rowwise: bool | None = None) -> torch.Tensor:
     """cuBLASLt FP8 GEMM with per-token and per-channel scales (wq^T is column-major as it needs); fewer
-    than 16 rows are padded to 16."""
+    than 16 rows are padded to 16. Rowwise (where torch._scaled_mm writes out_dtype with row-wise scales,
+    fp8_rowwise_writes) the scales are applied in the GEMM's epilogue and the output is out_dtype itself: a
+    float32 model keeps float32 results, not bfloat16 ones. Otherwise the GEMM takes unit (tensor-wise)
+    scales and writes float32, which every fp8 _scaled_mm can, and both scales are applied in float32 after
+    it, as _int_mm does."""
+    if rowwise is None:
+        rowwise = _fp8_rowwise_writes_on(xq.device, out_dtype)
     m = xq.shape[0]
     if m < 16:
         xq = torch.cat([xq, xq.new_zeros(16 - m, xq.shape[1])])
-        x_scale = torch.cat([x_scale, x_scale.new_ones(16 - m, 1)])
-    y = torch._scaled_mm(
-        xq, wq.t(), scale_a=x_scale.float(), scale_b=w_scale.float().view(1, -1), out_dtype=torch.bfloat16
-    )[:m]
+    if rowwise:
+        sx = x_scale.float()
+        if m < 16:
+            sx = torch.cat([sx, sx.new_ones(16 - m, 1)])
+        y = torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=w_scale.float().view(1, -1), out_dtype=out_dtype)[:m]
+    else:
+        one = torch.ones((), dtype=torch.float32, device=xq.device)
+        y = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:m]
+        y = y * x_scale.float() * w_scale.float().view(1, -1)
     if bias is not None:
         y = y + bias
     return y.to(out_dtype)

@@ -57,14 +57,16 @@ class LoRALinearMethod:
         return y
 
     def set_slot(self, slot: int, weights: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """Writes one adapter's (slice, A [r, in], B [out, r]) into a slot; what it leaves out is zero."""
+        """Writes one adapter's (slice, A [r, in], B [out, r]) into a slot; what it leaves out is zero. The
+        copies are queued (from pinned host memory on CUDA, LoRAModelManager.load); the caching host allocator
+        keeps a pinned block until its copies ran, even if the adapter is removed meanwhile."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         r_max = self.max_rank
         for i, a, b in weights:
             rank = a.shape[0]
-            self.lora_a[slot, i * r_max : i * r_max + rank].copy_(a)
-            self.lora_b[slot, self.slices[i] : self.slices[i + 1], :rank].copy_(b)
+            self.lora_a[slot, i * r_max : i * r_max + rank].copy_(a, non_blocking=True)
+            self.lora_b[slot, self.slices[i] : self.slices[i + 1], :rank].copy_(b, non_blocking=True)
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()

@@ -52,7 +52,7 @@ class LoRAModelManager:
         """Wraps every projection an adapter may target (q/k/v/o/gate/up/down) in a LoRALinearMethod."""
         from mini_infer.layers.linear import LinearBase, ReplicatedLinear
 
-        self.max_loras, self.max_lora_rank, self.dtype = max_loras, max_lora_rank, dtype
+        self.max_loras, self.max_lora_rank, self.dtype, self.device = max_loras, max_lora_rank, dtype, device
         self.layers: dict[str, LoRALinearMethod] = {}
         self.targets: dict[str, Target] = {}  # checkpoint module name -> where its adapter goes
         packed = getattr(model, "packed_modules_mapping", {})
@@ -79,8 +79,16 @@ class LoRAModelManager:
 
     # -- registration ---------------------------------------------------------------------------
     def load(self, request: LoRARequest) -> LoRAAdapter:
-        """Reads and checks an adapter's folder (ValueError if it cannot apply); registers nothing."""
-        return load_adapter(request, self.targets, self.max_lora_rank, self.dtype)
+        """Reads and checks an adapter's folder (ValueError if it cannot apply); registers nothing. On CUDA
+        its host weights are pinned, so activate's slot copies are asynchronous DMA, not a staged copy that
+        blocks the host."""
+        adapter = load_adapter(request, self.targets, self.max_lora_rank, self.dtype)
+        if self.device.type == "cuda":
+            adapter.weights = {
+                name: [(i, a.pin_memory(), b.pin_memory()) for i, a, b in parts]
+                for name, parts in adapter.weights.items()
+            }
+        return adapter
 
     def add(self, adapter: LoRAAdapter) -> None:
         self.adapters[adapter.request.lora_int_id] = adapter

@@ -40,6 +40,10 @@ class DraftModel:
         """Inputs beyond token ids and positions: none."""
         return {}
 
+    def graph_output_features(self) -> int:
+        """Features per row of the draft's output (its hidden states), which each of its graphs keeps."""
+        return self.model.config.hidden_size
+
     def before_forward(self, out: SchedulerOutput, forward: Forward) -> None:
         """Fills each verify run's draft tokens: k greedy decodes of the draft over all runs at once."""
         verify = [s for s in out.seqs if s.draft_token_ids]

@@ -184,6 +184,10 @@ class Eagle3Proposer:
         """The hidden state each row reads, a static buffer of the head's graphs."""
         return {"hidden": self.head.config.hidden_size}
 
+    def graph_output_features(self) -> int:
+        """Features per row of the head's output, which each of its graphs keeps: normed and pre-norm."""
+        return 2 * self.head.config.hidden_size
+
     def after_forward(
         self, out: SchedulerOutput, inputs: StepInputs, aux: torch.Tensor | None, forward: Forward
     ) -> None:

@@ -27,11 +27,36 @@ from mini_infer.worker.step_inputs import StepInputs
 
 if TYPE_CHECKING:
     from mini_infer.attention.backend import AttentionMetadata
+    from mini_infer.config import EngineConfig
     from mini_infer.worker.model_runner import ModelRunner
 
 # Larger prefill steps run eagerly: their GPU work dwarfs the launch cost, and each captured size costs
 # capture time at startup.
 PREFILL_GRAPH_MAX_TOKENS = 8192
+
+
+def decode_graph_sizes(max_batch: int) -> list[int]:
+    """The decode graphs' row (= token) counts: 1, 2, 4, then every 8 up to max_batch."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8)) + [max_batch]
+    return sorted(set(sizes))
+
+
+def prefill_graph_sizes(config: EngineConfig) -> list[int]:
+    """The prefill graphs' token counts (none without cuda_graph_prefill): powers of two to 256, then every
+    512; padding wastes at most half a small chunk, 511 tokens of a large one."""
+    if not config.cuda_graph_prefill:
+        return []
+    top = min(config.max_num_batched_tokens, PREFILL_GRAPH_MAX_TOKENS)
+    return sorted(set([t for t in (16, 32, 64, 128, 256) if t < top] + list(range(512, top, 512)) + [top]))
+
+
+def graph_output_bytes(config: EngineConfig, bytes_per_token: int, prefill: bool = True) -> int:
+    """What a model's graphs keep allocated for their outputs: each graph's output is a static tensor of the
+    shared pool, alive as long as the graph (its replays return it), so the pool holds one per captured size
+    at once, bytes_per_token (the model's outputs: hidden states, and an EAGLE-3 target's aux hidden states)
+    times the tokens of every size. prefill: whether this model captures prefill graphs."""
+    tokens = sum(decode_graph_sizes(config.max_decode_rows)) + (sum(prefill_graph_sizes(config)) if prefill else 0)
+    return tokens * bytes_per_token
 
 
 def _corner(shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -182,13 +207,9 @@ class CUDAGraphs:
         """prefill: whether to capture prefill graphs too (where the config asks for them)."""
         config = runner.config
         self.max_batch = config.max_decode_rows
-        sizes = [b for b in (1, 2, 4) if b < self.max_batch] + list(range(8, self.max_batch, 8)) + [self.max_batch]
-        self.decode = GraphSet(runner, model, sorted(set(sizes)), lambda b: (b, b), True, extra_inputs)
+        self.decode = GraphSet(runner, model, decode_graph_sizes(self.max_batch), lambda b: (b, b), True, extra_inputs)
         seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
-        top = min(config.max_num_batched_tokens, PREFILL_GRAPH_MAX_TOKENS)
-        # powers of two to 512, then every 512: padding wastes at most half a small chunk, 511 tokens of a large one
-        sizes = [t for t in (16, 32, 64, 128, 256) if t < top] + list(range(512, top, 512)) + [top]
-        sizes = sorted(set(sizes)) if config.cuda_graph_prefill and prefill else []
+        sizes = prefill_graph_sizes(config) if prefill else []
         # (seqs, not self, in the lambda: that would be a reference cycle)
         self.prefill = GraphSet(runner, model, sizes, lambda t: (t, seqs), False, extra_inputs)
 

@@ -88,16 +88,25 @@ def num_kv_blocks(
     return int(num_blocks)
 
 
+def graph_pool_reserve(largest_pass: int, outputs: int) -> int:
+    """The CUDA graph pool's reserve: the largest pass's transient memory, which the graphs share (with
+    slack: 1.5x and 64 MiB), plus the outputs every graph keeps for itself (cuda_graphs.graph_output_bytes)."""
+    return int(1.5 * largest_pass) + 2**26 + outputs
+
+
 def profile_free_gpu_memory(
     config: EngineConfig,
     kv_cache: KVCache,
     max_model_len: int,
-    run_batch: Callable[[list[int]], None],
+    run_batch: Callable[[list[int]], int],
     graph_batch: int | None,
+    graph_outputs: Callable[[int], int],
 ) -> int:
     """Runs the largest batch the scheduler can form on a throwaway cache and returns the bytes left for
     the KV pool under gpu_memory_utilization, after what CUDA graphs will need. run_batch(lens) runs a step
-    of prompts of those lengths; graph_batch: the largest decode batch graphs capture (None: no graphs)."""
+    of prompts of those lengths and returns the bytes per token of the model's output; graph_batch: the
+    largest decode batch graphs capture (None: no graphs); graph_outputs(those bytes): the bytes all graphs
+    keep for their outputs (the target's, and a proposer's)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -105,7 +114,7 @@ def profile_free_gpu_memory(
     num_seqs = min(config.max_num_seqs, num_tokens)
     lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
     kv_cache.allocate(sum(-(-n // config.block_size) for n in lens))
-    run_batch(lens)
+    output_bytes = run_batch(lens)
     torch.cuda.synchronize()
     peak_extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
     graph_reserve = 0
@@ -118,7 +127,7 @@ def profile_free_gpu_memory(
         largest = torch.cuda.max_memory_allocated() - base
         if config.cuda_graph_prefill:
             largest = max(largest, peak_extra)
-        graph_reserve = int(1.5 * largest) + 2**26
+        graph_reserve = graph_pool_reserve(largest, graph_outputs(output_bytes))
     kv_cache.allocate(0)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()

@@ -36,7 +36,7 @@ from mini_infer.sequence import Sequence
 from mini_infer.spec_decode.draft_model import DraftModel
 from mini_infer.spec_decode.eagle3 import Eagle3Proposer
 from mini_infer.spec_decode.rejection_sampler import rejection_sample
-from mini_infer.worker.cuda_graphs import CUDAGraphs
+from mini_infer.worker.cuda_graphs import CUDAGraphs, graph_output_bytes
 from mini_infer.worker.kv_cache import KVCache, num_kv_blocks, profile_free_gpu_memory
 from mini_infer.worker.kv_swap import KVSwapper, num_host_blocks
 from mini_infer.worker.step_inputs import StepInputs, build_step_inputs
@@ -129,7 +129,7 @@ class ModelRunner:
             self.kv_cache,
             self.max_model_len,
             lambda: profile_free_gpu_memory(
-                self.config, self.kv_cache, self.max_model_len, self._profile_run, graph_batch
+                self.config, self.kv_cache, self.max_model_len, self._profile_run, graph_batch, self._graph_output_bytes
             ),
         )
         num_blocks = min_over_ranks(num_blocks, self.device)  # every rank's pool holds the same blocks
@@ -143,8 +143,9 @@ class ModelRunner:
             self.warm_up_sampling()
         return num_blocks
 
-    def _profile_run(self, lens: list[int]) -> None:
-        """A prefill of prompts of these lengths and its sampling, on consecutive blocks (KV sizing)."""
+    def _profile_run(self, lens: list[int]) -> int:
+        """A prefill of prompts of these lengths and its sampling, on consecutive blocks (KV sizing); the
+        bytes per token of the model's output (hidden states, and the aux ones an EAGLE-3 head reads)."""
         seqs, first_block = [], 0
         for n in lens:
             seq = Sequence("profile", 0, [0] * n, SamplingParams())
@@ -153,13 +154,24 @@ class ModelRunner:
             seqs.append(ScheduledSeq(seq, 0, n, True, 0))
         inputs = build_step_inputs(seqs, 0, self.block_size, {})
         with torch.inference_mode():
-            hidden, _ = self._forward_with_aux(inputs)
+            hidden, aux = self._forward_with_aux(inputs)
             logits = self.model.compute_logits(hidden[to_device(inputs.logits_indices, torch.int64, self.device)])
+        output_bytes = sum(t.shape[-1] * t.element_size() for t in (hidden, aux) if t is not None)
         params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * len(lens)
         batch = build_sampling_batch(
             params, [[0]] * len(lens), [[]] * len(lens), [None] * len(lens), self.vocab_size, self.device
         )
         sample(logits.float(), batch)
+        return output_bytes
+
+    def _graph_output_bytes(self, target_bytes_per_token: int) -> int:
+        """What the graphs capture_cuda_graphs will make keep for their outputs, at every captured size: the
+        target's (target_bytes_per_token, as the profile pass measured) and the proposer's model's."""
+        total = graph_output_bytes(self.config, target_bytes_per_token)
+        if self.proposer is not None:
+            per_token = self.proposer.graph_output_features() * self.dtype.itemsize
+            total += graph_output_bytes(self.config, per_token, self.proposer.prefill_graphs)
+        return total
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
