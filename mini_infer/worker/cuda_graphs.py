@@ -10,6 +10,12 @@ path uses: at capture it makes the static buffer, at replay it copies the step's
 staging buffer and from there, without blocking, into the static one; inputs already on the device
 (a draft pass's tokens, made by the pass before it) are copied in on the device. Off CUDA (tests of
 this path) a "graph" runs the same forward eagerly over the same buffers, into static outputs too.
+
+With enable_lora every size is captured with the LoRA kernels (any mix of adapters replays it), and the
+decode sizes a second time without them: a decode batch in which no token has an adapter replays that
+one and pays nothing for LoRA. Prefill sizes are not doubled (each graph keeps its own [tokens, hidden]
+output, hundreds of MiB over the prefill sizes of a large model); a prefill chunk without adapters
+replays the LoRA graph, whose kernels find no tile to do and return at once.
 """
 
 from __future__ import annotations
@@ -90,18 +96,21 @@ class GraphSet:
         shape: Callable[[int], tuple[int, int]],
         decode: bool,
         extra_inputs: dict[str, int] | None = None,
+        lora_variants: tuple[bool, ...] = (False,),
     ) -> None:
         """shape(size) = (tokens, sequences) of the padded batch a graph of that size runs; decode: its
         sequences have one query token each; extra_inputs: the model's inputs beyond ids and positions, name
-        -> features per token (in the model dtype). The runner owns the graphs; the reference back to it is
-        weak, so a dropped engine has no reference cycle and frees its GPU memory at once."""
+        -> features per token (in the model dtype); lora_variants: which of with / without the LoRA kernels
+        each size is captured in. The runner owns the graphs; the reference back to it is weak, so a dropped
+        engine has no reference cycle and frees its GPU memory at once."""
         self.runner, self.model, self.sizes, self.shape = weakref.proxy(runner), model, sorted(sizes), shape
         self.is_decode, self.extra_inputs = decode, extra_inputs or {}
         self.buffers: dict[str, torch.Tensor] = {}
         self.staging: list[dict[str, torch.Tensor]] = [{}, {}]  # filled by turns: a copy may still be queued
         # when each staging set's last copies are queued: a pass may replay again before the device ran them
         self.copied = [torch.cuda.Event(), torch.cuda.Event()] if runner.device.type == "cuda" else None
-        self.replays: dict[int, Callable[[], Any]] = {}
+        self.lora_variants = lora_variants
+        self.replays: dict[tuple[int, bool], Callable[[], Any]] = {}  # (size, with LoRA) -> its replay
         self.num_replays = 0
         self.max_blocks = -(-runner.max_model_len // runner.block_size)
 
@@ -116,9 +125,9 @@ class GraphSet:
         return size if size is not None and self.shape(size)[1] >= inputs.num_seqs else None
 
     def capture(self, pool: object) -> object:
-        """Records every size, largest first (it makes the buffers), in the shared memory pool."""
+        """Records every size and LoRA variant, largest first (it makes the buffers), in the shared pool."""
         runner = self.runner
-        for size in reversed(self.sizes):
+        for size, lora in ((s, v) for s in reversed(self.sizes) for v in self.lora_variants):
             num_tokens, num_seqs = self.shape(size)
             dummy = StepInputs(
                 token_ids=np.zeros(num_tokens, np.int64),
@@ -131,12 +140,12 @@ class GraphSet:
                 logits_indices=np.zeros(0, np.int64),
                 pending=np.zeros((0, 2), np.int64),
             )
-            ids, positions, meta = runner.prepare(dummy, self._make_buffer)
+            ids, positions, meta = runner.prepare(dummy, self._make_buffer, lora)
             for name, features in self.extra_inputs.items():
                 if name not in self.buffers:
                     self.buffers[name] = torch.zeros(num_tokens, features, dtype=runner.dtype, device=runner.device)
             extra = {name: self.buffers[name][:num_tokens] for name in self.extra_inputs}
-            self.replays[size], pool = record(self.model, meta, ids, positions, extra, pool)
+            self.replays[size, lora], pool = record(self.model, meta, ids, positions, extra, pool)
         return pool
 
     def _make_buffer(self, name: str, array: np.ndarray) -> torch.Tensor:
@@ -163,13 +172,14 @@ class GraphSet:
         turn = self.num_replays % 2
         if self.copied is not None:  # the staging set's copies of two replays ago have run (no-op if so)
             self.copied[turn].synchronize()
-        self.runner.prepare(inputs.padded(num_tokens, num_seqs), self._stage)
+        lora = max(self.lora_variants) if inputs.uses_lora else min(self.lora_variants)
+        self.runner.prepare(inputs.padded(num_tokens, num_seqs), self._stage, lora)
         if self.copied is not None:
             self.copied[turn].record()
         for name, tensor in device_inputs.items():
             self.buffers[name][: len(tensor)].copy_(tensor)
         self.num_replays += 1
-        return _rows(self.replays[size](), inputs.num_tokens)
+        return _rows(self.replays[size, lora](), inputs.num_tokens)
 
 
 class CUDAGraphs:
@@ -183,14 +193,16 @@ class CUDAGraphs:
         config = runner.config
         self.max_batch = config.max_decode_rows
         sizes = [b for b in (1, 2, 4) if b < self.max_batch] + list(range(8, self.max_batch, 8)) + [self.max_batch]
-        self.decode = GraphSet(runner, model, sorted(set(sizes)), lambda b: (b, b), True, extra_inputs)
+        lora = runner.lora is not None
+        decode_variants = (False, True) if lora else (False,)  # base-only decode batches skip LoRA
+        self.decode = GraphSet(runner, model, sorted(set(sizes)), lambda b: (b, b), True, extra_inputs, decode_variants)
         seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
         top = min(config.max_num_batched_tokens, PREFILL_GRAPH_MAX_TOKENS)
         # powers of two to 512, then every 512: padding wastes at most half a small chunk, 511 tokens of a large one
         sizes = [t for t in (16, 32, 64, 128, 256) if t < top] + list(range(512, top, 512)) + [top]
         sizes = sorted(set(sizes)) if config.cuda_graph_prefill and prefill else []
         # (seqs, not self, in the lambda: that would be a reference cycle)
-        self.prefill = GraphSet(runner, model, sizes, lambda t: (t, seqs), False, extra_inputs)
+        self.prefill = GraphSet(runner, model, sizes, lambda t: (t, seqs), False, extra_inputs, (lora,))
 
     def capture(self, pool: object = None) -> object:
         pool = self.decode.capture(pool)
