@@ -171,9 +171,9 @@ def _tuned(device: torch.device, dtype: torch.dtype, op: str, num_tokens: int, s
 # tiles p, p + P, p + 2P, ... (P = tile_programs, the tile list's capacity by default: one tile each).
 
 
-# The split stride (T * N) changes with the step's token count: not specialized on, so a batch size whose
-# product is not a multiple of 16 does not compile a second variant in the middle of a run.
-@triton.jit(do_not_specialize=["stride_os"])
+# The split stride (T * N) changes with the step's token count, and tile_programs with the tile list's
+# capacity: not specialized on, so a batch size does not compile a second variant in the middle of a run.
+@triton.jit(do_not_specialize=["tile_programs", "stride_os"])
 def _lora_shrink_kernel(
     x_ptr,
     a_ptr,
@@ -227,7 +227,7 @@ def _lora_shrink_kernel(
         tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["stride_ss"])
+@triton.jit(do_not_specialize=["tile_programs", "stride_ss"])
 def _lora_expand_kernel(
     s_ptr,
     b_ptr,
