@@ -124,6 +124,42 @@ def test_lora_throughput_smoke(tmp_path):
     assert out.with_suffix(".md").read_text().count("\n| ") == 5
 
 
+def test_lora_kernels_smoke(tmp_path):
+    """benchmarks/lora_kernels.py --smoke (CPU, the interpreter, tiny shapes): every projection timed, its
+    configs written to the table under the device's name and the timings to the results."""
+    out, table = tmp_path / "lora_kernels.json", tmp_path / "lora_configs.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "lora_kernels.py"),
+            "--smoke",
+            "--output-json",
+            str(out),
+            "--table",
+            str(table),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert [r["proj"] for r in record["results"]] == ["qkv", "o", "gate_up", "down"]
+    assert all(isinstance(us, float) for r in record["results"] for us in r["tuned_us"] + r["default_us"])
+    assert all(err < 1e-2 for r in record["results"] for err in r["max_abs_error_vs_reference"])
+    configs = json.loads(table.read_text())["configs"]["cpu"]["bfloat16"]
+    rank = record["rank"]
+    shrink_keys = {f"{len(r['slices']) * rank}x{r['k']}" for r in record["results"]}
+    expand_keys = {f"{r['n']}x{len(r['slices']) * rank}" for r in record["results"]}  # o and down: one shape
+    assert set(configs["shrink"]["16"]) == shrink_keys and set(configs["expand"]["16"]) == expand_keys
+    assert "| layer (4 projections) | 16 | 2 |" in result.stdout
+
+
 def test_quant_decode_act_quant_ab_smoke(tmp_path):
     """benchmarks/quant_decode.py --smoke --act-quant fused,unfused (CPU, tiny-llama): one fp8 engine with
     the norms and SiLU-and-mul emitting 8-bit values (2 layers x 3 ops), one without, both decoding."""

@@ -4,6 +4,7 @@ slots taking turns (LRU), registration at run time, the prefix cache kept apart 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -151,6 +152,51 @@ def test_cuda_graph_path_with_adapters(adapters, expected):
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False, lora_request=lora_list)
     assert_matches_hf(outs, [expected["some"][0], expected["base"][1], expected["all"][2]])
     assert llm.llm_engine.model_runner.graphs.decode.num_replays > 0
+
+
+def _count_lora_kernels(llm: LLM) -> list[int]:
+    """Wraps every LoRA projection's shrink to count its calls: [calls]."""
+    calls = [0]
+    for method in llm.llm_engine.lora_manager.layers.values():
+        shrink = method.ops.lora_shrink
+
+        def counted(*args, _shrink=shrink):
+            calls[0] += 1
+            return _shrink(*args)
+
+        method.ops = dataclasses.replace(method.ops, lora_shrink=counted)
+    return calls
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_steps_without_adapters_skip_the_kernels(adapters, expected, graphs):
+    """enable_lora, but no token of the step has an adapter: no LoRA kernel runs (eagerly: no LoRAIndex;
+    with graphs: the decode graphs captured without LoRA), and the tokens are the base model's. A batch that
+    mixes an adapter in runs the kernels and still matches PEFT."""
+    loras = _requests(adapters)
+    llm = LLM(
+        str(QWEN3),
+        dtype="float32",
+        enable_lora=True,
+        max_loras=2,
+        max_lora_rank=8,
+        max_num_seqs=4,
+        cuda_graph_prefill=False,  # prefill chunks run eagerly: a prefill graph would launch the (empty) kernels
+    )
+    runner = llm.llm_engine.model_runner
+    if graphs:
+        runner.capture_cuda_graphs()
+        assert set(runner.graphs.decode.replays) == {(s, v) for s in runner.graphs.decode.sizes for v in (False, True)}
+    calls = _count_lora_kernels(llm)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=[None] * len(PROMPTS))
+    assert_matches_hf(outs, expected["base"])
+    assert calls[0] == 0
+    if graphs:
+        assert runner.graphs.decode.num_replays > 0
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=[loras["all"], None, loras["some"]])
+    assert_matches_hf(outs, [expected["all"][0], expected["base"][1], expected["some"][2]])
+    assert calls[0] > 0
 
 
 def test_triton_kernels_in_the_engine(adapters, expected):

@@ -20,7 +20,10 @@ slots present.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ class LoRAIndex:
     token_slots: torch.Tensor  # [T] int32, -1 = no adapter (the references read this)
     sorted_tokens: torch.Tensor  # [T] int32: token rows grouped by slot (the Triton kernels read these two)
     tiles: torch.Tensor  # [capacity, 3] int32: (slot, start, end) over sorted_tokens, slot -1 = unused
+    num_tiles: torch.Tensor  # [1] int32: the used tiles (the first ones); the kernels loop over these only
     block_m: int  # rows per tile
 
 
@@ -123,25 +127,61 @@ def lora_shrink_torch(x: torch.Tensor, lora_a: torch.Tensor, index: LoRAIndex) -
 
 
 def lora_expand_torch(
-    y: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, index: LoRAIndex, offsets: torch.Tensor, slices: tuple
+    y: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, index: LoRAIndex, slices: tuple
 ) -> torch.Tensor:
-    """The kernel set's expand: offsets is the device copy of slices (the slices' first columns, then N)."""
+    """The kernel set's expand: slices are the slices' first columns, then N."""
     return lora_expand_ref(y, s, lora_b, index.token_slots, list(slices))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton: one program per (tile, block of output columns[, slice]); programs of unused tiles return.
+# Launch configs: measured per GPU and shape (benchmarks/lora_kernels.py), else the defaults.
+
+CONFIG_FILE = Path(__file__).with_name("lora_configs.json")
+SHRINK_FIELDS = ("block_n", "block_k", "split_k", "tile_programs", "num_warps")
+EXPAND_FIELDS = ("block_n", "col_blocks", "tile_programs", "num_warps")
 
 
-# The split stride (T * N) changes with the step's token count: not specialized on, so a batch size whose
-# product is not a multiple of 16 does not compile a second variant in the middle of a run.
-@triton.jit(do_not_specialize=["stride_os"])
+@functools.cache
+def _load_configs(path: Path = CONFIG_FILE) -> dict:
+    return json.loads(path.read_text())["configs"] if path.exists() else {}
+
+
+def lookup_config(table: dict, device_name: str, dtype: torch.dtype, op: str, num_tokens: int, shape: str) -> dict:
+    """table[GPU][dtype][op][T bucket][shape]: the entry of the smallest listed token count >= num_tokens
+    (shrink shape "NxK" with N = slices * rank; expand "NxS" with S = slices * rank), or {}."""
+    by_tokens = table.get(device_name, {}).get(str(dtype).removeprefix("torch."), {}).get(op, {})
+    for listed in sorted(by_tokens, key=int):
+        if int(listed) >= num_tokens:
+            return dict(by_tokens[listed].get(shape, {}))
+    return {}
+
+
+@functools.lru_cache(maxsize=1024)
+def _tuned(device: torch.device, dtype: torch.dtype, op: str, num_tokens: int, shape: str) -> tuple:
+    """The measured config's fields as a tuple of items (cacheable), () off CUDA or where none is listed."""
+    if device.type != "cuda":
+        return ()
+    entry = lookup_config(_load_configs(), torch.cuda.get_device_name(device), dtype, op, num_tokens, shape)
+    fields = SHRINK_FIELDS if op == "shrink" else EXPAND_FIELDS
+    return tuple((k, int(v)) for k, v in entry.items() if k in fields)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton: programs over (tile programs, blocks of output columns[, K splits]); tile program p does used
+# tiles p, p + P, p + 2P, ... (P = tile_programs, the tile list's capacity by default: one tile each).
+
+
+# The split stride (T * N) changes with the step's token count, and tile_programs with the tile list's
+# capacity: not specialized on, so a batch size does not compile a second variant in the middle of a run.
+@triton.jit(do_not_specialize=["tile_programs", "stride_os"])
 def _lora_shrink_kernel(
     x_ptr,
     a_ptr,
     out_ptr,
     sorted_ptr,
     tiles_ptr,
+    num_tiles_ptr,
+    tile_programs,
     stride_xm,
     stride_al,
     stride_an,
@@ -156,85 +196,94 @@ def _lora_shrink_kernel(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    slot = tl.load(tiles_ptr + tile * 3)
-    if slot < 0:
-        return
-    start = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    num_tiles = tl.load(num_tiles_ptr)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    a_base = a_ptr + slot.to(tl.int64) * stride_al
     split = tl.program_id(2)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        offs_k = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        xt = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )
-        at = tl.load(
-            a_base + offs_n[None, :] * stride_an + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0
-        )
-        acc += dot(xt, at, UPCAST_DOT, DOT_PRECISION)
-    out_ptrs = out_ptr + split * stride_os + rows[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    for tile in range(tl.program_id(0), num_tiles, tile_programs):
+        slot = tl.load(tiles_ptr + tile * 3)
+        start = tl.load(tiles_ptr + tile * 3 + 1)
+        end = tl.load(tiles_ptr + tile * 3 + 2)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        rows = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        a_base = a_ptr + slot.to(tl.int64) * stride_al
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            offs_k = split * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            xt = tl.load(
+                x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            at = tl.load(
+                a_base + offs_n[None, :] * stride_an + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc += dot(xt, at, UPCAST_DOT, DOT_PRECISION)
+        out_ptrs = out_ptr + split * stride_os + rows[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["stride_ss"])
+@triton.jit(do_not_specialize=["tile_programs", "stride_ss"])
 def _lora_expand_kernel(
     s_ptr,
     b_ptr,
     y_ptr,
     sorted_ptr,
     tiles_ptr,
-    offsets_ptr,
+    num_tiles_ptr,
+    tile_programs,
+    slice1,
+    slice2,
     stride_ss,
     stride_sm,
     stride_bl,
     stride_bn,
     stride_ym,
+    N: tl.constexpr,
     RANK: tl.constexpr,
+    NUM_SLICES: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    COL_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    slice_id = tl.program_id(2)
-    slot = tl.load(tiles_ptr + tile * 3)
-    lo = tl.load(offsets_ptr + slice_id)
-    hi = tl.load(offsets_ptr + slice_id + 1)
-    col0 = lo + tl.program_id(1) * BLOCK_N
-    if (slot < 0) | (col0 >= hi):
-        return
-    start = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    offs_n = col0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < hi
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < RANK
-    s_ptrs = s_ptr + rows[:, None] * stride_sm + slice_id * RANK + offs_k[None, :]
-    st = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):  # the shrink's split-K partial sums, added in a fixed order
-        st += tl.load(s_ptrs + split * stride_ss, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    bt = tl.load(
-        b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_k[:, None],
-        mask=mask_k[:, None] & mask_n[None, :],
-        other=0.0,
-    )
-    acc = tl.dot(st, bt.to(tl.float32), input_precision=DOT_PRECISION)  # s is float32: B is upcast
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    yt = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (yt.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    """Every slice in one launch: the tile's whole s row block [BLOCK_M, S * R] times a block-diagonal
+    [S * R, BLOCK_N] view of B (s column j meets output column n only where both are in one slice), so a
+    column block may straddle slices and no program is left without work."""
+    num_tiles = tl.load(num_tiles_ptr)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < NUM_SLICES * RANK
+    slice_of_s = offs_s // RANK
+    col0 = tl.program_id(1) * (COL_BLOCKS * BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, tile_programs):
+        slot = tl.load(tiles_ptr + tile * 3)
+        start = tl.load(tiles_ptr + tile * 3 + 1)
+        end = tl.load(tiles_ptr + tile * 3 + 2)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        rows = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        s_ptrs = s_ptr + rows[:, None] * stride_sm + offs_s[None, :]
+        st = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
+        for split in tl.static_range(SPLIT_K):  # the shrink's split-K partial sums, added in a fixed order
+            st += tl.load(s_ptrs + split * stride_ss, mask=mask_m[:, None] & mask_s[None, :], other=0.0)
+        b_base = b_ptr + slot.to(tl.int64) * stride_bl
+        for c in range(COL_BLOCKS):  # s is read once for this many column blocks
+            offs_n = col0 + c * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            slice_of_n = (offs_n >= slice1).to(tl.int32) + (offs_n >= slice2).to(tl.int32)
+            in_block = (slice_of_s[:, None] == slice_of_n[None, :]) & mask_s[:, None] & mask_n[None, :]
+            bt = tl.load(b_base + offs_n[None, :] * stride_bn + (offs_s % RANK)[:, None], mask=in_block, other=0.0)
+            acc = tl.dot(st, bt.to(tl.float32), input_precision=DOT_PRECISION)  # s is float32: B is upcast
+            y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+            mask = mask_m[:, None] & mask_n[None, :]
+            yt = tl.load(y_ptrs, mask=mask, other=0.0)
+            tl.store(y_ptrs, (yt.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def lora_shrink_triton(
@@ -242,17 +291,20 @@ def lora_shrink_triton(
     lora_a: torch.Tensor,
     sorted_tokens: torch.Tensor,
     tiles: torch.Tensor,
+    num_tiles: torch.Tensor,
     block_m: int,
     *,
     block_n: int = 64,
     block_k: int = 64,
     split_k: int | None = None,
+    tile_programs: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Triton lora_shrink_ref over a tile list (build_lora_tiles): x [T, K], lora_a [L, N, K] -> float32
     partial sums [split_k, T, N] (their sum is the reference's [T, N]), which lora_expand_triton adds up;
     rows without an adapter are left unwritten (expand never reads them). A decode step has few tiles
-    (one or two per adapter), so K is split over programs to keep the GPU busy (`lora_split_k`)."""
+    (one or two per adapter), so K is split over programs to keep the GPU busy (`lora_split_k`).
+    tile_programs: programs along the tile list (at most its capacity, the default)."""
     require_triton()
     num_tokens, k = x.shape
     n = lora_a.shape[1]
@@ -267,13 +319,16 @@ def lora_shrink_triton(
     if x.stride(1) != 1:
         x = x.contiguous()
     assert lora_a.stride(2) == 1
-    grid = (tiles.shape[0], triton.cdiv(n, block_n), split_k)
+    tile_programs = min(tile_programs or tiles.shape[0], tiles.shape[0])
+    grid = (tile_programs, triton.cdiv(n, block_n), split_k)
     _lora_shrink_kernel[grid](
         x,
         lora_a,
         out,
         sorted_tokens,
         tiles,
+        num_tiles,
+        tile_programs,
         x.stride(0),
         lora_a.stride(0),
         lora_a.stride(1),
@@ -298,43 +353,55 @@ def lora_expand_triton(
     lora_b: torch.Tensor,
     sorted_tokens: torch.Tensor,
     tiles: torch.Tensor,
+    num_tiles: torch.Tensor,
     block_m: int,
-    slice_offsets: torch.Tensor,
-    max_slice: int,
+    slices: tuple[int, ...],
     *,
     block_n: int = 64,
+    col_blocks: int = 1,
+    tile_programs: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Triton lora_expand_ref, in place on y [T, N]: s float32 [T, S * R] or the shrink's partial sums
-    [split, T, S * R], lora_b [L, N, R]; slice_offsets: int32 device tensor [S + 1]; max_slice: the widest
-    slice's columns."""
+    [split, T, S * R], lora_b [L, N, R]; slices: the S <= 3 slices' first columns, then N. One launch for
+    all slices; col_blocks: column blocks per program (each reads its tile's s once for all of them)."""
     require_triton()
     if y.shape[0] == 0:
         return y
     if s.dim() == 2:
         s = s.unsqueeze(0)
     assert y.stride(1) == 1 and s.stride(2) == 1 and lora_b.stride(2) == 1
+    num_slices, n = len(slices) - 1, slices[-1]
+    assert 1 <= num_slices <= 3 and y.shape[1] == n, (slices, y.shape)
+    bounds = [*slices[1:-1], n, n][:2]  # the first columns of slices 1 and 2 (N where there is none)
     rank = lora_b.shape[2]
-    num_slices = slice_offsets.shape[0] - 1
-    block_n = min(block_n, max(16, next_pow2(max_slice)))
-    grid = (tiles.shape[0], triton.cdiv(max_slice, block_n), num_slices)
+    block_n = min(block_n, max(16, next_pow2(n)))
+    col_blocks = max(1, min(col_blocks, triton.cdiv(n, block_n)))
+    tile_programs = min(tile_programs or tiles.shape[0], tiles.shape[0])
+    grid = (tile_programs, triton.cdiv(n, block_n * col_blocks))
     _lora_expand_kernel[grid](
         s,
         lora_b,
         y,
         sorted_tokens,
         tiles,
-        slice_offsets,
+        num_tiles,
+        tile_programs,
+        bounds[0],
+        bounds[1],
         s.stride(0),
         s.stride(1),
         lora_b.stride(0),
         lora_b.stride(1),
         y.stride(0),
+        N=n,
         RANK=rank,
+        NUM_SLICES=num_slices,
         SPLIT_K=s.shape[0],
+        COL_BLOCKS=col_blocks,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=max(16, next_pow2(rank)),
+        BLOCK_S=max(16, next_pow2(num_slices * rank)),
         DOT_PRECISION=dot_precision(y.dtype),
         num_warps=num_warps,
     )
@@ -342,11 +409,17 @@ def lora_expand_triton(
 
 
 def lora_shrink_tiled(x: torch.Tensor, lora_a: torch.Tensor, index: LoRAIndex) -> torch.Tensor:
-    return lora_shrink_triton(x, lora_a, index.sorted_tokens, index.tiles, index.block_m)
+    """The kernel set's shrink, with this GPU's measured config for the shape where there is one."""
+    config = dict(_tuned(x.device, x.dtype, "shrink", x.shape[0], f"{lora_a.shape[1]}x{lora_a.shape[2]}"))
+    return lora_shrink_triton(x, lora_a, index.sorted_tokens, index.tiles, index.num_tiles, index.block_m, **config)
 
 
 def lora_expand_tiled(
-    y: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, index: LoRAIndex, offsets: torch.Tensor, slices: tuple
+    y: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, index: LoRAIndex, slices: tuple
 ) -> torch.Tensor:
-    widest = max(hi - lo for lo, hi in zip(slices[:-1], slices[1:]))
-    return lora_expand_triton(y, s, lora_b, index.sorted_tokens, index.tiles, index.block_m, offsets, widest)
+    """The kernel set's expand, with this GPU's measured config for the shape where there is one."""
+    shape = f"{lora_b.shape[1]}x{(len(slices) - 1) * lora_b.shape[2]}"
+    config = dict(_tuned(y.device, y.dtype, "expand", y.shape[0], shape))
+    return lora_expand_triton(
+        y, s, lora_b, index.sorted_tokens, index.tiles, index.num_tiles, index.block_m, slices, **config
+    )

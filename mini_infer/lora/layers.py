@@ -36,7 +36,6 @@ class LoRALinearMethod:
         """base: the layer's linear method; slices: the widths of its output slices (one if unfused)."""
         self.base, self.ops, self.max_rank = base, ops, max_rank
         self.slices = tuple(int(x) for x in torch.tensor([0, *slices]).cumsum(0).tolist())  # first columns, then N
-        self.offsets = torch.tensor(self.slices, dtype=torch.int32, device=device)
         self.lora_a = torch.zeros(max_loras, len(slices) * max_rank, in_features, dtype=dtype, device=device)
         self.lora_b = torch.zeros(max_loras, self.slices[-1], max_rank, dtype=dtype, device=device)
 
@@ -53,7 +52,7 @@ class LoRALinearMethod:
             return y
         rows = x.reshape(-1, x.shape[-1])
         s = self.ops.lora_shrink(rows, self.lora_a, index)
-        self.ops.lora_expand(y.view(-1, y.shape[-1]), s, self.lora_b, index, self.offsets, self.slices)
+        self.ops.lora_expand(y.view(-1, y.shape[-1]), s, self.lora_b, index, self.slices)
         return y
 
     def set_slot(self, slot: int, weights: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:

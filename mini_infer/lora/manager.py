@@ -135,5 +135,6 @@ class LoRAModelManager:
             put("lora_token_slots", token_slots.astype(np.int32)),
             put("lora_sorted_tokens", sorted_tokens),
             put("lora_tiles", tiles),
+            put("lora_num_tiles", np.array([(tiles[:, 0] >= 0).sum()], dtype=np.int32)),
             block_m,
         )

@@ -10,6 +10,12 @@ path uses: at capture it makes the static buffer, at replay it copies the step's
 staging buffer and from there, without blocking, into the static one; inputs already on the device
 (a draft pass's tokens, made by the pass before it) are copied in on the device. Off CUDA (tests of
 this path) a "graph" runs the same forward eagerly over the same buffers, into static outputs too.
+
+With enable_lora every size is captured with the LoRA kernels (any mix of adapters replays it), and the
+decode sizes a second time without them: a decode batch in which no token has an adapter replays that
+one and pays nothing for LoRA. Prefill sizes are not doubled (each graph keeps its own [tokens, hidden]
+output, hundreds of MiB over the prefill sizes of a large model); a prefill chunk without adapters
+replays the LoRA graph, whose kernels find no tile to do and return at once.
 """
 
 from __future__ import annotations
@@ -50,13 +56,16 @@ def prefill_graph_sizes(config: EngineConfig) -> list[int]:
     return sorted(set([t for t in (16, 32, 64, 128, 256) if t < top] + list(range(512, top, 512)) + [top]))
 
 
-def graph_output_bytes(config: EngineConfig, bytes_per_token: int, prefill: bool = True) -> int:
+def graph_output_bytes(
+    config: EngineConfig, bytes_per_token: int, prefill: bool = True, decode_variants: int = 1
+) -> int:
     """What a model's graphs keep allocated for their outputs: each graph's output is a static tensor of the
     shared pool, alive as long as the graph (its replays return it), so the pool holds one per captured size
     at once, bytes_per_token (the model's outputs: hidden states, and an EAGLE-3 target's aux hidden states)
-    times the tokens of every size. prefill: whether this model captures prefill graphs."""
-    tokens = sum(decode_graph_sizes(config.max_decode_rows)) + (sum(prefill_graph_sizes(config)) if prefill else 0)
-    return tokens * bytes_per_token
+    times the tokens of every size. prefill: whether this model captures prefill graphs; decode_variants:
+    graphs per decode size (two with LoRA: with and without the adapters' kernels)."""
+    decode = decode_variants * sum(decode_graph_sizes(config.max_decode_rows))
+    return (decode + (sum(prefill_graph_sizes(config)) if prefill else 0)) * bytes_per_token
 
 
 def _corner(shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -115,18 +124,21 @@ class GraphSet:
         shape: Callable[[int], tuple[int, int]],
         decode: bool,
         extra_inputs: dict[str, int] | None = None,
+        lora_variants: tuple[bool, ...] = (False,),
     ) -> None:
         """shape(size) = (tokens, sequences) of the padded batch a graph of that size runs; decode: its
         sequences have one query token each; extra_inputs: the model's inputs beyond ids and positions, name
-        -> features per token (in the model dtype). The runner owns the graphs; the reference back to it is
-        weak, so a dropped engine has no reference cycle and frees its GPU memory at once."""
+        -> features per token (in the model dtype); lora_variants: which of with / without the LoRA kernels
+        each size is captured in. The runner owns the graphs; the reference back to it is weak, so a dropped
+        engine has no reference cycle and frees its GPU memory at once."""
         self.runner, self.model, self.sizes, self.shape = weakref.proxy(runner), model, sorted(sizes), shape
         self.is_decode, self.extra_inputs = decode, extra_inputs or {}
         self.buffers: dict[str, torch.Tensor] = {}
         self.staging: list[dict[str, torch.Tensor]] = [{}, {}]  # filled by turns: a copy may still be queued
         # when each staging set's last copies are queued: a pass may replay again before the device ran them
         self.copied = [torch.cuda.Event(), torch.cuda.Event()] if runner.device.type == "cuda" else None
-        self.replays: dict[int, Callable[[], Any]] = {}
+        self.lora_variants = lora_variants
+        self.replays: dict[tuple[int, bool], Callable[[], Any]] = {}  # (size, with LoRA) -> its replay
         self.num_replays = 0
         self.max_blocks = -(-runner.max_model_len // runner.block_size)
 
@@ -141,9 +153,9 @@ class GraphSet:
         return size if size is not None and self.shape(size)[1] >= inputs.num_seqs else None
 
     def capture(self, pool: object) -> object:
-        """Records every size, largest first (it makes the buffers), in the shared memory pool."""
+        """Records every size and LoRA variant, largest first (it makes the buffers), in the shared pool."""
         runner = self.runner
-        for size in reversed(self.sizes):
+        for size, lora in ((s, v) for s in reversed(self.sizes) for v in self.lora_variants):
             num_tokens, num_seqs = self.shape(size)
             dummy = StepInputs(
                 token_ids=np.zeros(num_tokens, np.int64),
@@ -156,12 +168,12 @@ class GraphSet:
                 logits_indices=np.zeros(0, np.int64),
                 pending=np.zeros((0, 2), np.int64),
             )
-            ids, positions, meta = runner.prepare(dummy, self._make_buffer)
+            ids, positions, meta = runner.prepare(dummy, self._make_buffer, lora)
             for name, features in self.extra_inputs.items():
                 if name not in self.buffers:
                     self.buffers[name] = torch.zeros(num_tokens, features, dtype=runner.dtype, device=runner.device)
             extra = {name: self.buffers[name][:num_tokens] for name in self.extra_inputs}
-            self.replays[size], pool = record(self.model, meta, ids, positions, extra, pool)
+            self.replays[size, lora], pool = record(self.model, meta, ids, positions, extra, pool)
         return pool
 
     def _make_buffer(self, name: str, array: np.ndarray) -> torch.Tensor:
@@ -188,13 +200,14 @@ class GraphSet:
         turn = self.num_replays % 2
         if self.copied is not None:  # the staging set's copies of two replays ago have run (no-op if so)
             self.copied[turn].synchronize()
-        self.runner.prepare(inputs.padded(num_tokens, num_seqs), self._stage)
+        lora = max(self.lora_variants) if inputs.uses_lora else min(self.lora_variants)
+        self.runner.prepare(inputs.padded(num_tokens, num_seqs), self._stage, lora)
         if self.copied is not None:
             self.copied[turn].record()
         for name, tensor in device_inputs.items():
             self.buffers[name][: len(tensor)].copy_(tensor)
         self.num_replays += 1
-        return _rows(self.replays[size](), inputs.num_tokens)
+        return _rows(self.replays[size, lora](), inputs.num_tokens)
 
 
 class CUDAGraphs:
@@ -207,11 +220,15 @@ class CUDAGraphs:
         """prefill: whether to capture prefill graphs too (where the config asks for them)."""
         config = runner.config
         self.max_batch = config.max_decode_rows
-        self.decode = GraphSet(runner, model, decode_graph_sizes(self.max_batch), lambda b: (b, b), True, extra_inputs)
+        lora = runner.lora is not None
+        decode_variants = (False, True) if lora else (False,)  # base-only decode batches skip LoRA
+        self.decode = GraphSet(
+            runner, model, decode_graph_sizes(self.max_batch), lambda b: (b, b), True, extra_inputs, decode_variants
+        )
         seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
         sizes = prefill_graph_sizes(config) if prefill else []
         # (seqs, not self, in the lambda: that would be a reference cycle)
-        self.prefill = GraphSet(runner, model, sizes, lambda t: (t, seqs), False, extra_inputs)
+        self.prefill = GraphSet(runner, model, sizes, lambda t: (t, seqs), False, extra_inputs, (lora,))
 
     def capture(self, pool: object = None) -> object:
         pool = self.decode.capture(pool)

@@ -153,6 +153,8 @@ class ModelRunner:
             first_block += len(seq.block_table)
             seqs.append(ScheduledSeq(seq, 0, n, True, 0))
         inputs = build_step_inputs(seqs, 0, self.block_size, {})
+        if self.lora is not None:  # slot 0 (zeros until an adapter loads): the LoRA kernels' memory counts too
+            inputs.lora_slots = np.zeros(inputs.num_tokens, np.int32)
         with torch.inference_mode():
             hidden, aux = self._forward_with_aux(inputs)
             logits = self.model.compute_logits(hidden[to_device(inputs.logits_indices, torch.int64, self.device)])
@@ -167,7 +169,8 @@ class ModelRunner:
     def _graph_output_bytes(self, target_bytes_per_token: int) -> int:
         """What the graphs capture_cuda_graphs will make keep for their outputs, at every captured size: the
         target's (target_bytes_per_token, as the profile pass measured) and the proposer's model's."""
-        total = graph_output_bytes(self.config, target_bytes_per_token)
+        variants = 2 if self.lora is not None else 1  # cuda_graphs.CUDAGraphs: LoRA's decode graphs come twice
+        total = graph_output_bytes(self.config, target_bytes_per_token, decode_variants=variants)
         if self.proposer is not None:
             per_token = self.proposer.graph_output_features() * self.dtype.itemsize
             total += graph_output_bytes(self.config, per_token, self.proposer.prefill_graphs)
@@ -216,15 +219,19 @@ class ModelRunner:
             torch.cuda.synchronize()
 
     # -- a forward pass -----------------------------------------------------------------------
-    def prepare(self, inputs: StepInputs, put: Put) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The device inputs of a forward pass (through `put`: fresh tensors, or a graph's buffers)."""
+    def prepare(
+        self, inputs: StepInputs, put: Put, lora: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The device inputs of a forward pass (through `put`: fresh tensors, or a graph's buffers). lora:
+        whether the pass applies adapters (a graph's variant); by default, whether any token has one, so a
+        step of the base model alone launches no LoRA kernel (meta.lora stays None)."""
         ids = put("input_ids", inputs.token_ids)
         if len(inputs.pending):  # inputs sampled by the previous step, still on the device
             rows = to_device(inputs.pending, torch.int64, self.device)
             ids.index_copy_(0, rows[:, 0], self.last_tokens.index_select(0, rows[:, 1]))
         meta = self.backend.build_metadata(inputs, put)
-        if self.lora is not None:  # each token's adapter slot, beside the attention's metadata
-            meta.lora = self.lora.build_index(inputs.lora_slots, inputs.num_tokens, put)
+        if self.lora is not None and (inputs.uses_lora if lora is None else lora):
+            meta.lora = self.lora.build_index(inputs.lora_slots, inputs.num_tokens, put)  # beside the attention's
         return ids, put("positions", inputs.positions), meta
 
     def _put(self, name: str, array: np.ndarray) -> torch.Tensor:

@@ -46,6 +46,11 @@ class StepInputs:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
+    @property
+    def uses_lora(self) -> bool:
+        """Whether any token has an adapter: a step without one skips the LoRA kernels altogether."""
+        return self.lora_slots is not None and bool((self.lora_slots >= 0).any())
+
     def padded(self, num_tokens: int, num_seqs: int) -> StepInputs:
         """The same step at a CUDA graph's size: padding tokens store nothing, padding sequences have no
         queries and no keys (block tables are not padded: padding rows read none of theirs)."""
