@@ -163,8 +163,13 @@ def test_scaled_mm_fp8_writes_the_model_dtype(out_dtype, m, rowwise):
     ref = w8a8_mm_ref(xq, sx, wq, sw, bias, torch.float32)
     out = _scaled_mm_fp8(xq, sx, wq, sw, bias, out_dtype, rowwise)
     assert out.dtype == out_dtype and out.shape == (m, 48)
-    rel = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[out_dtype]
-    torch.testing.assert_close(out.float(), ref, rtol=rel, atol=rel * ref.abs().max().item())
+    # Hopper's fp8 tensor cores add their products at less than float32 precision (~2e-4 of the largest
+    # output here, measured on the H200), so on CUDA float32 is held to 1e-3, and to beating a bfloat16
+    # result: the error of the reference rounded to bfloat16, which is what the old cast-up gave at best
+    rel = {torch.float32: 1e-3 if out.is_cuda else 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+    torch.testing.assert_close(out.float(), ref, rtol=rel[out_dtype], atol=rel[out_dtype] * ref.abs().max().item())
+    if out_dtype == torch.float32:
+        assert (out - ref).abs().max() < (ref.bfloat16().float() - ref).abs().max()
 
 
 # -- the norms and SiLU-and-mul with their output quantized (quantization/fused_act_quant.py) -----------
