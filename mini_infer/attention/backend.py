@@ -17,7 +17,7 @@ import torch
 
 from mini_infer.kernels import KernelOps, get_ops
 from mini_infer.kernels.lora import LoRAIndex
-from mini_infer.kernels.paged_attention import decode_key_slots
+from mini_infer.kernels.paged_attention import DecodeKeys, decode_keys
 from mini_infer.kernels.prefill_attention import build_prefill_tiles, default_prefill_config, max_prefill_tiles
 from mini_infer.worker.step_inputs import StepInputs
 
@@ -37,7 +37,7 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor  # [P, max_blocks]
     num_prefill_tokens: int
     prefill_tiles: torch.Tensor | None = None  # [n, 2] work list of the Triton prefill kernel
-    decode_key_slots: torch.Tensor | None = None  # [D, max keys] pool slots the torch decode attention reads
+    decode_keys: DecodeKeys | None = None  # the pool slots and mask the torch decode attention reads
     lora: LoRAIndex | None = None  # enable_lora: each token's adapter slot (lora/manager.py fills it in)
 
 
@@ -54,11 +54,12 @@ class AttentionBackend:
         meta = self.common_metadata(inputs, put)
         nd = inputs.num_decodes
         if nd:
-            slots = decode_key_slots(inputs.block_tables[:nd], inputs.seq_lens[:nd], self.block_size)
+            keys = decode_keys(inputs.block_tables[:nd], inputs.seq_lens[:nd], self.block_size)
             # not through `put`: its shape follows the step's longest row, so it is no static graph buffer
             # (this backend runs no CUDA graphs; a graph-input test's replays keep their captured metadata)
-            if slots is not None:
-                meta.decode_key_slots = torch.from_numpy(slots).to(meta.decode_block_tables.device)
+            if keys is not None:
+                device = meta.decode_block_tables.device
+                meta.decode_keys = DecodeKeys(keys.slots.to(device), keys.allowed.to(device))
         return meta
 
     @staticmethod

@@ -7,6 +7,8 @@ query head h reads KV head h // (Hq // Hk). An fp8 pool's keys and values are re
 k_scale / v_scale, rounded to q's dtype (kv_quant.py), right after the gather.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -95,7 +97,7 @@ def decode_attention_ref(
 # summed in its own (blocked) order, within ~3e-7 of them, and what transformers itself runs on a CPU;
 # GQA is its enable_gqa broadcast. One query per row (decode) takes the same call, its padded keys masked
 # per row. Every layer of a decode step reads the same pool slots, so the step builds them once on the
-# host (decode_key_slots, into the attention metadata).
+# host (decode_keys, into the attention metadata).
 
 
 def _length_groups(lens: list[int], block_size: int) -> list[list[int]]:
@@ -118,15 +120,54 @@ def _gather_kv_rows(
     return dequantize_kv_ref(rows, kv_scale, dtype)
 
 
-def decode_key_slots(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> np.ndarray | None:
-    """[R, max(seq_lens)] pool slots of every decode row's keys, built once per step on the host, when the
-    rows form one length group (the usual step; None otherwise, and attention builds its groups itself)."""
+@dataclass
+class DecodeKeys:
+    """What every layer's decode attention of a step reads, built once per step on the host: the pool slots
+    of each row's keys, flat (row-major [R * S]), and which of the S are the row's own ([R, 1, 1, S], the
+    attention mask)."""
+
+    slots: torch.Tensor
+    allowed: torch.Tensor
+
+
+def decode_keys(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> DecodeKeys | None:
+    """The step's DecodeKeys when its decode rows form one length group (the usual step; None otherwise, and
+    attention builds its groups itself)."""
     lens = seq_lens.tolist()
     groups = _length_groups(lens, block_size)
     if len(groups) != 1 or len(groups[0]) != len(lens):
         return None
     pos = np.arange(max(lens))
-    return block_tables[:, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    slots = block_tables[:, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    allowed = pos[None, :] < seq_lens[:, None]
+    return DecodeKeys(
+        torch.from_numpy(np.ascontiguousarray(slots).reshape(-1)),
+        torch.from_numpy(allowed).view(len(lens), 1, 1, len(pos)),
+    )
+
+
+def _gather_kv_pair(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    shape: tuple[int, int],
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values at the flat slots, each [*shape, Hk, D] in dtype. A layer's pool holds its values
+    right after its keys ([2, blocks, block_size, Hk, D]), so both come from one index_select of that
+    tensor (30 against 43 us for two, stories260K's decode at 16 rows); other layouts take two."""
+    numel = k_cache.numel()
+    if k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape:
+        if v_cache.data_ptr() == k_cache.data_ptr() + numel * k_cache.element_size():
+            row = k_cache.shape[2] * k_cache.shape[3]
+            both = k_cache.as_strided((2, numel // row, *k_cache.shape[2:]), (numel, row, k_cache.shape[3], 1))
+            k, v = both.index_select(1, slots).view(2, *shape, *k_cache.shape[2:])
+            return dequantize_kv_ref(k, k_scale, dtype), dequantize_kv_ref(v, v_scale, dtype)
+    return _gather_kv_rows(k_cache, slots.view(shape), k_scale, dtype), _gather_kv_rows(
+        v_cache, slots.view(shape), v_scale, dtype
+    )
 
 
 def _key_slots(block_tables: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
@@ -152,19 +193,17 @@ def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
     return out.transpose(1, 2).to(q.dtype)
 
 
-def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, scale: float):
-    """q: [R, Hq, D], one query per row at its last position; k, v: [R, S, Hk, D]; keys past a row's length
-    are masked. One SDPA call in float32 (as `_attend_rows`, and transformers' own attention): on a CPU step
-    of one thread it took half the time of two matmuls, a mask and a softmax (106 against 216 us a layer,
-    stories260K's shapes at 16 rows), a tenth of a small model's decode step."""
+def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float):
+    """q: [R, Hq, D], one query per row at its last position; k, v: [R, S, Hk, D]; allowed [R, 1, 1, S]: the
+    row's own keys. One SDPA call in float32 (as `_attend_rows`, and transformers' own attention): on a CPU
+    step of one thread it took half the time of two matmuls, a mask and a softmax (106 against 216 us a
+    layer, stories260K's shapes at 16 rows), a tenth of a small model's decode step."""
     R, Hq, D = q.shape
-    S = k.shape[1]
-    allowed = torch.arange(S, device=q.device) < seq_lens.unsqueeze(1)  # [R, S]
     out = F.scaled_dot_product_attention(
         q.float().view(R, Hq, 1, D),
         k.float().transpose(1, 2),
         v.float().transpose(1, 2),
-        attn_mask=allowed.view(R, 1, 1, S),
+        attn_mask=allowed,
         scale=scale,
         enable_gqa=True,
     )  # [R, Hq, 1, D]
@@ -180,15 +219,15 @@ def decode_attention_batched(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    key_slots: torch.Tensor | None = None,
+    keys: DecodeKeys | None = None,
 ) -> torch.Tensor:
     """decode_attention_ref's arguments and result, computed a group of rows at a time (the whole batch
-    at once when its lengths are within 2x, without gathering its rows). key_slots: the step's
-    decode_key_slots, when its rows form one group."""
-    if key_slots is not None:
-        k = _gather_kv_rows(k_cache, key_slots, k_scale, q.dtype)
-        v = _gather_kv_rows(v_cache, key_slots, v_scale, q.dtype)
-        return _attend_one_query(q, k, v, seq_lens, scale)
+    at once when its lengths are within 2x, without gathering its rows). keys: the step's DecodeKeys,
+    when its rows form one group."""
+    if keys is not None:
+        shape = keys.allowed.shape[0], keys.allowed.shape[-1]
+        k, v = _gather_kv_pair(k_cache, v_cache, keys.slots, shape, k_scale, v_scale, q.dtype)
+        return _attend_one_query(q, k, v, keys.allowed, scale)
     lens = seq_lens.tolist()
     groups = _length_groups(lens, k_cache.shape[1])
     if len(groups) == 1 and len(groups[0]) == len(lens):  # the usual step: one group, every row

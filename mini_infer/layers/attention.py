@@ -72,7 +72,7 @@ class PagedAttention(nn.Module):
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         nd = meta.num_decode_tokens
         # the torch backend's step-wide key slots (attention/backend.py); other backends leave them None
-        slots = {} if meta.decode_key_slots is None else {"key_slots": meta.decode_key_slots}
+        slots = {} if meta.decode_keys is None else {"keys": meta.decode_keys}
         if nd == q.shape[0]:
             out = self.ops.decode_attention(
                 q,
