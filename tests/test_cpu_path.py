@@ -12,6 +12,7 @@ from mini_infer.kernels import get_ops
 from mini_infer.kernels.paged_attention import (
     decode_attention_batched,
     decode_attention_ref,
+    decode_keys,
     prefill_attention_batched,
     prefill_attention_ref,
 )
@@ -47,6 +48,21 @@ def test_batched_decode_attention_equals_the_reference(block_size, num_q_heads, 
     ref = decode_attention_ref(q, k, v, lens, tables, head_dim**-0.5)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("seq_lens", [[40, 33, 61, 40], [50, 50, 50], [7]], ids=["mask", "equal", "one"])
+def test_step_wide_decode_keys_equal_the_reference(seq_lens):
+    """The engine's path: the step's DecodeKeys built once on the host (no mask when every row has all keys),
+    keys and values gathered together from one layer's [2, blocks, ...] pool."""
+    block_size, heads, kv_heads, head_dim = 16, 8, 4, 8
+    k, v, tables, lens, gen = _paged(seq_lens, block_size, kv_heads, head_dim, torch.float32)
+    pool = torch.stack((k, v))  # a layer's pool: its values right after its keys
+    keys = decode_keys(tables.numpy(), lens.numpy(), block_size)
+    assert (keys.allowed is None) == (len(set(seq_lens)) == 1)
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=gen)
+    out = decode_attention_batched(q, pool[0], pool[1], lens, tables, head_dim**-0.5, keys=keys)
+    ref = decode_attention_ref(q, k, v, lens, tables, head_dim**-0.5)
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("block_size,num_q_heads,num_kv_heads,head_dim,dtype", CASES)

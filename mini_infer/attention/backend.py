@@ -59,7 +59,8 @@ class AttentionBackend:
             # (this backend runs no CUDA graphs; a graph-input test's replays keep their captured metadata)
             if keys is not None:
                 device = meta.decode_block_tables.device
-                meta.decode_keys = DecodeKeys(keys.slots.to(device), keys.allowed.to(device))
+                allowed = None if keys.allowed is None else keys.allowed.to(device)
+                meta.decode_keys = DecodeKeys(keys.slots.to(device), allowed, keys.shape)
         return meta
 
     @staticmethod

@@ -124,10 +124,12 @@ def _gather_kv_rows(
 class DecodeKeys:
     """What every layer's decode attention of a step reads, built once per step on the host: the pool slots
     of each row's keys, flat (row-major [R * S]), and which of the S are the row's own ([R, 1, 1, S], the
-    attention mask)."""
+    attention mask; None when every row has all S, as at batch 1: SDPA without a mask gives the same bits
+    and skips its masked path)."""
 
     slots: torch.Tensor
-    allowed: torch.Tensor
+    allowed: torch.Tensor | None
+    shape: tuple[int, int]  # (R, S)
 
 
 def decode_keys(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> DecodeKeys | None:
@@ -139,11 +141,11 @@ def decode_keys(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int)
         return None
     pos = np.arange(max(lens))
     slots = block_tables[:, pos // block_size].astype(np.int64) * block_size + pos % block_size
-    allowed = pos[None, :] < seq_lens[:, None]
-    return DecodeKeys(
-        torch.from_numpy(np.ascontiguousarray(slots).reshape(-1)),
-        torch.from_numpy(allowed).view(len(lens), 1, 1, len(pos)),
-    )
+    shape = len(lens), len(pos)
+    allowed = None
+    if min(lens) < len(pos):
+        allowed = torch.from_numpy(pos[None, :] < seq_lens[:, None]).view(shape[0], 1, 1, shape[1])
+    return DecodeKeys(torch.from_numpy(np.ascontiguousarray(slots).reshape(-1)), allowed, shape)
 
 
 def _gather_kv_pair(
@@ -193,9 +195,11 @@ def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
     return out.transpose(1, 2).to(q.dtype)
 
 
-def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float):
+def _attend_one_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """q: [R, Hq, D], one query per row at its last position; k, v: [R, S, Hk, D]; allowed [R, 1, 1, S]: the
-    row's own keys. One SDPA call in float32 (as `_attend_rows`, and transformers' own attention): on a CPU
+    row's own keys (None: all). One SDPA call in float32 (as `_attend_rows`, and transformers' own attention): on a CPU
     step of one thread it took half the time of two matmuls, a mask and a softmax (106 against 216 us a
     layer, stories260K's shapes at 16 rows), a tenth of a small model's decode step."""
     R, Hq, D = q.shape
@@ -225,8 +229,7 @@ def decode_attention_batched(
     at once when its lengths are within 2x, without gathering its rows). keys: the step's DecodeKeys,
     when its rows form one group."""
     if keys is not None:
-        shape = keys.allowed.shape[0], keys.allowed.shape[-1]
-        k, v = _gather_kv_pair(k_cache, v_cache, keys.slots, shape, k_scale, v_scale, q.dtype)
+        k, v = _gather_kv_pair(k_cache, v_cache, keys.slots, keys.shape, k_scale, v_scale, q.dtype)
         return _attend_one_query(q, k, v, keys.allowed, scale)
     lens = seq_lens.tolist()
     groups = _length_groups(lens, k_cache.shape[1])
