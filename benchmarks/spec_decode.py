@@ -286,7 +286,9 @@ def main() -> None:
     parser.add_argument("--stories", help="a real model folder for the n-gram part (stories260K)")
     parser.add_argument("--parts", default="verify,exact,eagle3,self_draft,ngram")
     parser.add_argument("--batch-sizes", default="1,4,16,64")
-    parser.add_argument("--ks", default="1,2,3,4,5,7")
+    parser.add_argument(
+        "--ks", default="1,2,3,4,5,7", help="the verify and ngram parts' k (self_draft runs k = 2, 4; eagle3 1, 3, 5)"
+    )
     parser.add_argument("--proposer-batch-sizes", default="1,4,16", help="the eagle3 and self_draft parts' batches")
     parser.add_argument("--proposer-eager", action="store_true", help="the proposer parts without CUDA graphs")
     parser.add_argument("--input-len", type=int, default=128)
