@@ -3,8 +3,8 @@
 Compilation runs in a thread pool, one future per distinct spec (the cache): the engine holds a
 request back until its grammar is ready, so the step loop never waits on a compile. Each step the
 manager fills one bitmask row per sampled row of a constrained sequence, the one-row sequences' in a
-single call that xgrammar spreads over threads (a JSON row of a 150k vocabulary takes tens of
-microseconds); a sequence that speculates gets a row per draft position, filled by advancing its
+single call that xgrammar spreads over threads (a JSON row of a 151k-token vocabulary took ~135 us on
+one core); a sequence that speculates gets a row per draft position, filled by advancing its
 matcher over the drafts and rolling back after.
 The matcher then takes the tokens the scheduler appended, and nothing else.
 """
