@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from graph_timer import rotation_us  # benchmarks/: the script's own folder
 
 from mini_infer.kernels.act_quant import act_quant_ref, act_quant_triton
 from mini_infer.kernels.gemv import GemvConfig, gemv_triton
@@ -62,23 +63,6 @@ def model_shapes(name: str) -> dict[str, tuple[int, int]]:
         "down": (c.hidden_size, c.intermediate_size),
         "lm_head": (c.vocab_size, c.hidden_size),
     }
-
-
-def time_us(fn_i, copies: int) -> float:
-    """Microseconds per call of fn_i(i) over the weight rotation: graph replay on CUDA, a loop on CPU."""
-    if torch.cuda.is_available():
-        from graph_timer import capture, replay_us
-
-        calls = max(copies, 8)
-        graph, _ = capture(lambda i: fn_i(i % copies), calls)
-        us = replay_us(graph, calls, reps=10)
-        del graph
-        return us
-    fn_i(0)
-    start = time.perf_counter()
-    for i in range(2):
-        fn_i(i % copies)
-    return (time.perf_counter() - start) / 2 * 1e6
 
 
 def candidates(dtype: torch.dtype, rows: int, xs, ws, scales, smoke: bool):
@@ -182,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                 timings = []
                 for kernel, tile, fn in candidates(dtype, rows, x, ws, scales, args.smoke):
                     try:
-                        us = time_us(fn, copies)
+                        us = rotation_us(fn, copies)
                     except Exception as error:  # a tile past the registers or shared memory
                         timings.append({"kernel": kernel, **tile, "error": f"{type(error).__name__}"})
                         continue
@@ -215,5 +199,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timer
     main()

@@ -14,6 +14,7 @@ The copy bandwidth that results are set against is the roofline's own probe,
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,3 +56,20 @@ def graph_us(fn: Callable[[], Any], calls: int = 20, reps: int = 20) -> float:
     """Microseconds per call of fn, replayed from a CUDA graph of `calls` back-to-back calls."""
     graph, _ = capture(lambda _i: fn(), calls)
     return replay_us(graph, calls, reps)
+
+
+def rotation_us(fn_i: Callable[[int], Any], copies: int) -> float:
+    """Microseconds per call of fn_i(i) over a rotation of `copies` weight copies (i = call index mod
+    copies, so consecutive calls read other weights, as consecutive layers do): graph replay on CUDA, a
+    plain loop of two calls on a CPU (the scripts' smoke runs)."""
+    if torch.cuda.is_available():
+        calls = max(copies, 8)
+        graph, _ = capture(lambda i: fn_i(i % copies), calls)
+        us = replay_us(graph, calls, reps=10)
+        del graph
+        return us
+    fn_i(0)
+    start = time.perf_counter()
+    for i in range(2):
+        fn_i(i % copies)
+    return (time.perf_counter() - start) / 2 * 1e6

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from graph_timer import rotation_us  # benchmarks/: the script's own folder
 
 from mini_infer.kernels.lora import (
     CONFIG_FILE,
@@ -65,22 +66,6 @@ def projections(model: str) -> dict[str, tuple[int, list[int]]]:
         "gate_up": (c.hidden_size, [c.intermediate_size, c.intermediate_size]),
         "down": (c.intermediate_size, [c.hidden_size]),
     }
-
-
-def time_us(fn_i, copies: int) -> float:
-    """Microseconds per call of fn_i(i) over the weight rotation: graph replay on CUDA, a loop on CPU."""
-    if torch.cuda.is_available():
-        from graph_timer import capture, replay_us
-
-        calls = max(copies, 8)
-        graph, _ = capture(lambda i: fn_i(i % copies), calls)
-        us = replay_us(graph, calls, reps=10)
-        del graph
-        return us
-    fn_i(0)
-    start = time.perf_counter()
-    fn_i(0)
-    return (time.perf_counter() - start) * 1e6
 
 
 def shrink_candidates(num_tokens: int, k: int, capacity: int, smoke: bool) -> list[dict]:
@@ -151,7 +136,7 @@ class Case:
 
     def time(self, shrink: dict, expand: dict) -> float | str:
         try:
-            return time_us(lambda i: self.run(i, shrink, expand), self.copies)
+            return rotation_us(lambda i: self.run(i, shrink, expand), self.copies)
         except Exception as error:  # a config past the registers or shared memory
             return f"{type(error).__name__}: {str(error)[:80]}"
 
@@ -161,7 +146,7 @@ def base_gemm_us(k: int, n: int, num_tokens: int, smoke: bool) -> float:
     copies = 1 if smoke else max(2, math.ceil(ROTATION_BYTES / (n * k * dtype.itemsize)))
     ws = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
     x = torch.randn(num_tokens, k, device=device, dtype=dtype)
-    us = time_us(lambda i: F.linear(x, ws[i]), copies)
+    us = rotation_us(lambda i: F.linear(x, ws[i]), copies)
     return us
 
 
@@ -280,5 +265,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # graph_timer
     main()

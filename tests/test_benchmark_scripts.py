@@ -99,22 +99,25 @@ def test_disagg_benchmark_smoke(tmp_path):
     assert "| disagg |" in result.stdout
 
 
-def test_lora_throughput_smoke(tmp_path):
-    """benchmarks/lora_throughput.py --smoke (CPU, tiny-llama): every run makes the same tokens, with
-    adapters written as PEFT folders on the fly and mixed in each batch."""
-    out = tmp_path / "lora.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")])),
-    }
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/<script> with args in a subprocess (the repo root importable); fails the test if it fails."""
+    path = os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "lora_throughput.py"), "--smoke", "--output-json", str(out)],
-        env=env,
+        [sys.executable, str(BENCHMARKS / script), *args],
+        env={**os.environ, "PYTHONPATH": path},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def test_lora_throughput_smoke(tmp_path):
+    """benchmarks/lora_throughput.py --smoke (CPU, tiny-llama): every run makes the same tokens, with
+    adapters written as PEFT folders on the fly and mixed in each batch."""
+    out = tmp_path / "lora.json"
+    run_benchmark("lora_throughput.py", "--smoke", "--output-json", str(out))
     record = json.loads(out.read_text())
     assert record["smoke"] is True
     rows = record["rows"]
@@ -128,26 +131,7 @@ def test_lora_kernels_smoke(tmp_path):
     """benchmarks/lora_kernels.py --smoke (CPU, the interpreter, tiny shapes): every projection timed, its
     configs written to the table under the device's name and the timings to the results."""
     out, table = tmp_path / "lora_kernels.json", tmp_path / "lora_configs.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")])),
-    }
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "lora_kernels.py"),
-            "--smoke",
-            "--output-json",
-            str(out),
-            "--table",
-            str(table),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = run_benchmark("lora_kernels.py", "--smoke", "--output-json", str(out), "--table", str(table))
     record = json.loads(out.read_text())
     assert [r["proj"] for r in record["results"]] == ["qkv", "o", "gate_up", "down"]
     assert all(isinstance(us, float) for r in record["results"] for us in r["tuned_us"] + r["default_us"])
