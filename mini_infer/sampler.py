@@ -280,7 +280,7 @@ def exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | No
     uniform = torch.rand_like(probs)
     for row, gen in enumerate(generators):
         if gen is not None:
-            uniform[row] = torch.rand(probs.shape[1:], generator=gen, device=probs.device, dtype=probs.dtype)
+            uniform[row].uniform_(generator=gen)
     return uniform.log_().neg_()
 
 

@@ -58,9 +58,7 @@ class AttentionBackend:
             # not through `put`: its shape follows the step's longest row, so it is no static graph buffer
             # (this backend runs no CUDA graphs; a graph-input test's replays keep their captured metadata)
             if keys is not None:
-                device = meta.decode_block_tables.device
-                allowed = None if keys.allowed is None else keys.allowed.to(device)
-                meta.decode_keys = DecodeKeys(keys.slots.to(device), allowed, keys.shape)
+                meta.decode_keys = keys.to(meta.decode_block_tables.device)
         return meta
 
     @staticmethod

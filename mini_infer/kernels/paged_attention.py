@@ -7,6 +7,8 @@ query head h reads KV head h // (Hq // Hk). An fp8 pool's keys and values are re
 k_scale / v_scale, rounded to q's dtype (kv_quant.py), right after the gather.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +132,10 @@ class DecodeKeys:
     slots: torch.Tensor
     allowed: torch.Tensor | None
     shape: tuple[int, int]  # (R, S)
+
+    def to(self, device: torch.device) -> DecodeKeys:
+        allowed = None if self.allowed is None else self.allowed.to(device)
+        return DecodeKeys(self.slots.to(device), allowed, self.shape)
 
 
 def decode_keys(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> DecodeKeys | None:
