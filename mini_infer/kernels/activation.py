@@ -12,6 +12,7 @@ from mini_infer.kernels.act_quant import (
     quantize_activation,
     quantize_values,
 )
+from mini_infer.kernels.pdl import pdl_launch, pdl_wait
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,9 @@ def _silu_and_mul_kernel(
     out_row_stride,
     INTERMEDIATE: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTERMEDIATE
@@ -66,10 +69,12 @@ def _silu_and_mul_quant_kernel(
     BLOCK: tl.constexpr,
     QMAX: tl.constexpr,
     IS_INT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per token: the row's amax over its SiLU-and-mul values, then the values again, quantized
     (the scale needs the whole row first). A row that fits one BLOCK is computed once and kept in
     registers; a longer one is recomputed in the second pass, from gate/up reads the first one left in L2."""
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     q_row = q_ptr + row * q_row_stride
@@ -115,6 +120,7 @@ def silu_and_mul_triton(x: torch.Tensor, *, block: int = 1024, num_warps: int = 
         INTERMEDIATE=intermediate,
         BLOCK=block,
         num_warps=num_warps,
+        **pdl_launch(rows, "silu"),
     )
     return out
 
@@ -149,5 +155,6 @@ def silu_and_mul_quant_triton(
         QMAX=qmax,
         IS_INT=dtype == torch.int8,
         num_warps=num_warps,
+        **pdl_launch(rows, "silu"),
     )
     return QuantizedActivation(q, scales, x.dtype)

@@ -33,6 +33,7 @@ from mini_infer.kernels._triton import (
     upcast_dot,
 )
 from mini_infer.kernels.kv_quant import dequantize_kv, is_fp8_kv, kv_scale_args
+from mini_infer.kernels.pdl import pdl_launch, pdl_wait
 
 LOG2E = 1.4426950408889634
 
@@ -87,7 +88,9 @@ def _decode_split_kernel(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     kv_head = tl.program_id(0)  # fastest: the heads of a sequence start together, in row order
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -166,7 +169,9 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     batch = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + batch)
@@ -274,6 +279,7 @@ def decode_attention_triton(
         KV_FP8=is_fp8_kv(k_cache),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch(q, "attention"),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
@@ -290,5 +296,6 @@ def decode_attention_triton(
             BLOCK_S=max(16, next_pow2(num_splits)),  # one variant up to 16 splits
             BLOCK_D=next_pow2(head_dim),
             num_warps=4,
+            **pdl_launch(q, "attention"),
         )
     return out

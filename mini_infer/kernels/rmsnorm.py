@@ -17,6 +17,7 @@ from mini_infer.kernels.act_quant import (
     quantize_activation,
     quantize_values,
 )
+from mini_infer.kernels.pdl import pdl_launch, pdl_wait
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -123,7 +124,9 @@ def _rms_norm_kernel(
     HIDDEN: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     out = _norm_row(
         x_ptr, residual_ptr, weight_ptr, row, x_row_stride, residual_row_stride, eps, HIDDEN, BLOCK, HAS_RESIDUAL, False
@@ -149,9 +152,11 @@ def _rms_norm_quant_kernel(
     ROUND_TO_ROW: tl.constexpr,
     QMAX: tl.constexpr,
     IS_INT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """The norm's output as _rms_norm_kernel would store it (rounded to its dtype), then act_quant's two
     steps on it while the row is still in registers: the scale from its amax, the 8-bit values."""
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     out = _norm_row(
         x_ptr,
@@ -215,6 +220,7 @@ def _launch_rms_norm(
                 out_rows.stride(0),
                 eps,
                 **common,
+                **pdl_launch(x_rows, "norm"),
             )
         return out
     qmax = check_quant_dtype(quant_dtype)
@@ -235,6 +241,7 @@ def _launch_rms_norm(
             QMAX=qmax,
             IS_INT=quant_dtype == torch.int8,
             **common,
+            **pdl_launch(x_rows, "norm"),
         )
     return QuantizedActivation(q, scales, out_dtype)
 

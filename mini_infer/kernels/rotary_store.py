@@ -15,6 +15,7 @@ import torch
 
 from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
 from mini_infer.kernels.kv_quant import is_fp8_kv, kv_scale_args, quantize_kv, quantize_kv_ref
+from mini_infer.kernels.pdl import pdl_launch, pdl_wait
 from mini_infer.kernels.rmsnorm import rms_norm_ref
 
 
@@ -187,7 +188,9 @@ def _rotary_store_kv_kernel(
     HAS_Q_NORM: tl.constexpr,
     HAS_K_NORM: tl.constexpr,
     KV_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
@@ -325,4 +328,5 @@ def rotary_store_kv_triton(
         HAS_K_NORM=k_norm_weight is not None,
         KV_FP8=is_fp8_kv(k_cache),
         num_warps=heads,
+        **pdl_launch(q, "rotary"),
     )

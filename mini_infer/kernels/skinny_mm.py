@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mini_infer.kernels._triton import dot_precision, require_triton, tl, triton, upcast_dot
+from mini_infer.kernels.pdl import pdl_launch, pdl_wait
 
 MAX_ROWS = 16  # one row tile of the tensor-core instruction
 
@@ -56,8 +57,10 @@ def _skinny_mm_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program: all (up to 16) rows x BLOCK_N outputs, walking K in BLOCK_K steps."""
+    pdl_wait(USE_PDL)
     rows = tl.arange(0, 16)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -149,5 +152,6 @@ def skinny_mm(
         BLOCK_K=config.block_k,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch(x, "skinny"),
     )
     return y
