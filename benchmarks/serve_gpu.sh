@@ -43,9 +43,11 @@ if ! $PY -c "import fastapi, uvicorn, pydantic" 2>/dev/null && compgen -G ".whl/
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-$PY -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx, torch; \
+$PY -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx, torch, importlib.util as u; \
 print('fastapi', fastapi.__version__, 'uvicorn', uvicorn.__version__, 'torch', torch.__version__, \
-'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" || { say "missing packages"; exit 1; }
+'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, \
+'http parser', 'httptools' if u.find_spec('httptools') else 'h11 (pure Python: carry httptools)', \
+'loop', 'uvloop' if u.find_spec('uvloop') else 'asyncio')" || { say "missing packages"; exit 1; }
 
 # 2. The server, in the background; stopped on exit whatever happens.
 say "starting mini-infer serve --model $MODEL --load-format dummy ${SERVE_ARGS:-}"
