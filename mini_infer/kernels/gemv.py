@@ -5,7 +5,7 @@ picks tile shapes for them that leave bandwidth unused on an H100 (its split-K v
 reduce kernel); a plain kernel where each program owns a few output features and walks the whole K
 dimension in wide, pipelined loads matches it on Llama-3-8B's QKV projection and beats it by 5-13% on
 the others (o_proj 20.5 vs 23.2 us, gate_up 90.5 vs 97.2, down 53.7 vs 56.4, LM head 347 vs 387:
-benchmarks/kernels.py --only gemv, benchmarks/results/h100/kernels_gemv_prefill.json).
+benchmarks/kernel_bench.py --only gemv, benchmarks/results/h100/kernels_gemv_prefill.json).
 On the H200, with 1.4x the bandwidth and the same cores, cuBLAS wins instead: Llama-3-8B decode at batch
 1 takes 4.58 ms with cuBLAS against 4.70 ms with the GEMV, at batch 2 4.65 against 5.75 (the 2-row GEMV
 was slower than batch 4; o_proj alone 17.7 vs 42.1 us): benchmarks/results/h200/. Where a GPU has
@@ -51,7 +51,7 @@ class GemvConfig:
     num_stages: int = 3
 
 
-# Best per shape on an H100 (benchmarks/kernels.py --only gemv --sweep): the large projections (gate_up, the
+# Best per shape on an H100 (benchmarks/kernel_bench.py --only gemv --sweep): the large projections (gate_up, the
 # LM head) like one more stage in flight.
 SMALL_GEMV_CONFIG = GemvConfig()
 LARGE_GEMV_CONFIG = GemvConfig(num_stages=4)

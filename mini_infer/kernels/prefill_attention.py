@@ -32,7 +32,7 @@ class PrefillConfig:
     num_stages: int = 3
 
 
-# Measured best on an H100 (benchmarks/kernels.py --sweep): 64-row query tiles, one warpgroup.
+# Measured best on an H100 (benchmarks/kernel_bench.py --sweep): 64-row query tiles, one warpgroup.
 DEFAULT_PREFILL_CONFIG = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 INTERPRETER_PREFILL_CONFIG = PrefillConfig(block_m=32, block_n=32)  # fewer wasted rows on the CPU
 

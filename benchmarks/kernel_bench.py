@@ -11,7 +11,7 @@ per-sequence loop of the references; prefill is also compared with SDPA's flash 
 contiguous K/V. The ceilings are the roofline's own probes (`mini_infer.bench.roofline`). Writes
 benchmarks/results/<gpu>/kernels_<gpu>.json (or --out DIR) and prints a table last.
 
-    PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--sweep] [--only gemv,decode]   (from the repo root)
+    PYTHONPATH=. python benchmarks/kernel_bench.py [--out DIR] [--sweep] [--only gemv,decode]   (from the repo root)
 """
 
 import argparse
