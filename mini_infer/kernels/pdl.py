@@ -47,8 +47,9 @@ def _triton_has_gdc() -> bool:
 
 @functools.cache
 def pdl_supported(device_index: int) -> bool:
-    """Compute capability 9+ (griddepcontrol) and a Triton that exposes it; never under the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or not _triton_has_gdc():
+    """An NVIDIA GPU of compute capability 9+ (griddepcontrol) and a Triton that exposes it; never under the
+    interpreter, nor on ROCm (whose capability numbers are not NVIDIA's)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None or not _triton_has_gdc():
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
