@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from mini_infer import LLM, SamplingParams
 from mini_infer.cpu_threads import SMALL_STEP_MACS, step_threads
@@ -17,6 +18,8 @@ from mini_infer.kernels.paged_attention import (
     prefill_attention_ref,
 )
 from mini_infer.kernels.rmsnorm import fused_add_rms_norm_ref, fused_add_rms_norm_torch, rms_norm_ref, rms_norm_torch
+from mini_infer.kernels.rotary_store import _heads_of_both, _keys_and_values, rotary_store_kv_ref
+from mini_infer.layers.rotary import build_cos_sin_cache
 
 # (block_size, q heads, kv heads, head_dim, dtype): GQA 1, 4 and 2 (stories260K's 8/4 heads of dim 8).
 CASES = [(16, 4, 4, 64, torch.float32), (32, 8, 2, 128, torch.bfloat16), (16, 8, 4, 8, torch.float32)]
@@ -90,6 +93,30 @@ def test_cpu_rms_norm_is_bit_identical_to_the_reference_in_float32(hidden, rows)
     assert torch.equal(r1, r2)
     xb, wb = x.bfloat16(), w.bfloat16()  # bfloat16 keeps the reference's rounding steps
     assert torch.equal(rms_norm_torch(xb, wb, 1e-5), rms_norm_ref(xb, wb, 1e-5))
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_views_of_a_fused_qkv_row_rotate_and_store_in_one_pass(tokens):
+    """q, k, v as the attention layer gets them (views of one qkv row): q and k rotate as one view and k, v
+    store in one copy into the layer's [2, blocks, ...] pool, one token included (its views' first stride
+    is arbitrary), with the same results as separate contiguous tensors."""
+    heads, kv_heads, head_dim, block_size = 8, 4, 8, 16
+    gen = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
+    assert _heads_of_both(q, k) is not None and _keys_and_values(k, v) is not None
+    qc, kc, vc = q.clone(), k.clone(), v.clone()
+    assert _heads_of_both(qc, kc) is None and _keys_and_values(kc, vc) is None
+    cache = build_cos_sin_cache(LlamaConfig(head_dim=head_dim), head_dim, 64)
+    positions = torch.randint(0, 64, (tokens,), generator=gen)
+    slots = torch.randperm(4 * block_size, generator=gen)[:tokens]
+    pool = torch.zeros(2, 4, block_size, kv_heads, head_dim)
+    separate = torch.zeros_like(pool)
+    rotary_store_kv_ref(positions, q, k, v, cache, pool[0], pool[1], slots)
+    rotary_store_kv_ref(positions, qc, kc, vc, cache, separate[0], separate[1], slots)
+    assert torch.equal(q, qc) and torch.equal(k, kc) and torch.equal(pool, separate)
+    assert pool.flatten(1, 2)[1, slots].equal(v)
 
 
 def test_torch_backend_uses_the_batched_attention():

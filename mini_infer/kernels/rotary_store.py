@@ -15,6 +15,7 @@ import torch
 
 from mini_infer.kernels._triton import next_pow2, require_triton, tl, triton
 from mini_infer.kernels.kv_quant import is_fp8_kv, kv_scale_args, quantize_kv, quantize_kv_ref
+from mini_infer.kernels.paged_attention import kv_pool_slots
 from mini_infer.kernels.pdl import pdl_launch, pdl_wait
 from mini_infer.kernels.rmsnorm import rms_norm_ref
 
@@ -27,13 +28,28 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _heads_of_both(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """q and k as one [T, Hq + Hk, D] view when k's heads follow q's in memory (the views of a fused qkv
-    row), so RoPE is one pass of small ops instead of two; else None."""
+    row), so RoPE is one pass of small ops instead of two; else None. A single token's views may report
+    any stride for their size-1 first dimension, so it is compared only when there are several."""
     heads = q.shape[1] + k.shape[1]
-    if q.stride() != k.stride() or q.stride(1) != q.shape[2] or q.dtype != k.dtype:
+    if q.shape[0] > 1 and q.stride(0) != k.stride(0):
+        return None
+    if q.stride()[1:] != k.stride()[1:] or q.stride(1) != q.shape[2] or q.dtype != k.dtype:
         return None
     if k.data_ptr() != q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size():
         return None
-    return q.as_strided((q.shape[0], heads, q.shape[2]), q.stride())
+    return q.as_strided((q.shape[0], heads, q.shape[2]), (k.stride(0), *q.stride()[1:]))
+
+
+def _keys_and_values(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """k and v as one [2, T, Hk, D] view when v's heads follow k's in memory (the views of a fused qkv
+    row), so the store is one copy; else None."""
+    if k.shape != v.shape or k.dtype != v.dtype or k.stride()[1:] != v.stride()[1:] or k.stride(-1) != 1:
+        return None
+    if k.shape[0] > 1 and k.stride(0) != v.stride(0):
+        return None
+    if k.stride(1) != k.shape[2] or v.data_ptr() != k.data_ptr() + k.shape[1] * k.shape[2] * k.element_size():
+        return None
+    return k.as_strided((2, *k.shape), (k.shape[1] * k.shape[2], *k.stride()))
 
 
 def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
@@ -67,6 +83,10 @@ def store_kv_cache_ref(
     k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
     keep = slot_mapping >= 0
     if bool(keep.all()):
+        pool, both = kv_pool_slots(k_cache, v_cache), _keys_and_values(k, v)
+        if pool is not None and both is not None and both.dtype == pool.dtype:
+            pool.index_copy_(1, slot_mapping, both)  # keys and values in one copy
+            return
         k_flat.index_copy_(0, slot_mapping, k.to(k_flat.dtype))
         v_flat.index_copy_(0, slot_mapping, v.to(v_flat.dtype))
         return
